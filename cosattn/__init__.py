@@ -1,0 +1,12 @@
+"""cosattn: Cottention (cosine attention with a learned length stabiliser), linear in length.
+
+``forward`` / ``backward`` run the parallel form on NumPy, CuPy or any DLPack array;
+``RecurrentState`` runs the exact recurrent form one token at a time in constant memory.
+"""
+
+from .attention import backward, forward
+from .backends import available_backends
+from .recurrent import RecurrentState
+
+__all__ = ["forward", "backward", "RecurrentState", "available_backends"]
+__version__ = "0.1.0"
