@@ -1,0 +1,101 @@
+"""What every backend's tests share: SPEC.md's error measure and bounds, and input makers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from cosattn import reference
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
+# SPEC.md, "Numbers": err(x, ref) <= TOL[dtype]
+TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3,
+       BFLOAT16: 1.5e-2}
+MASK_KINDS = ("none", "left", "right", "inner")
+
+
+def rel_err(x, ref) -> float:
+    """``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64 (SPEC.md, "Numbers")."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    floor = 1e-6 * np.sqrt(max(ref.size, 1))
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
+
+
+def assert_close(x, ref, dtype, what="") -> None:
+    err = rel_err(x, ref)
+    tol = TOL[np.dtype(dtype)]
+    assert err <= tol, f"{what}: err {err:.3g} > {tol:.3g} for {np.dtype(dtype)}"
+
+
+def make_mask(rng, B: int, S: int, kind: str) -> np.ndarray | None:
+    """None, or a (B, S) bool mask with left, right or inner padding (rows may be all padding)."""
+    if kind == "none":
+        return None
+    lengths = rng.integers(0, S + 1, size=B)
+    pos = np.arange(S)[None, :]
+    if kind == "right":
+        return pos < lengths[:, None]
+    if kind == "left":
+        return pos >= (S - lengths)[:, None]
+    return rng.random((B, S)) < 0.7
+
+
+@dataclass
+class Case:
+    """One problem's inputs (already rounded to ``dtype``) and their float64 copies."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    do: np.ndarray
+    m: np.ndarray | None
+    mask: np.ndarray | None
+    kv0: np.ndarray | None
+    count0: np.ndarray | None
+    dkv: np.ndarray | None
+    f64: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.q.dtype
+
+
+def make_case(rng, B, H, S, Dk, Dv, dtype, *, mask="none", m=True, state=False, dstate=False,
+              scale=1.0) -> Case:
+    """Random inputs in (B, H, S, D) layout; a state of float32 (float64 for float64 inputs)."""
+    dtype = np.dtype(dtype)
+    acc = np.float64 if dtype == np.float64 else np.float32
+
+    def draw(*shape):
+        return (scale * rng.standard_normal(shape)).astype(dtype)
+
+    q, k, v, do = draw(B, H, S, Dk), draw(B, H, S, Dk), draw(B, H, S, Dv), draw(B, H, S, Dv)
+    mvec = rng.uniform(-2, 2, size=H).astype(np.float32) if m else None
+    kv0 = rng.standard_normal((B, H, Dv, Dk)).astype(acc) if state else None
+    count0 = rng.integers(0, 50, size=B).astype(np.int64) if state else None
+    dkv = rng.standard_normal((B, H, Dv, Dk)).astype(acc) if dstate else None
+    case = Case(q, k, v, do, mvec, make_mask(rng, B, S, mask), kv0, count0, dkv)
+    case.f64 = {n: None if a is None else np.asarray(a, dtype=np.float64)
+                for n, a in dict(q=q, k=k, v=v, do=do, m=mvec, kv0=kv0, dkv=dkv).items()}
+    return case
+
+
+def reference_forward(case: Case, causal=True):
+    f = case.f64
+    return reference.forward(f["q"], f["k"], f["v"], f["m"], causal=causal, mask=case.mask,
+                             kv0=f["kv0"], count0=case.count0)
+
+
+def reference_backward(case: Case, causal=True):
+    f = case.f64
+    return reference.backward(f["do"], f["q"], f["k"], f["v"], f["m"], causal=causal,
+                              mask=case.mask, kv0=f["kv0"], count0=case.count0, dkv=f["dkv"])
+
+
+def case_id(B, H, S, Dk, Dv) -> str:
+    return f"B{B}-H{H}-S{S}-Dk{Dk}-Dv{Dv}"
