@@ -8,5 +8,5 @@ from .attention import backward, forward
 from .backends import available_backends
 from .recurrent import RecurrentState
 
-__all__ = ["forward", "backward", "RecurrentState", "available_backends"]
+__all__ = ["RecurrentState", "available_backends", "backward", "forward"]
 __version__ = "0.1.0"

@@ -62,7 +62,9 @@ def import_all(named: dict[str, Any]) -> dict[str, Imported]:
     devices = {str(i.device) for i in imported.values()}
     if len(devices) > 1:
         where = ", ".join(f"{n} on {i.device} ({i.framework})" for n, i in imported.items())
-        raise ValueError(f"arrays must be on one device; got {where}. Nothing is copied across devices")
+        raise ValueError(
+            f"arrays must be on one device; got {where}. Nothing is copied across devices"
+        )
     frameworks = {i.framework for i in imported.values()}
     if len(frameworks) > 1:
         which = ", ".join(f"{n} ({i.framework})" for n, i in imported.items())

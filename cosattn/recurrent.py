@@ -31,7 +31,9 @@ class RecurrentState:
     def __init__(self, kv: Any, count: Any) -> None:
         ikv, icount = import_array(kv, "state.kv"), import_array(count, "state.count")
         if ikv.array.ndim != 4:
-            raise ValueError(f"state.kv must have rank 4 (B, H, Dv, Dk), got {tuple(ikv.array.shape)}")
+            raise ValueError(
+                f"state.kv must have rank 4 (B, H, Dv, Dk), got {tuple(ikv.array.shape)}"
+            )
         B, H, Dv, Dk = ikv.array.shape
         val.check_state(ikv.array, icount.array, B, H, Dk, Dv, np.dtype(np.float32))
         self.kv = kv
@@ -50,7 +52,8 @@ class RecurrentState:
             like_dtype = None
         else:
             imported = import_array(like, "like")
-            framework, device, like_dtype = imported.framework, imported.device, imported.array.dtype
+            framework, device = imported.framework, imported.device
+            like_dtype = imported.array.dtype
         if dtype is None:
             dtype = np.float64 if like_dtype == np.float64 else np.float32
         dtype = np.dtype(dtype)

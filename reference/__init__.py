@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["normalize", "counts", "weights", "forward", "forward_rnn", "backward"]
+__all__ = ["backward", "counts", "forward", "forward_rnn", "normalize", "weights"]
 
 EPS = 1e-12
 
@@ -50,7 +50,7 @@ def _prepare(q, k, v, m, mask, count0, causal, eps):
 
 
 def forward(q, k, v, m=None, *, causal=True, mask=None, kv0=None, count0=None, eps=EPS):
-    """Quadratic forward. Returns ``(o, kv, count)``; ``kv``/``count`` are None when bidirectional."""
+    """Quadratic forward: ``(o, kv, count)``, where ``kv``, ``count`` are None if bidirectional."""
     B, H, S, Dk = q.shape
     Dv = v.shape[-1]
     real, qh, _, kh, _, _, _, vt = _prepare(q, k, v, m, mask, count0, causal, eps)
@@ -94,8 +94,8 @@ def _normalize_backward(x, xh, norm, dxh, eps):
     return np.where(big, (dxh - xh * inner) / np.where(big, norm, 1.0), dxh / eps)
 
 
-def backward(do, q, k, v, m=None, *, causal=True, mask=None, kv0=None, count0=None, dkv=None,
-             eps=EPS):
+def backward(do, q, k, v, m=None, *, causal=True, mask=None, kv0=None, count0=None,
+             dkv=None, eps=EPS):
     """Gradients of SPEC.md, quadratic form. Returns ``(dq, dk, dv, dm, dkv0)``.
 
     ``dm`` is None when ``m`` is None; ``dkv0`` is None unless causal with ``kv0`` given.

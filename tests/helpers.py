@@ -99,3 +99,66 @@ def reference_backward(case: Case, causal=True):
 
 def case_id(B, H, S, Dk, Dv) -> str:
     return f"B{B}-H{H}-S{S}-Dk{Dk}-Dv{Dv}"
+
+
+def to_layout(x, layout):
+    """A (B, H, S, D) array in ``layout`` (a contiguous copy for "bshd")."""
+    return x if layout == "bhsd" else np.ascontiguousarray(x.transpose(0, 2, 1, 3))
+
+
+def from_layout(x, layout):
+    return x if layout == "bhsd" else x.transpose(0, 2, 1, 3)
+
+
+def check_forward(case: Case, *, causal: bool, layout: str = "bhsd", backend=None,
+                  to_native=np.asarray, to_host=np.asarray) -> None:
+    """cosattn.forward (with states when given and causal) against the reference."""
+    import cosattn
+
+    ref_o, ref_kv, ref_count = reference_forward(case, causal)
+    args = [to_native(to_layout(a, layout)) for a in (case.q, case.k, case.v)]
+    m = None if case.m is None else to_native(case.m)
+    mask = None if case.mask is None else to_native(case.mask)
+    state = None
+    if causal and case.kv0 is not None:
+        state = cosattn.RecurrentState(to_native(case.kv0), to_native(case.count0))
+    result = cosattn.forward(*args, m, causal=causal, mask=mask, state=state,
+                             return_state=causal, layout=layout, backend=backend)
+    o, out_state = result if causal else (result, None)
+    o = to_host(o)
+    assert o.dtype == case.dtype
+    assert_close(from_layout(o, layout), ref_o, case.dtype, "o")
+    if causal:
+        kv = to_host(out_state.kv)
+        assert kv.dtype == (np.float64 if case.dtype == np.float64 else np.float32)
+        assert_close(kv, ref_kv, case.dtype, "state.kv")
+        np.testing.assert_array_equal(to_host(out_state.count), ref_count)
+
+
+def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=None,
+                   to_native=np.asarray, to_host=np.asarray) -> None:
+    """cosattn.backward (dstate and dkv0 when given and causal) against the reference."""
+    import cosattn
+
+    ref = reference_backward(case, causal)
+    args = [to_native(to_layout(a, layout)) for a in (case.do, case.q, case.k, case.v)]
+    m = None if case.m is None else to_native(case.m)
+    mask = None if case.mask is None else to_native(case.mask)
+    state = dstate = None
+    if causal and case.kv0 is not None:
+        state = cosattn.RecurrentState(to_native(case.kv0), to_native(case.count0))
+    if causal and case.dkv is not None:
+        dstate = to_native(case.dkv)
+    grads = cosattn.backward(*args, m, causal=causal, mask=mask, state=state, dstate=dstate,
+                             layout=layout, backend=backend)
+    assert len(grads) == (5 if state is not None else 4)
+    for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref[:3], strict=True):
+        g = to_host(g)
+        assert g.dtype == case.dtype, name
+        assert_close(from_layout(g, layout), r, case.dtype, name)
+    if case.m is None:
+        assert grads[3] is None
+    else:
+        assert_close(to_host(grads[3]), ref[3], case.dtype, "dm")
+    if state is not None:
+        assert_close(to_host(grads[4]), ref[4], case.dtype, "dkv0")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cosattn import reference
+
 from helpers import make_mask
 
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 7, 4, 5), (2, 2, 9, 3, 3)]
@@ -48,7 +49,8 @@ def test_bidirectional_uses_row_length_for_every_position():
     qh, _ = reference.normalize(x["q"])
     kh, _ = reference.normalize(x["k"])
     length = x["mask"].sum(axis=1)
-    w = np.maximum(1, length)[:, None, None, None] ** -(1 / (1 + np.exp(-x["m"])))[None, :, None, None]
+    sig = 1 / (1 + np.exp(-x["m"]))
+    w = np.maximum(1, length)[:, None, None, None] ** -sig[None, :, None, None]
     real = x["mask"][:, None, :, None]
     expected = real * ((qh @ np.swapaxes(kh, -1, -2)) @ (real * w * x["v"]))
     np.testing.assert_allclose(o, expected, atol=1e-12)

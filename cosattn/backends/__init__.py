@@ -54,7 +54,7 @@ def available_backends() -> dict[str, str | None]:
 
 
 def select(name: str | None, device: Device) -> ModuleType:
-    """The backend for arrays on ``device``: ``name``, else ``$COSATTN_BACKEND``, else the default."""
+    """The backend for arrays on ``device``: ``name``, else ``$COSATTN_BACKEND``, else a default."""
     name = name or os.environ.get(ENV_VAR) or None
     if name is None:
         if device.kind == "cpu":

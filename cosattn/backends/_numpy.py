@@ -49,10 +49,11 @@ def _padded(x: Any, n: int, acc: np.dtype) -> Any:
 def _normalise(buf: Any, S: int, real: Any, eps: float) -> Any:
     """Scale rows of ``buf`` in place to unit norm (times ``real``); return ``1/max(|x|, eps)``."""
     rows = buf[:, :, :S]
-    inv = 1.0 / np.maximum(np.sqrt(np.einsum("bhsd,bhsd->bhs", rows, rows)), eps)
-    scale = inv if real is None else inv * real[:, None, :]
-    rows *= scale[..., None]
-    return inv
+    norm = np.maximum(np.sqrt(np.einsum("bhsd,bhsd->bhs", rows, rows)), eps)
+    rows /= norm[..., None]  # a division, as in SPEC.md: for D = 1 it gives exactly +-1
+    if real is not None:
+        rows *= real[:, None, :, None]
+    return 1.0 / norm
 
 
 def _counts(p: Problem, mask: Any, count0: Any) -> Any:
@@ -114,7 +115,7 @@ def _causal(qx: Any, kx: Any, vx: Any, state0: Any, *, reverse: bool) -> tuple[A
         prefix = np.cumsum(local, axis=2, out=local)
         out[:, :, 1:] += q[:, :, 1:] @ prefix[:, :, :-1].swapaxes(-1, -2)
         total = prefix[:, :, -1]
-    out = out.reshape(qx.shape[:3] + (vx.shape[-1],))
+    out = out.reshape(*qx.shape[:3], vx.shape[-1])
     if state0 is not None:
         out += qx @ state0.astype(qx.dtype, copy=False).swapaxes(-1, -2)
     return out, total

@@ -1,0 +1,157 @@
+"""The numpy backend against the reference: shapes, dtypes, masks, m, states, layouts."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cosattn
+
+from helpers import (
+    DTYPES,
+    MASK_KINDS,
+    assert_close,
+    case_id,
+    check_backward,
+    check_forward,
+    make_case,
+    reference_forward,
+)
+
+SIZES = st.sampled_from([1, 2, 5, 63, 64, 65, 130])
+HEADS = st.sampled_from([1, 3, 16, 48])
+
+
+@st.composite
+def cases(draw):
+    B, H = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    S = draw(SIZES)
+    Dk = draw(HEADS)
+    Dv = draw(st.one_of(st.just(Dk), HEADS))
+    dtype = draw(st.sampled_from(DTYPES))
+    causal = draw(st.booleans())
+    case = make_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), B, H, S, Dk, Dv,
+                     dtype, mask=draw(st.sampled_from(MASK_KINDS)), m=draw(st.booleans()),
+                     state=causal and draw(st.booleans()), dstate=causal and draw(st.booleans()))
+    return case, causal, draw(st.sampled_from(["bhsd", "bshd"]))
+
+
+@given(cases())
+def test_forward_matches_reference(drawn):
+    case, causal, layout = drawn
+    check_forward(case, causal=causal, layout=layout, backend="numpy")
+
+
+@given(cases())
+def test_backward_matches_reference(drawn):
+    case, causal, layout = drawn
+    check_backward(case, causal=causal, layout=layout, backend="numpy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 200, 160, 48), (1, 2, 129, 64, 64)],
+                         ids=lambda s: case_id(*s))
+def test_awkward_shapes_every_dtype(shape, dtype):
+    case = make_case(np.random.default_rng(5), *shape, dtype, mask="inner", state=True,
+                     dstate=True)
+    check_forward(case, causal=True)
+    check_backward(case, causal=True)
+    check_forward(case, causal=False)
+    check_backward(case, causal=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(data=st.data())
+def test_split_then_continue_equals_one_call(dtype, data):
+    S = data.draw(st.integers(2, 140))
+    cut = data.draw(st.integers(0, S))
+    case = make_case(np.random.default_rng(cut), 2, 2, S, 8, 6, dtype,
+                     mask=data.draw(st.sampled_from(MASK_KINDS)))
+    whole = cosattn.forward(case.q, case.k, case.v, case.m, mask=case.mask)
+    head_mask = None if case.mask is None else case.mask[:, :cut]
+    tail_mask = None if case.mask is None else case.mask[:, cut:]
+    o1, state = cosattn.forward(case.q[:, :, :cut], case.k[:, :, :cut], case.v[:, :, :cut],
+                                case.m, mask=head_mask, return_state=True)
+    o2, state2 = cosattn.forward(case.q[:, :, cut:], case.k[:, :, cut:], case.v[:, :, cut:],
+                                 case.m, mask=tail_mask, state=state, return_state=True)
+    assert_close(np.concatenate([o1, o2], axis=2), whole, dtype, "split o")
+    assert_close(np.concatenate([o1, o2], axis=2), reference_forward(case)[0], dtype, "vs ref")
+    np.testing.assert_array_equal(state2.count, reference_forward(case)[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_step_loop_equals_forward(dtype, mask_kind):
+    B, H, S, Dk, Dv = 2, 3, 37, 16, 8
+    case = make_case(np.random.default_rng(6), B, H, S, Dk, Dv, dtype, mask=mask_kind)
+    ref_o, ref_kv, ref_count = reference_forward(case)
+    state = cosattn.RecurrentState.zeros(B, H, Dk, Dv, like=case.q)
+    outs = []
+    for t in range(S):
+        mask_t = None if case.mask is None else case.mask[:, t]
+        outs.append(state.step(case.q[:, :, t], case.k[:, :, t], case.v[:, :, t], case.m,
+                               mask=mask_t))
+    o = np.stack(outs, axis=2)
+    assert o.dtype == dtype
+    assert_close(o, ref_o, dtype, "step o")
+    assert_close(state.kv, ref_kv, dtype, "step kv")
+    np.testing.assert_array_equal(state.count, ref_count)
+
+
+def test_prefill_then_steps_equals_one_call():
+    case = make_case(np.random.default_rng(7), 2, 2, 90, 12, 12, np.float32, mask="right")
+    _, state = cosattn.forward(case.q[:, :, :70], case.k[:, :, :70], case.v[:, :, :70], case.m,
+                               mask=case.mask[:, :70], return_state=True)
+    out = np.empty((2, 2, 12), dtype=np.float32)
+    tail = []
+    for t in range(70, 90):
+        returned = state.step(case.q[:, :, t], case.k[:, :, t], case.v[:, :, t], case.m,
+                              mask=case.mask[:, t], out=out)
+        assert returned is out
+        tail.append(out.copy())
+    assert_close(np.stack(tail, axis=2), reference_forward(case)[0][:, :, 70:], np.float32, "o")
+
+
+def test_long_float32_step_run_stays_accurate():
+    B, H, S, D = 1, 2, 20000, 8
+    case = make_case(np.random.default_rng(8), B, H, S, D, D, np.float32)
+    o = cosattn.forward(case.q, case.k, case.v, case.m)
+    state = cosattn.RecurrentState.zeros(B, H, D, D)
+    last = [state.step(case.q[:, :, t], case.k[:, :, t], case.v[:, :, t], case.m)
+            for t in range(S)][-1]
+    ref_last = reference_forward(case)[0][:, :, -1]
+    assert np.linalg.norm(last - ref_last) / np.linalg.norm(ref_last) < 3e-5
+    assert np.linalg.norm(o[:, :, -1] - ref_last) / np.linalg.norm(ref_last) < 1e-5
+
+
+def test_empty_sequence_keeps_state():
+    case = make_case(np.random.default_rng(9), 2, 2, 0, 4, 3, np.float32, state=True)
+    state = cosattn.RecurrentState(case.kv0, case.count0)
+    o, out_state = cosattn.forward(case.q, case.k, case.v, case.m, state=state,
+                                   return_state=True)
+    assert o.shape == (2, 2, 0, 3)
+    np.testing.assert_array_equal(out_state.kv, case.kv0)
+    np.testing.assert_array_equal(out_state.count, case.count0)
+    assert out_state.kv is not state.kv
+    dq, _, dv, dm, dkv0 = cosattn.backward(case.do, case.q, case.k, case.v, case.m, state=state)
+    assert dq.shape == (2, 2, 0, 4) and dv.shape == (2, 2, 0, 3)
+    np.testing.assert_array_equal(dm, 0)
+    np.testing.assert_array_equal(dkv0, 0)
+
+
+def test_nan_propagates_without_crashing():
+    case = make_case(np.random.default_rng(10), 1, 1, 70, 4, 4, np.float32)
+    case.v[0, 0, 3, 0] = np.nan
+    o, state = cosattn.forward(case.q, case.k, case.v, case.m, return_state=True)
+    assert np.isnan(o[0, 0, 3:, 0]).all()
+    assert np.isnan(state.kv[0, 0, 0]).all()
+
+
+def test_zero_vectors_use_eps_floor():
+    case = make_case(np.random.default_rng(11), 1, 2, 9, 4, 4, np.float64, mask="none")
+    case.q[0, 0, 2] = 0
+    case.k[0, 1, 4] = 0
+    case.f64["q"][0, 0, 2] = 0
+    case.f64["k"][0, 1, 4] = 0
+    check_forward(case, causal=True)
+    check_backward(case, causal=True)
