@@ -147,5 +147,5 @@ def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.d
             "float64 inputs need a float64 state (RecurrentState.zeros(..., dtype='float64')), "
             f"got state.kv {kv.dtype}"
         )
-    if count.dtype != np.int64:
-        raise TypeError(f"state.count must be int64, got {count.dtype}")
+    if count.dtype not in (np.int64, np.int32):
+        raise TypeError(f"state.count must be int64 (or int32, as JAX keeps it), got {count.dtype}")

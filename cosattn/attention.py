@@ -62,6 +62,7 @@ def _prepare(named: dict[str, Any], m: Any, mask: Any, state: RecurrentState | N
     if state is not None:
         kv0, count0 = imported["state.kv"].array, imported["state.count"].array
         val.check_state(kv0, count0, B, H, Dk, Dv, acc)
+        count0 = count0.astype(np.int64, copy=False)
         state_dtype = np.dtype(kv0.dtype)
     with on_device(first.device):
         native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)

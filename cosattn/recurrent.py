@@ -134,7 +134,8 @@ class RecurrentState:
         if immutable:
             if out is not None:
                 raise ValueError("out= cannot be written for JAX arrays, which are immutable")
-            kv, count = np.array(kv), np.array(count)
+            kv = np.array(kv)
+        counts = count.astype(np.int64, copy=immutable)
         with on_device(first.device):
             native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)
             if out is None:
@@ -148,7 +149,9 @@ class RecurrentState:
                     )
             p = val.Problem(B, H, 1, Dk, Dv, dtype, acc, np.dtype(kv.dtype), True, eps,
                             first.device, first.stream)
-            select(backend, first.device).step(p, kv, count, q, k, v, native_m, native_mask, o)
+            select(backend, first.device).step(p, kv, counts, q, k, v, native_m, native_mask, o)
+            if counts is not count and not immutable:
+                count[...] = counts
         if immutable:
-            self.kv, self.count = export_array(kv, framework), export_array(count, framework)
+            self.kv, self.count = export_array(kv, framework), export_array(counts, framework)
         return out if out is not None else export_array(o, framework)
