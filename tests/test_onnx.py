@@ -1,0 +1,198 @@
+"""The ONNX export (cosattn.onnx) run in ONNX Runtime (CPU) against the float64 reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import cache
+
+import numpy as np
+import pytest
+
+from helpers import MASK_KINDS, Case, assert_close, case_id, make_case, reference_forward
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from cosattn import onnx as cosattn_onnx  # noqa: E402  (after the importorskip guards)
+
+DTYPES = ("float32", "float16")
+SHAPES = [(2, 3, 37, 5, 7), (1, 2, 1, 4, 4), (3, 1, 32, 16, 8), (2, 2, 0, 3, 5)]
+CHUNK = 8
+
+
+def _session(model) -> ort.InferenceSession:
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@cache
+def _attention(H, Dk, Dv, causal, dtype, mask, state, m_input=True) -> ort.InferenceSession:
+    return _session(cosattn_onnx.attention_model(
+        H=H, Dk=Dk, Dv=Dv, causal=causal, dtype=dtype, m_input=m_input, mask=mask,
+        state=state, chunk=CHUNK))
+
+
+@cache
+def _step(H, Dk, Dv, dtype, mask) -> ort.InferenceSession:
+    return _session(cosattn_onnx.step_model(H=H, Dk=Dk, Dv=Dv, dtype=dtype, m_input=True,
+                                            mask=mask))
+
+
+def _run_attention(case: Case, *, causal: bool, state: bool, lo: int = 0, hi: int | None = None,
+                   kv0=None, count0=None) -> list[np.ndarray]:
+    """Run the cached attention model on tokens ``lo:hi`` of ``case`` (m as an input)."""
+    _, H, S, Dk = case.q.shape
+    hi = S if hi is None else hi
+    sess = _attention(H, Dk, case.v.shape[-1], causal, case.dtype.name, case.mask is not None,
+                      state)
+    feed = {"q": case.q[:, :, lo:hi], "k": case.k[:, :, lo:hi], "v": case.v[:, :, lo:hi],
+            "m": case.m}
+    if case.mask is not None:
+        feed["mask"] = case.mask[:, lo:hi]
+    if state:
+        feed["kv0"] = case.kv0 if kv0 is None else kv0
+        feed["count0"] = case.count0 if count0 is None else count0
+    return sess.run(None, feed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[case_id(*s) for s in SHAPES])
+def test_forward_matches_reference(shape, causal, dtype):
+    case = make_case(np.random.default_rng(sum(shape)), *shape, dtype, mask="inner",
+                     state=causal)
+    out = _run_attention(case, causal=causal, state=causal)
+    o, kv, count = reference_forward(case, causal)
+    assert out[0].dtype == case.dtype and out[0].shape == o.shape
+    assert_close(out[0], o, dtype, "o")
+    if causal:
+        assert out[1].dtype == np.float32
+        assert_close(out[1], kv, np.float32, "kv")
+        np.testing.assert_array_equal(out[2], count)
+
+
+@pytest.mark.parametrize("m_mode", ["input", "initializer", "none"])
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_forward_options(causal, mask, m_mode):
+    """Masks of every kind, ``m`` as an input, an initializer or absent, no incoming state."""
+    B, H, S, Dk, Dv = 3, 2, 21, 6, 4
+    case = make_case(np.random.default_rng(7), B, H, S, Dk, Dv, "float32", mask=mask,
+                     m=m_mode != "none")
+    model = cosattn_onnx.attention_model(
+        H=H, Dk=Dk, Dv=Dv, causal=causal, m=case.m if m_mode == "initializer" else None,
+        m_input=m_mode == "input", mask=mask != "none", chunk=CHUNK)
+    names = [i.name for i in model.graph.input]
+    assert ("m" in names) == (m_mode == "input")
+    assert ("mask" in names) == (mask != "none")
+    feed = {"q": case.q, "k": case.k, "v": case.v, "m": case.m, "mask": case.mask}
+    (o,) = _session(model).run(None, {n: feed[n] for n in names})
+    assert_close(o, reference_forward(case, causal)[0], np.float32, "o")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [0, 5, CHUNK, 2 * CHUNK + 3, 30])
+def test_split_state_consistency(split, dtype):
+    """Prefix with the outgoing state, then the suffix from it: the same as one call."""
+    case = make_case(np.random.default_rng(split), 2, 3, 30, 5, 6, dtype, mask="inner",
+                     state=True)
+    o1, kv1, count1 = _run_attention(case, causal=True, state=True, hi=split)
+    o2, kv2, count2 = _run_attention(case, causal=True, state=True, lo=split, kv0=kv1,
+                                     count0=count1)
+    whole, kv, count = _run_attention(case, causal=True, state=True)
+    o_ref, kv_ref, count_ref = reference_forward(case)
+    joined = np.concatenate([o1, o2], axis=2)
+    assert_close(joined, whole, dtype, "split o vs one call")
+    assert_close(joined, o_ref, dtype, "split o vs reference")
+    assert_close(kv2, kv, np.float32, "split kv vs one call")
+    assert_close(kv2, kv_ref, np.float32, "split kv vs reference")
+    np.testing.assert_array_equal(count2, count_ref)
+    np.testing.assert_array_equal(count, count_ref)
+
+
+@pytest.mark.parametrize("mask", ["none", "inner"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_graph_equals_parallel_graph(dtype, mask):
+    """The step model run token by token gives the parallel model's outputs and state."""
+    B, H, S, Dk, Dv = 2, 3, 41, 5, 7
+    case = make_case(np.random.default_rng(3), B, H, S, Dk, Dv, dtype, mask=mask, state=True)
+    o_par, kv_par, count_par = _run_attention(case, causal=True, state=True)
+    step = _step(H, Dk, Dv, dtype, mask != "none")
+    kv, count = case.kv0, case.count0
+    outs = []
+    for t in range(S):
+        feed = {"q": case.q[:, :, t], "k": case.k[:, :, t], "v": case.v[:, :, t], "m": case.m,
+                "kv": kv, "count": count}
+        if case.mask is not None:
+            feed["mask"] = case.mask[:, t]
+        o, kv, count = step.run(None, feed)
+        assert o.dtype == case.dtype
+        outs.append(o)
+    o_steps = np.stack(outs, axis=2)
+    assert_close(o_steps, o_par, dtype, "steps vs parallel o")
+    assert_close(o_steps, reference_forward(case)[0], dtype, "steps vs reference o")
+    assert_close(kv, kv_par, np.float32, "steps vs parallel kv")
+    np.testing.assert_array_equal(count, count_par)
+
+
+def test_dynamic_batch_and_length():
+    """One model, several (B, S): the graph's B and S are symbolic."""
+    model = cosattn_onnx.attention_model(H=2, Dk=4, Dv=3, m_input=True, chunk=CHUNK)
+    q_dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert q_dims == ["B", 2, "S", 4]
+    sess = _session(model)
+    for B, S in [(1, 3), (4, 17), (2, 64)]:
+        case = make_case(np.random.default_rng(B * S), B, 2, S, 4, 3, "float32")
+        (o,) = sess.run(None, {"q": case.q, "k": case.k, "v": case.v, "m": case.m})
+        assert_close(o, reference_forward(case)[0], np.float32, f"B{B}-S{S}")
+
+
+def test_models_declare_opset_and_ir_version():
+    for model in (cosattn_onnx.attention_model(H=1, Dk=2, Dv=2),
+                  cosattn_onnx.step_model(H=1, Dk=2, Dv=2)):
+        assert model.ir_version == cosattn_onnx.IR_VERSION
+        opsets = {o.domain: o.version for o in model.opset_import}
+        assert opsets == {"": cosattn_onnx.OPSET, cosattn_onnx.DOMAIN: 1}
+        assert cosattn_onnx.OPSET >= 21
+        assert [f.domain for f in model.functions] == [cosattn_onnx.DOMAIN]
+
+
+def test_causal_scores_are_one_chunk_at_a_time():
+    """Every MatMul of the causal function sits in the Scan body (per chunk), none outside it."""
+    function = cosattn_onnx.attention_function(causal=True)
+    top_ops = [n.op_type for n in function.node]
+    assert "MatMul" not in top_ops and top_ops.count("Scan") == 1
+    (scan,) = [n for n in function.node if n.op_type == "Scan"]
+    body_ops = [n.op_type for n in scan.attribute[0].g.node]
+    assert "Trilu" in body_ops and body_ops.count("MatMul") == 4
+
+
+def test_chunk_size_does_not_change_the_result():
+    case = make_case(np.random.default_rng(11), 2, 2, 50, 4, 4, "float32", mask="left",
+                     state=True)
+    ref = reference_forward(case)[0]
+    for chunk in (1, 7, 64):
+        model = cosattn_onnx.attention_model(H=2, Dk=4, Dv=4, m_input=True, mask=True,
+                                             state=True, chunk=chunk)
+        feed = {"q": case.q, "k": case.k, "v": case.v, "m": case.m, "mask": case.mask,
+                "kv0": case.kv0, "count0": case.count0}
+        assert_close(_session(model).run(["o"], feed)[0], ref, np.float32, f"chunk {chunk}")
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"causal": False, "state": True}, ValueError),
+    ({"m": np.zeros(2, np.float32), "m_input": True}, ValueError),
+    ({"m": np.zeros(3, np.float32)}, ValueError),
+    ({"dtype": "float64"}, TypeError),
+    ({"chunk": 0}, ValueError),
+    ({"eps": 0.0}, ValueError),
+    ({"H": 0}, ValueError),
+])
+def test_bad_options_are_refused(options, error):
+    with pytest.raises(error):
+        cosattn_onnx.attention_model(**{"H": 2, "Dk": 4, "Dv": 4, **options})
+
+
+def test_importing_cosattn_does_not_import_onnx():
+    code = "import sys, cosattn; sys.exit('onnx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
