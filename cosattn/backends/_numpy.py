@@ -34,7 +34,7 @@ class _Prepared:
     k_inv: Any
     real: Any  # (B, S) in acc, or None when nothing is masked
     c: Any  # token counts (B, S), int64
-    w: Any  # stabiliser (B, H, S) or None
+    v_scale: Any  # real_j * w_j, (B, H, S) (B, 1, S without m), or None
 
 
 def _padded(x: Any, n: int, acc: np.dtype) -> Any:
@@ -82,47 +82,56 @@ def _prepare(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, count0: Any)
     q_inv = _normalise(qh, p.S, real, p.eps)
     k_inv = _normalise(kh, p.S, real, p.eps)
     c = _counts(p, mask, count0)
-    w = None if m is None else _weights(m, c)
-    scale = w if real is None else (real[:, None, :] if w is None else w * real[:, None, :])
-    if scale is not None:
-        vt[:, :, : p.S] *= scale[..., None]
-    return _Prepared(qh, kh, vt, q_inv, k_inv, real, c, w)
+    v_scale = None if m is None else _weights(m, c)
+    if real is not None:
+        v_scale = real[:, None, :] if v_scale is None else v_scale * real[:, None, :]
+    if v_scale is not None:
+        vt[:, :, : p.S] *= v_scale[..., None]
+    return _Prepared(qh, kh, vt, q_inv, k_inv, real, c, v_scale)
 
 
 def _chunks(x: Any) -> Any:
+    """(B, H, N*C, D) -> (B, H, N, C, D), a view."""
     B, H, n, D = x.shape
     return x.reshape(B, H, n // CHUNK, CHUNK, D)
 
 
-def _causal(qx: Any, kx: Any, vx: Any, state0: Any, *, reverse: bool) -> tuple[Any, Any]:
-    """``out_i = state0 @ qx_i + sum_{j <= i} (qx_i . kx_j) vx_j`` over padded (B, H, n, D) arrays.
+def _lower_scores(a: Any, b: Any) -> Any:
+    """Per chunk, ``tril(a b^T)``: entry (i, j) is ``a_i . b_j`` for ``j <= i``, else 0."""
+    scores = _chunks(a) @ _chunks(b).swapaxes(-1, -2)  # (B, H, N, C, C)
+    scores *= np.tri(CHUNK, dtype=scores.dtype)
+    return scores
 
-    With ``reverse`` the sum runs over ``j >= i``. ``state0`` is (B, H, Dv, Dq) or None.
-    Returns ``out`` (B, H, n, Dv) and the state increment ``sum_j vx_j kx_j^T`` (B, H, Dv, Dq).
-    """
-    q, k, v = _chunks(qx), _chunks(kx), _chunks(vx)
-    scores = q @ k.swapaxes(-1, -2)  # (B, H, N, C, C)
-    keep = np.tri(CHUNK, dtype=scores.dtype)
-    scores *= keep.T if reverse else keep
-    out = scores @ v
-    del scores
-    local = v.swapaxes(-1, -2) @ k  # (B, H, N, Dv, Dq): each chunk's own sum
+
+def _chunk_sums(a: Any, b: Any, *, reverse: bool) -> Any:
+    """Running sums over chunks of ``a^T b``, (B, H, N, Da, Db): entry n holds chunks <= n
+    (chunks >= n with ``reverse``). A loop over chunks, since ``np.cumsum`` along a middle axis
+    is several times slower."""
+    sums = _chunks(a).swapaxes(-1, -2) @ _chunks(b)
+    N = sums.shape[2]
     if reverse:
-        prefix = np.cumsum(local[:, :, ::-1], axis=2)[:, :, ::-1]
-        out[:, :, :-1] += q[:, :, :-1] @ prefix[:, :, 1:].swapaxes(-1, -2)
-        total = prefix[:, :, 0]
+        for n in range(N - 2, -1, -1):
+            sums[:, :, n] += sums[:, :, n + 1]
     else:
-        prefix = np.cumsum(local, axis=2, out=local)
-        out[:, :, 1:] += q[:, :, 1:] @ prefix[:, :, :-1].swapaxes(-1, -2)
-        total = prefix[:, :, -1]
-    out = out.reshape(*qx.shape[:3], vx.shape[-1])
-    if state0 is not None:
-        out += qx @ state0.astype(qx.dtype, copy=False).swapaxes(-1, -2)
-    return out, total
+        for n in range(1, N):
+            sums[:, :, n] += sums[:, :, n - 1]
+    return sums
 
 
-def _flat(x: Any) -> Any:
-    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+def _add_other_chunks(out: Any, x: Any, sums: Any, *, reverse: bool) -> None:
+    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``): each chunk meets the
+    chunks strictly before (after) it through their running sum."""
+    out, x = _chunks(out), _chunks(x)
+    if reverse:
+        out[:, :, :-1] += x[:, :, :-1] @ sums[:, :, 1:]
+    else:
+        out[:, :, 1:] += x[:, :, 1:] @ sums[:, :, :-1]
+
+
+def _unchunk(x: Any) -> Any:
+    """(B, H, N, C, D) -> (B, H, N*C, D), a view."""
+    B, H, N, C, D = x.shape
+    return x.reshape(B, H, N * C, D)
 
 
 def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
@@ -135,16 +144,21 @@ def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, cou
         kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         return kv, count
     x = _prepare(p, q, k, v, m, mask, count0)
-    if p.causal:
-        out, delta = _causal(x.qh, x.kh, x.vt, kv0, reverse=False)
-        o[...] = out[:, :, : p.S]
-        if not want_state:
-            return None, None
-        kv = delta if kv0 is None else kv0 + delta
-        return kv.astype(p.state_dtype), count
-    kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-    o[...] = (x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2))
-    return None, None
+    if not p.causal:
+        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
+        o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
+        return None, None
+    out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
+    sums = _chunk_sums(x.kh, x.vt, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
+    _add_other_chunks(out, x.qh, sums, reverse=False)
+    if kv0 is not None:
+        out += x.qh @ kv0.astype(p.acc, copy=False).swapaxes(-1, -2)
+    o[...] = out[:, :, : p.S]
+    if not want_state:
+        return None, None
+    delta = sums[:, :, -1].swapaxes(-1, -2)
+    kv = delta if kv0 is None else kv0 + delta
+    return kv.astype(p.state_dtype), count
 
 
 def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
@@ -168,15 +182,27 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
     x = _prepare(p, q, k, v, m, mask, count0)
     n = x.qh.shape[2]
     dof = _padded(do, n, p.acc)
-    dkv_acc = None if dkv is None else dkv.astype(p.acc)
     if p.causal:
-        kv0_t = None if kv0 is None else kv0.swapaxes(-1, -2)
-        dqh, _ = _causal(dof, x.vt, x.kh, kv0_t, reverse=False)
-        dkh, _ = _causal(x.vt, dof, x.qh, None if dkv is None else dkv_acc.swapaxes(-1, -2),
-                         reverse=True)
-        dvt, dkv0 = _causal(x.kh, x.qh, dof, dkv_acc, reverse=True)
-        if dkv_acc is not None:
-            dkv0 += dkv_acc
+        # Three causal products of the forward's shape share two score matrices and one sum:
+        # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
+        # transposed, and dv~ later ones through (q^' . k^), the forward's scores transposed.
+        dov = _lower_scores(dof, x.vt)  # (i, j): do_i . v~_j
+        dqh = _unchunk(dov @ _chunks(x.kh))
+        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, reverse=False), reverse=False)
+        dkh = _unchunk(dov.swapaxes(-1, -2) @ _chunks(x.qh))
+        del dov
+        later = _chunk_sums(dof, x.qh, reverse=True)  # sum over later tokens of do q^'^T
+        _add_other_chunks(dkh, x.vt, later, reverse=True)
+        dvt = _unchunk(_lower_scores(x.qh, x.kh).swapaxes(-1, -2) @ _chunks(dof))
+        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), reverse=True)
+        dkv0 = later[:, :, 0]
+        if kv0 is not None:
+            dqh += dof @ kv0.astype(p.acc, copy=False)
+        if dkv is not None:
+            dkv_acc = dkv.astype(p.acc, copy=False)
+            dkh += x.vt @ dkv_acc
+            dvt += x.kh @ dkv_acc.swapaxes(-1, -2)
+            dkv0 = dkv0 + dkv_acc
     else:
         kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
         g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
@@ -195,15 +221,11 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
         per = np.einsum("bhsd,bhsd->bhs", dvt, x.vt[:, :, :S])
         per *= -np.log(np.maximum(1, x.c).astype(p.acc))[:, None, :]
         dm = per.sum(axis=(0, 2)) * sig * (1.0 - sig)
-    scale = x.w if x.real is None else (
-        x.real[:, None, :] if x.w is None else x.w * x.real[:, None, :])
-    if scale is not None:
-        dvt *= scale[..., None]
+    if x.v_scale is not None:
+        dvt *= x.v_scale[..., None]
     dv[...] = dvt
     if kv0 is None:
         return dm, None
-    if dkv0 is None:
-        dkv0 = np.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
     return dm, dkv0.astype(kv0.dtype)
 
 
