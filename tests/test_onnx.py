@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from cosattn import onnx as cosattn_onnx  # noqa: E402  (after the importorskip 
 DTYPES = ("float32", "float16")
 SHAPES = [(2, 3, 37, 5, 7), (1, 2, 1, 4, 4), (3, 1, 32, 16, 8), (2, 2, 0, 3, 5)]
 CHUNK = 8
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _session(model) -> ort.InferenceSession:
@@ -196,3 +198,56 @@ def test_bad_options_are_refused(options, error):
 def test_importing_cosattn_does_not_import_onnx():
     code = "import sys, cosattn; sys.exit('onnx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    """A tiny random language model saved as .npz and exported to the two ONNX graphs."""
+    sys.path.insert(0, str(EXAMPLES))
+    import export_onnx
+    import tiny_lm
+
+    cfg = tiny_lm.Config(d_model=32, n_heads=4, n_layers=2, d_mlp=64)
+    params = tiny_lm.init_params(cfg, np.random.default_rng(5))
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    tiny_lm.save(folder / "tiny_lm.npz", params, cfg)
+    prefill, step = export_onnx.export(folder / "tiny_lm.npz", folder)
+    yield params, cfg, prefill, step
+    sys.path.remove(str(EXAMPLES))
+
+
+def test_tiny_lm_graphs_match_the_example(lm_files):
+    """Prefill logits and states, then one step's logits, against examples/tiny_lm.py."""
+    import generate_onnx
+    import tiny_lm
+
+    params, cfg, prefill, step = lm_files
+    lm = generate_onnx.OnnxLM(prefill, step)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab, size=(2, 37))
+    logits, tape = tiny_lm.forward(params, cfg, tokens, return_state=True)
+    onnx_logits, *states = lm.prefill_session.run(None, {"tokens": tokens})
+    assert_close(onnx_logits, logits, np.float32, "prefill logits")
+    for l, state in enumerate(tape.states):
+        assert_close(states[2 * l], state.kv, np.float32, f"kv.{l}")
+        np.testing.assert_array_equal(states[2 * l + 1], state.count)
+    token = tokens[:, -1]
+    step_logits, _ = lm.step(token, states)
+    assert_close(step_logits, tiny_lm.step(params, cfg, token, tape.states), np.float32,
+                 "step logits")
+
+
+def test_tiny_lm_greedy_generation_matches_the_example(lm_files):
+    import generate_onnx
+    import tiny_lm
+
+    params, cfg, prefill, step = lm_files
+    prompt = np.frombuffer(b"In the beginning God", dtype=np.uint8).astype(np.int64)
+    prompt = np.stack([prompt, prompt[::-1]])
+    logits, states = tiny_lm.prefill(params, cfg, prompt)
+    expected = []
+    for _ in range(40):
+        token = logits.argmax(axis=-1)
+        expected.append(token)
+        logits = tiny_lm.step(params, cfg, token, states)
+    got = generate_onnx.OnnxLM(prefill, step).generate(prompt, 40)
+    np.testing.assert_array_equal(got, np.stack(expected, axis=1))
