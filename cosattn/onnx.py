@@ -137,11 +137,12 @@ def _normalise(g: _Nodes, x: str, eps: str, name: str) -> str:
     return g.op("Div", x, g.op("Max", norm, eps, out=f"{name}_den"), out=f"{name}_hat")
 
 
-def _prologue(g: _Nodes, *, causal: bool, with_m: bool, eps: str) -> tuple[str, str, str]:
+def _prologue(g: _Nodes, *, count0: str | None, with_m: bool, eps: str) -> tuple[str, str, str]:
     """SPEC.md steps 1-4 on the function inputs, in float32.
 
-    Reads ``q``, ``k`` (B, H, S, Dk), ``v`` (B, H, S, Dv), ``mask`` (B, S) bool, ``m`` (H,)
-    when ``with_m`` and ``count0`` (B,) int64 when ``causal``. Returns the names of
+    Reads ``q``, ``k`` (B, H, S, Dk), ``v`` (B, H, S, Dv), ``mask`` (B, S) bool and ``m`` (H,)
+    when ``with_m``. The counts are causal, from the incoming count ``count0`` (B,) int64,
+    when that is given, else bidirectional. Returns the names of
     ``q_real`` = real_i q̂_i (B, H, S, Dk), ``k_hat`` = k̂_j (B, H, S, Dk) and
     ``v_tilde`` = real_j w_j v_j (B, H, S, Dv).
     """
@@ -155,11 +156,11 @@ def _prologue(g: _Nodes, *, causal: bool, with_m: bool, eps: str) -> tuple[str, 
     scale = g.op("Unsqueeze", real, _axes(g, 1), out="real_b1s")  # (B, 1, S)
     if with_m:
         ones = g.once("Cast", "mask", out="mask_i64", to=TensorProto.INT64)
-        if causal:  # c_j = count0 + sum_{j' <= j} real_j'  (B, S)
+        if count0 is not None:  # causal: c_j = count0 + sum_{j' <= j} real_j'  (B, S)
             prefix = g.op("CumSum", ones, g.const("axis_1", 1), out="mask_cumsum")
-            start = g.op("Unsqueeze", "count0", _axes(g, 1), out="count0_b1")
+            start = g.op("Unsqueeze", count0, _axes(g, 1), out="count0_b1")
             count = g.op("Add", prefix, start, out="counts")
-        else:  # c_j = L_b for every j  (B, 1)
+        else:  # bidirectional: c_j = L_b for every j  (B, 1)
             count = g.op("ReduceSum", ones, _axes(g, 1), out="counts", keepdims=1)
         floor = g.op("Max", count, g.const("one_i64", 1), out="counts_floor")
         base = g.op("Cast", floor, out="counts_f32", to=f32)
@@ -278,7 +279,8 @@ def attention_function(*, causal: bool = True, with_m: bool = True) -> onnx.Func
     """
     g = _Nodes()
     eps = g.attr_const("eps", "eps", "float")
-    q_real, k_hat, v_tilde = _prologue(g, causal=causal, with_m=with_m, eps=eps)
+    q_real, k_hat, v_tilde = _prologue(g, count0="count0" if causal else None, with_m=with_m,
+                                       eps=eps)
     inputs = ["q", "k", "v"] + (["m"] if with_m else []) + ["mask"]
     attributes = [helper.make_attribute("eps", DEFAULT_EPS)]
     if causal:
@@ -290,9 +292,10 @@ def attention_function(*, causal: bool = True, with_m: bool = True) -> onnx.Func
         _bidirectional_body(g, q_real, k_hat, v_tilde)
         outputs = ["o"]
     name = _function_name("CausalAttention" if causal else "BidirectionalAttention", with_m)
+    doc = f"Cottention ({', '.join(inputs)}) -> ({', '.join(outputs)}); see cosattn.onnx"
     return helper.make_function(DOMAIN, name, inputs, outputs, g.nodes,
                                 [helper.make_opsetid("", OPSET)], attribute_protos=attributes,
-                                doc_string=attention_function.__doc__)
+                                doc_string=doc)
 
 
 def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
@@ -318,8 +321,7 @@ def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
     for name in ("q", "k", "v"):
         g.op("Unsqueeze", f"{name}_token", _axes(g, 2), out=name)
     g.op("Unsqueeze", "mask_token", _axes(g, 1), out="mask")
-    g.op("Identity", "count", out="count0")
-    q_real, k_hat, v_tilde = _prologue(g, causal=True, with_m=with_m, eps=eps)
+    q_real, k_hat, v_tilde = _prologue(g, count0="count", with_m=with_m, eps=eps)
     v_t = g.op("Transpose", v_tilde, out="v_tilde_t", perm=[0, 1, 3, 2])
     g.op("Add", "kv", g.op("MatMul", v_t, k_hat, out="kv_delta"), out="kv_next")
     o32 = g.op("MatMul", q_real, g.op("Transpose", "kv_next", out="kv_next_t", perm=[0, 1, 3, 2]),
@@ -329,11 +331,12 @@ def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
     g.op("Add", "count", real, out="count_next")
     inputs = (["q_token", "k_token", "v_token"] + (["m"] if with_m else [])
               + ["mask_token", "kv", "count"])
+    outputs = ["o", "kv_next", "count_next"]
+    doc = f"Cottention step ({', '.join(inputs)}) -> ({', '.join(outputs)}); see cosattn.onnx"
     return helper.make_function(DOMAIN, _function_name("RecurrentStep", with_m), inputs,
-                                ["o", "kv_next", "count_next"], g.nodes,
-                                [helper.make_opsetid("", OPSET)],
+                                outputs, g.nodes, [helper.make_opsetid("", OPSET)],
                                 attribute_protos=[helper.make_attribute("eps", DEFAULT_EPS)],
-                                doc_string=step_function.__doc__)
+                                doc_string=doc)
 
 
 def _value(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
