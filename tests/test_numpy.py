@@ -147,6 +147,18 @@ def test_nan_propagates_without_crashing():
     assert np.isnan(state.kv[0, 0, 0]).all()
 
 
+@pytest.mark.parametrize("heads", [(1, 4), (3, 1)], ids=["split-heads", "split-rows"])
+def test_calls_split_across_threads_match_reference(heads, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    B, H = heads
+    case = make_case(np.random.default_rng(12), B, H, 900, 64, 48, np.float32, mask="left",
+                     state=True, dstate=True)
+    check_forward(case, causal=True)
+    check_backward(case, causal=True)
+    check_forward(case, causal=False)
+    check_backward(case, causal=False)
+
+
 def test_zero_vectors_use_eps_floor():
     case = make_case(np.random.default_rng(11), 1, 2, 9, 4, 4, np.float64, mask="none")
     case.q[0, 0, 2] = 0

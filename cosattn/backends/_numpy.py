@@ -8,7 +8,11 @@ Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,8 @@ from .._validate import Problem
 
 DEVICE = "cpu"
 CHUNK = 64
+# Below this many input elements (B*H*S*(Dk+Dv)) a call runs on the calling thread alone.
+PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def unavailable() -> str | None:
@@ -134,8 +140,8 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
-def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
-            o: Any, *, want_state: bool) -> tuple[Any, Any]:
+def _forward_part(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
+                  o: Any, want_state: bool) -> tuple[Any, Any]:
     count = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
     count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
     if p.S == 0:
@@ -161,6 +167,95 @@ def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, cou
     return kv.astype(p.state_dtype), count
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A block of batch rows ``b`` and heads ``h``: parts of one call are independent."""
+
+    b: slice
+    h: slice
+
+    def problem(self, p: Problem) -> Problem:
+        return replace(p, B=len(range(p.B)[self.b]), H=len(range(p.H)[self.h]))
+
+    def rows(self, x: Any) -> Any:  # arrays indexed (B, ...)
+        return None if x is None else x[self.b]
+
+    def heads(self, x: Any) -> Any:  # arrays indexed (H,)
+        return None if x is None else x[self.h]
+
+    def block(self, x: Any) -> Any:  # arrays indexed (B, H, ...)
+        return None if x is None else x[self.b, self.h]
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _parts(p: Problem) -> tuple[int, list[_Part]]:
+    """Split a call over heads (or batch rows, when there are fewer heads than cores).
+
+    NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core.
+    Returns the axis split (0: batch rows, 1: heads) and the parts.
+    """
+    workers = os.cpu_count() or 1
+    axis = 1 if p.H >= min(workers, p.B) else 0
+    n = (p.B, p.H)[axis]
+    count = min(workers, n)
+    if count <= 1 or p.B * p.H * p.S * (p.Dk + p.Dv) < PARALLEL_MIN_ELEMENTS:
+        return axis, [_Part(slice(None), slice(None))]
+    edges = [n * i // count for i in range(count + 1)]
+    cuts = [slice(lo, hi) for lo, hi in itertools.pairwise(edges)]
+    full = slice(None)
+    return axis, [_Part(c, full) if axis == 0 else _Part(full, c) for c in cuts]
+
+
+def _run(tasks: list[Any]) -> list[Any]:
+    """Run zero-argument callables, in parallel when there are several."""
+    global _pool
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
+    return [f.result() for f in [_pool.submit(t) for t in tasks]]
+
+
+def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
+            o: Any, *, want_state: bool) -> tuple[Any, Any]:
+    axis, parts = _parts(p)
+    results = _run([
+        lambda t=t: _forward_part(t.problem(p), t.block(q), t.block(k), t.block(v), t.heads(m),
+                                  t.rows(mask), t.block(kv0), t.rows(count0), t.block(o),
+                                  want_state)
+        for t in parts
+    ])
+    if len(results) == 1 or not want_state:
+        return results[0]
+    kv = np.concatenate([r[0] for r in results], axis=axis)
+    count = np.concatenate([r[1] for r in results]) if axis == 0 else results[0][1]
+    return kv, count
+
+
+def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
+             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
+    axis, parts = _parts(p)
+    results = _run([
+        lambda t=t: _backward_part(t.problem(p), t.block(do), t.block(q), t.block(k),
+                                   t.block(v), t.heads(m), t.rows(mask), t.block(kv0),
+                                   t.rows(count0), t.block(dkv), t.block(dq), t.block(dk),
+                                   t.block(dv))
+        for t in parts
+    ])
+    if len(results) == 1:
+        return results[0]
+    dm = None
+    if m is not None:
+        dms = [r[0] for r in results]
+        dm = np.concatenate(dms) if axis == 1 else np.sum(dms, axis=0)
+    dkv0 = None if kv0 is None else np.concatenate([r[1] for r in results], axis=axis)
+    return dm, dkv0
+
+
 def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
     """``(dxh - xh (xh . dxh)) / |x|`` where ``|x| > eps``, else ``dxh / eps`` (in place)."""
     inner = np.einsum("bhsd,bhsd->bhs", xh, dxh)
@@ -170,8 +265,8 @@ def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
     return dxh
 
 
-def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
-             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
+def _backward_part(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
+                   count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
     S = p.S
     if S == 0:
         dm = None if m is None else np.zeros(p.H, dtype=m.dtype)
