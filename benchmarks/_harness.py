@@ -18,10 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 # SPEC.md, "Numbers": err(x, ref) <= SPEC_TOL[dtype] against the float64 reference.
-SPEC_TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+SPEC_TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5,
+            np.dtype(np.float16): 2e-3, np.dtype(ml_dtypes.bfloat16): 1.5e-2}
 
 
 def rel_err(x: Any, ref: Any) -> float:

@@ -1,0 +1,118 @@
+"""A few small calls of every GPU backend, checked against the reference: what compute-sanitizer
+runs in ``gpu_check.sh``.
+
+For each backend and dtype (float32, float16, bfloat16): a causal forward with a padding mask and
+an incoming state, its backward with ``dstate``, a bidirectional forward, and a few recurrent
+steps, at B=2, H=3, S=67 (not a multiple of the chunk) and Dk=Dv=64; each result is compared with
+the float64 reference on the same rounded inputs by SPEC.md's measure and bound. With
+``--no-pool`` CuPy allocates every array on its own (no memory pool), so memcheck sees the exact
+bounds of each allocation. ``--device cpu`` runs the same checks on the numpy backend.
+
+    compute-sanitizer --tool memcheck python -m benchmarks.gpu_smoke --no-pool
+
+Exit status 1 when a result is off, 0 otherwise; an unavailable backend is reported, not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+import cosattn
+from cosattn import reference
+
+from . import _harness as hx
+
+DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+B, H, S, D = 2, 3, 67, 64
+
+
+def _host(a: Any) -> np.ndarray:
+    return np.asarray(a.get() if hasattr(a, "get") else a, dtype=np.float64)
+
+
+def check(xp: Any, backend: str, dtype: np.dtype, seed: int = 0) -> dict[str, float]:
+    """Errors of one backend in one dtype, by name of the checked result."""
+    rng = np.random.default_rng(seed)
+    host = {n: rng.standard_normal((B, H, S, D)).astype(dtype) for n in ("q", "k", "v", "do")}
+    f64 = {n: a.astype(np.float64) for n, a in host.items()}
+    m = rng.uniform(-2, 2, size=H).astype(np.float32)
+    mask = rng.random((B, S)) < 0.8
+    kv0 = rng.standard_normal((B, H, D, D)).astype(np.float32)
+    count0 = rng.integers(0, 50, size=B).astype(np.int64)
+    dkv = rng.standard_normal((B, H, D, D)).astype(np.float32)
+    dev = {n: xp.asarray(a) for n, a in host.items()}
+    m_d, mask_d, dkv_d = xp.asarray(m), xp.asarray(mask), xp.asarray(dkv)
+    state = cosattn.RecurrentState(xp.asarray(kv0), xp.asarray(count0))
+    q, k, v, do = (dev[n] for n in ("q", "k", "v", "do"))
+    m64 = m.astype(np.float64)
+    kv64 = kv0.astype(np.float64)
+    errors = {}
+
+    o, out_state = cosattn.forward(q, k, v, m_d, mask=mask_d, state=state, return_state=True,
+                                   backend=backend)
+    o_ref, kv_ref, _ = reference.forward(f64["q"], f64["k"], f64["v"], m64, mask=mask,
+                                         kv0=kv64, count0=count0)
+    errors["forward o"] = hx.rel_err(_host(o), o_ref)
+    errors["forward state"] = hx.rel_err(_host(out_state.kv), kv_ref)
+
+    grads = cosattn.backward(do, q, k, v, m_d, mask=mask_d, state=state, dstate=dkv_d,
+                             backend=backend)
+    refs = reference.backward(f64["do"], f64["q"], f64["k"], f64["v"], m64, mask=mask,
+                              kv0=kv64, count0=count0, dkv=dkv.astype(np.float64))
+    for name, got, ref in zip(("dq", "dk", "dv", "dm", "dkv0"), grads, refs, strict=True):
+        errors[f"backward {name}"] = hx.rel_err(_host(got), ref)
+
+    o_bi = cosattn.forward(q, k, v, m_d, causal=False, mask=mask_d, backend=backend)
+    o_bi_ref, _, _ = reference.forward(f64["q"], f64["k"], f64["v"], m64, causal=False,
+                                       mask=mask)
+    errors["bidirectional o"] = hx.rel_err(_host(o_bi), o_bi_ref)
+
+    steps = cosattn.RecurrentState.zeros(B, H, D, D, like=q)
+    outs = [steps.step(q[:, :, t], k[:, :, t], v[:, :, t], m_d, mask=mask_d[:, t],
+                       backend=backend) for t in range(5)]
+    o_rnn, _, _ = reference.forward_rnn(f64["q"][:, :, :5], f64["k"][:, :, :5],
+                                        f64["v"][:, :, :5], m64, mask=mask[:, :5])
+    errors["steps o"] = hx.rel_err(np.stack([_host(x) for x in outs], axis=2), o_rnn)
+    return errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--no-pool", action="store_true",
+                   help="allocate every CuPy array on its own (for memcheck)")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        xp, backends = np, ("numpy",)
+    else:
+        import cupy
+
+        xp, backends = cupy, ("cupy", "numba")
+        if args.no_pool:
+            cupy.cuda.set_allocator(None)
+    failed = False
+    for backend in backends:
+        reason = cosattn.available_backends()[backend]
+        if reason is not None:
+            print(f"{backend}: unavailable ({reason})")
+            continue
+        for dtype in DTYPES:
+            errors = check(xp, backend, dtype)
+            tol = hx.SPEC_TOL[dtype]
+            bad = {n: e for n, e in errors.items() if not e <= tol}
+            failed |= bool(bad)
+            worst = max(errors, key=errors.get)
+            print(f"{backend} {dtype.name}: worst {worst} {errors[worst]:.2e} (bound {tol:g})"
+                  + (f"; OFF: {bad}" if bad else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
