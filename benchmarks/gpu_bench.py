@@ -61,6 +61,7 @@ DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float
           "float32": np.dtype(np.float32)}
 BASELINES = ("appendix", "quadratic", "sdpa", "fla")
 MEMORY_FRACTION = 0.9  # of the free device memory a case may plan to use
+SLOW_CALL_S = 1.0  # a first call slower than this is the only warm-up call
 
 # Default sizes per (device, quick). Step shapes are (B, H, D).
 PROFILES: dict[tuple[str, bool], dict[str, Any]] = {
@@ -173,8 +174,10 @@ class CpuRuntime:
     def device_info(self) -> dict[str, Any]:
         return {"device": hx.machine_info()["cpu"], "kind": "cpu (dry run)"}
 
-    def step_device_time(self, loop: Callable[[], None], host_seconds: float) -> float:
-        return hx.wall_time(loop)
+    def step_device_time(self, loop: Callable[[], None], host_seconds: float
+                         ) -> tuple[float, bool | None]:
+        """Seconds of ``loop()``; on the CPU the device is the host (queued: None)."""
+        return hx.wall_time(loop), None
 
 
 class CudaRuntime:
@@ -294,19 +297,23 @@ class CudaRuntime:
             info["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
         return info
 
-    def step_device_time(self, loop: Callable[[], None], host_seconds: float) -> float:
-        """Device seconds of ``loop()``: its launches queued behind a spinning kernel.
+    def step_device_time(self, loop: Callable[[], None], host_seconds: float
+                         ) -> tuple[float, bool | None]:
+        """Device seconds of ``loop()``, its launches queued behind a spinning kernel.
 
         The kernel spins for twice the host time the loop takes, so by the time it ends every
         launch of the loop is queued and the GPU runs them back to back, free of host gaps.
+        The flag is False when the host could not queue the whole loop while the kernel spun
+        (a step that waits for the device, or a full launch queue): host gaps may then be in.
         """
+        spin_s = 2 * host_seconds + 1e-5
         self.sync()
-        self.spin((1,), (1,), (np.uint64(2 * host_seconds * 1e9 + 10_000),))
+        self.spin((1,), (1,), (np.uint64(spin_s * 1e9),))
         self.start.record()
-        loop()
+        queued_in = hx.wall_time(loop)
         self.end.record()
         self.end.synchronize()
-        return self.cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3
+        return self.cupy.cuda.get_elapsed_time(self.start, self.end) / 1e3, queued_in < spin_s
 
 
 def _optional(name: str) -> Any:
@@ -455,8 +462,10 @@ def run_case(runtime: Any, impl: str, mode: str, x: dict[str, Any], copy_bw: flo
         return record | hx.skipped(needed, budget)
     try:
         fn = make_case(impl, mode, x, runtime)
-        for _ in range(args.warmup):
-            fn()
+        first = runtime.time_one(fn)
+        if first < SLOW_CALL_S:  # a slow call is warm after one run; don't repeat it for nothing
+            for _ in range(args.warmup - 1):
+                fn()
         runtime.sync()
         peak = runtime.peak_extra(fn, uses_torch=impl in ("sdpa", "fla"))
         times = hx.repeat_timed(fn, runtime.time_one, repeats=args.repeats,
@@ -498,15 +507,16 @@ def run_step(runtime: Any, impl: str, B: int, H: int, D: int, dtype: np.dtype, s
         runtime.sync()
         start = time.perf_counter()
         loop()
-        host = (time.perf_counter() - start)
+        host = time.perf_counter() - start
         runtime.sync()
-        device = runtime.step_device_time(loop, host)
+        device, queued = runtime.step_device_time(loop, host)
     except Exception as exc:  # recorded, like an attention case
         return record | {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:500]}
     per_step = device / steps
     state_bytes = step_state_bytes(B, H, D, D)
     return (record | {"status": "ok", "device_time_per_step_s": per_step,
-                      "host_time_per_call_s": host / steps, "state_bytes_per_step": state_bytes}
+                      "host_time_per_call_s": host / steps, "steps_queued_ahead": queued,
+                      "state_bytes_per_step": state_bytes}
             | bandwidth(state_bytes, per_step, copy_bw))
 
 

@@ -174,6 +174,7 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert len(steps) == 2 * len(cfg["dtypes"])
     for r in steps:
         assert r["status"] == "ok" and r["host_time_per_call_s"] > 0
+        assert r["steps_queued_ahead"] is None  # the CPU is its own device
         assert r["bytes_per_s"] == pytest.approx(
             gpu_bench.step_state_bytes(r["B"], r["H"], r["D"], r["D"])
             / r["device_time_per_step_s"])
