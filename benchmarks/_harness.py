@@ -159,7 +159,11 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+    """Milliseconds to three significant digits, whole numbers from 100 ms on."""
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def skipped(needed: int, budget: int) -> dict[str, Any]:
