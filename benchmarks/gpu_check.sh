@@ -10,12 +10,14 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 #
-# Environment: PYTHON (default python3), and the limits in seconds TESTS_S (default 180),
-# MEMCHECK_S (75), RACECHECK_S (75), BENCH_S (120).
+# Environment: PYTHON (default python3), and the limits in seconds TESTS_S (default 170),
+# MEMCHECK_S (75), RACECHECK_S (75), BENCH_S (110): 430 s, under 8 minutes even with the
+# 10 s each step may take to be killed.
 set -u
-cd "$(dirname "$0")/.."
-out="${1:-${OUT:-benchmarks/results/gpu_check}}"
+out="${1:-${OUT:-$(dirname "$0")/results/gpu_check}}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 summary="$out/summary.txt"
@@ -45,7 +47,7 @@ run() {
     return $rc
 }
 
-run pytest_gpu "${TESTS_S:-180}" "$py" -m pytest -m gpu -q -p no:cacheprovider tests || status=1
+run pytest_gpu "${TESTS_S:-170}" "$py" -m pytest -m gpu -q -p no:cacheprovider tests || status=1
 
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck; do
@@ -57,7 +59,7 @@ else
     echo "compute-sanitizer: not on PATH, memcheck and racecheck not run" | tee -a "$summary"
 fi
 
-run gpu_bench "${BENCH_S:-120}" "$py" -m benchmarks.gpu_bench --quick --out "$out" || status=1
+run gpu_bench "${BENCH_S:-110}" "$py" -m benchmarks.gpu_bench --quick --out "$out" || status=1
 
 echo "gpu_check.sh finished $(date -u +%FT%TZ), overall exit $status" | tee -a "$summary"
 exit $status
