@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,6 +395,37 @@ def step(params: Params, cfg: Config, token: Any, states: list[LayerState]) -> A
         x = x + mlp(params, pre, h)[0]
     hf, _ = layer_norm(x, params["ln_f.g"], params["ln_f.b"])
     return hf @ params["embed"].T
+
+
+def sample(logits: Any, temperature: float, rng: np.random.Generator | None) -> np.ndarray:
+    """Next tokens (B,) int64 on the CPU from ``logits`` (B, V): the most likely one when
+    ``temperature`` is 0, else a draw from ``softmax(logits / temperature)``."""
+    z = to_numpy(logits).astype(np.float64)
+    if temperature == 0:
+        return z.argmax(axis=-1)
+    if rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng")
+    z = (z - z.max(axis=-1, keepdims=True)) / temperature
+    cdf = np.cumsum(np.exp(z), axis=-1)
+    u = rng.random(len(z))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=-1), z.shape[-1] - 1)
+
+
+def generate(params: Params, cfg: Config, prompt: Any, n: int, *, temperature: float = 0.0,
+             rng: np.random.Generator | None = None,
+             ) -> Iterator[tuple[np.ndarray, list[LayerState]]]:
+    """Continue ``prompt`` (B, S0) tokens by ``n`` tokens through :func:`prefill` and :func:`step`.
+
+    Yields ``(token, states)`` per new token: ``token`` (B,) int64 NumPy, ``states`` the layers'
+    states, which have absorbed every token before it (``states[0].attn.count``).
+    """
+    xp = namespace(params["embed"])
+    logits, states = prefill(params, cfg, prompt)
+    for i in range(n):
+        token = sample(logits, temperature, rng)
+        yield token, states
+        if i + 1 < n:
+            logits = step(params, cfg, xp.asarray(token), states)
 
 
 # ----------------------------------------------------------------------------- training
