@@ -217,37 +217,42 @@ def lm_files(tmp_path_factory):
 
 
 def test_tiny_lm_graphs_match_the_example(lm_files):
-    """Prefill logits and states, then one step's logits, against examples/tiny_lm.py."""
+    """Prefill logits and states, then one step's logits and states, against tiny_lm.py."""
     import generate_onnx
     import tiny_lm
 
     params, cfg, prefill, step = lm_files
     lm = generate_onnx.OnnxLM(prefill, step)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab, size=(2, 37))
-    logits, tape = tiny_lm.forward(params, cfg, tokens, return_state=True)
-    onnx_logits, *states = lm.prefill_session.run(None, {"tokens": tokens})
+    logits, _ = tiny_lm.forward(params, cfg, tokens)
+    (onnx_logits,) = lm.prefill_session.run(["logits"], {"tokens": tokens})
     assert_close(onnx_logits, logits, np.float32, "prefill logits")
-    for l, state in enumerate(tape.states):
-        assert_close(states[2 * l], state.kv, np.float32, f"kv.{l}")
-        np.testing.assert_array_equal(states[2 * l + 1], state.count)
-    token = tokens[:, -1]
-    step_logits, _ = lm.step(token, states)
-    assert_close(step_logits, tiny_lm.step(params, cfg, token, tape.states), np.float32,
+    last, expected = tiny_lm.prefill(params, cfg, tokens)
+    onnx_last, states = lm.prefill(tokens)
+    assert_close(onnx_last, last, np.float32, "prefill last logits")
+
+    def check_states(what):
+        for l, state in enumerate(expected):
+            assert_close(states[f"kv.{l}"], state.attn.kv, np.float32, f"{what} kv.{l}")
+            np.testing.assert_array_equal(states[f"count.{l}"], state.attn.count)
+            assert_close(states[f"prev.{l}"], state.prev, np.float32, f"{what} prev.{l}")
+
+    check_states("prefill")
+    token = tokens[:, 0]
+    step_logits, states = lm.step(token, states)
+    assert_close(step_logits, tiny_lm.step(params, cfg, token, expected), np.float32,
                  "step logits")
+    check_states("step")
 
 
 def test_tiny_lm_greedy_generation_matches_the_example(lm_files):
+    """ONNX Runtime's greedy bytes are those of tiny_lm.generate (what generate.py runs)."""
     import generate_onnx
     import tiny_lm
 
     params, cfg, prefill, step = lm_files
     prompt = np.frombuffer(b"In the beginning God", dtype=np.uint8).astype(np.int64)
     prompt = np.stack([prompt, prompt[::-1]])
-    logits, states = tiny_lm.prefill(params, cfg, prompt)
-    expected = []
-    for _ in range(40):
-        token = logits.argmax(axis=-1)
-        expected.append(token)
-        logits = tiny_lm.step(params, cfg, token, states)
-    got = generate_onnx.OnnxLM(prefill, step).generate(prompt, 40)
-    np.testing.assert_array_equal(got, np.stack(expected, axis=1))
+    expected = [token for token, _ in tiny_lm.generate(params, cfg, prompt, 40)]
+    got = list(generate_onnx.OnnxLM(prefill, step).generate(prompt, 40))
+    np.testing.assert_array_equal(np.stack(got, axis=1), np.stack(expected, axis=1))
