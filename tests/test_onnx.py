@@ -256,3 +256,22 @@ def test_tiny_lm_greedy_generation_matches_the_example(lm_files):
     expected = [token for token, _ in tiny_lm.generate(params, cfg, prompt, 40)]
     got = list(generate_onnx.OnnxLM(prefill, step).generate(prompt, 40))
     np.testing.assert_array_equal(np.stack(got, axis=1), np.stack(expected, axis=1))
+
+
+def test_generate_onnx_script_prints_what_generate_prints(lm_files, tmp_path):
+    """The two example programs, greedy, from one weights file: the same continuation.
+
+    ``generate_onnx.py`` is pointed at an empty folder, so it exports the graphs itself.
+    """
+    weights = lm_files[2].parent / "tiny_lm.npz"
+    common = ["--weights", str(weights), "--prompt", "And God said", "--tokens", "60"]
+
+    def run(script, *extra):
+        return subprocess.run([sys.executable, str(EXAMPLES / script), *common, *extra],
+                              check=True, capture_output=True, text=True).stdout
+
+    ours = run("generate_onnx.py", "--models", str(tmp_path))
+    theirs = run("generate.py", "--temperature", "0")
+    assert (tmp_path / "tiny_lm_step.onnx").exists()
+    text = ours.rstrip("\n")
+    assert len(text) > len("And God said") and theirs.startswith(text)
