@@ -91,8 +91,9 @@ def accumulation_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def to_bhsd(x: Any, layout: str) -> Any:
-    return x if layout == "bhsd" else x.transpose(0, 2, 1, 3)
+def to_bhsd(x: Any, layout: str, xp: Any) -> Any:
+    """``x`` seen in the (B, H, S, D) order (a view); ``xp`` is its array namespace."""
+    return x if layout == "bhsd" else xp.permute_dims(x, (0, 2, 1, 3))
 
 
 def check_qkv(arrays: dict[str, Any], layout: str) -> tuple[int, int, int, int, int]:
@@ -104,7 +105,7 @@ def check_qkv(arrays: dict[str, Any], layout: str) -> tuple[int, int, int, int, 
                 f"{n} must have rank 4 {letters} for layout={layout!r}, got shape {tuple(a.shape)}"
             )
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
-    B, H, S = to_bhsd(q, layout).shape[:3]
+    B, H, S = q.shape[:3] if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1])
     Dk, Dv = q.shape[3], v.shape[3]
     head = q.shape[:3]
     if k.shape != q.shape or v.shape[:3] != head:
@@ -130,7 +131,7 @@ def check_m(m: Any, H: int, acc: np.dtype, xp: Any) -> Any:
         raise ValueError(f"m must have shape (H,) = ({H},), got {tuple(m.shape)}")
     if np.dtype(m.dtype).kind != "f" and np.dtype(m.dtype) != FLOAT_DTYPES[1]:
         raise TypeError(f"m must be a float array, got {m.dtype}")
-    return xp.asarray(m).astype(acc)
+    return xp.astype(m, acc)
 
 
 def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype) -> None:

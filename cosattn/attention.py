@@ -31,7 +31,7 @@ class _Call:
     def empty(self, like: str, layout: str) -> tuple[Any, Any]:
         """An output shaped like argument ``like`` in the caller's layout, and its bhsd view."""
         out = self.xp.empty(self.shapes[like], dtype=self.p.dtype)
-        return out, val.to_bhsd(out, layout)
+        return out, val.to_bhsd(out, layout, self.xp)
 
 
 def _prepare(named: dict[str, Any], m: Any, mask: Any, state: RecurrentState | None,
@@ -62,13 +62,13 @@ def _prepare(named: dict[str, Any], m: Any, mask: Any, state: RecurrentState | N
     if state is not None:
         kv0, count0 = imported["state.kv"].array, imported["state.count"].array
         val.check_state(kv0, count0, B, H, Dk, Dv, acc)
-        count0 = count0.astype(np.int64, copy=False)
+        count0 = xp.astype(count0, np.int64, copy=False)
         state_dtype = np.dtype(kv0.dtype)
     with on_device(first.device):
         native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)
     p = val.Problem(B, H, S, Dk, Dv, dtype, acc, state_dtype, causal, eps, first.device,
                     first.stream)
-    call = _Call(p, {n: val.to_bhsd(a, layout) for n, a in raw.items()}, native_m, native_mask,
+    call = _Call(p, {n: val.to_bhsd(a, layout, xp) for n, a in raw.items()}, native_m, native_mask,
                  kv0, count0, first.framework, xp, select(backend, first.device),
                  {n: tuple(a.shape) for n, a in raw.items()})
     return call, imported

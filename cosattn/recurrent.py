@@ -77,9 +77,10 @@ class RecurrentState:
     def copy(self) -> RecurrentState:
         """An independent state with the same contents."""
         kv, count = import_array(self.kv, "state.kv"), import_array(self.count, "state.count")
+        xp = namespace(kv.device)
         with on_device(kv.device):
-            return RecurrentState(export_array(kv.array.copy(), kv.framework),
-                                  export_array(count.array.copy(), count.framework))
+            return RecurrentState(export_array(xp.copy(kv.array), kv.framework),
+                                  export_array(xp.copy(count.array), count.framework))
 
     def __repr__(self) -> str:
         B, H, Dk, Dv = self.shape
@@ -135,7 +136,7 @@ class RecurrentState:
             if out is not None:
                 raise ValueError("out= cannot be written for JAX arrays, which are immutable")
             kv = np.array(kv)
-        counts = count.astype(np.int64, copy=immutable)
+        counts = xp.astype(count, np.int64, copy=immutable)
         with on_device(first.device):
             native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)
             if out is None:
