@@ -1,0 +1,600 @@
+// Device code shared by the cosattn kernels (forward.cu, backward.cu, step.cu).
+//
+// Notation of SPEC.md: B, H, S, Dk, Dv; q̂ = q / max(|q|, eps); counts c_j; stabiliser
+// w_j = max(1, c_j)^(-sigmoid(m_h)); ṽ_j = real_j w_j v_j; a primed vector is multiplied by real
+// (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
+//
+// Every kernel is made of *sweeps* of the chunked algorithm (DESIGN.md). A sweep has three
+// operands, Q and K (C x Dq tiles: the contraction runs over Dq) and V (a C x SL tile: this
+// block's slice of the output columns), and a state (SL x Dq, fp32; fp64 for double):
+//
+//   causal forward  (chunks in order):      Out_n = tril(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
+//   causal reverse  (chunks last to first): Out_n = triu(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
+//   global (bidirectional): State = Σ_n V_nᵀ K_n over all chunks, then Out_n = Q_n Stateᵀ
+//
+// The forward output is one forward sweep (Q = q̂', K = k̂', V = ṽ); each gradient is the same
+// sweep with other roles (see backward.cu). One thread block owns one (b, h, slice), keeps its
+// state slice in shared memory and hands each chunk's Out tile to an epilogue.
+//
+// Per chunk the prologue reads the mask (a running count carried by the block gives c_j), the
+// stabiliser w_j and the row norms of q and k; the tile loads apply them, so q, k and v are
+// never normalised or copied outside the kernel. Products of half and bfloat16 tiles run on
+// tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split into a high
+// and a low 16-bit part, scaled by a power of two so that float16 cannot overflow. float and
+// double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed order, so a
+// result is the same bits from run to run.
+//
+// The helpers of Block and gemm are __noinline__: each is compiled once per Block type instead of
+// once per call site, which keeps NVRTC's time per template instance near one second.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+
+namespace cosattn {
+
+using index_t = long long;
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / kWarp;
+constexpr unsigned kAllLanes = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------ numbers
+
+// Num<T>: the accumulation type of inputs of type T, whether their tiles go to tensor cores,
+// and the conversions between T and the accumulation type.
+template <typename T>
+struct Num;
+
+template <>
+struct Num<__half> {
+  using acc = float;
+  static constexpr bool mma = true;
+  static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Num<__nv_bfloat16> {
+  using acc = float;
+  static constexpr bool mma = true;
+  static __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <>
+struct Num<float> {
+  using acc = float;
+  static constexpr bool mma = false;
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+template <>
+struct Num<double> {
+  using acc = double;
+  static constexpr bool mma = false;
+  static __device__ __forceinline__ double load(double x) { return x; }
+  static __device__ __forceinline__ double store(double x) { return x; }
+};
+
+template <typename T>
+using acc_t = typename Num<T>::acc;
+
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float abs_(float x) { return fabsf(x); }
+__device__ __forceinline__ double abs_(double x) { return fabs(x); }
+
+// w = max(1, c)^(-sig) written through its logarithm ln max(1, c), which dm needs as well.
+template <typename A>
+__device__ __forceinline__ A log_count(index_t c) {
+  return log_(A(c > 1 ? c : 1));
+}
+
+template <typename A>
+__device__ __forceinline__ A sigmoid(A x) {
+  return A(1) / (A(1) + exp_(-x));
+}
+
+// ------------------------------------------------------------------------------ reductions
+
+__device__ __forceinline__ int lane_id() { return int(threadIdx.x) % kWarp; }
+__device__ __forceinline__ int warp_id() { return int(threadIdx.x) / kWarp; }
+
+// Butterfly sum over the 32 lanes: every lane gets the same value, in a fixed order.
+template <typename X>
+__device__ __forceinline__ X warp_sum(X x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(kAllLanes, x, offset);
+  return x;
+}
+
+template <typename X>
+__device__ __forceinline__ X warp_max(X x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    x = max_(x, __shfl_xor_sync(kAllLanes, x, offset));
+  }
+  return x;
+}
+
+// Sum over the block (every thread must call it); `scratch` holds kWarps values.
+template <typename X>
+__device__ X block_sum(X x, X* scratch) {
+  x = warp_sum(x);
+  if (lane_id() == 0) scratch[warp_id()] = x;
+  __syncthreads();
+  X total = 0;
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+template <typename X>
+__device__ X block_max(X x, X* scratch) {
+  x = warp_max(x);
+  if (lane_id() == 0) scratch[warp_id()] = x;
+  __syncthreads();
+  X total = scratch[0];
+  for (int w = 1; w < kWarps; ++w) total = max_(total, scratch[w]);
+  __syncthreads();
+  return total;
+}
+
+// ---------------------------------------------------------------------------- global views
+
+// The (S, D) matrix of one (b, h) of a strided (B, H, S, D) array: element (s, d) is at
+// ptr[s * ss + d * sd]. Strides are in elements and may be anything (bshd views, negative).
+template <typename T>
+struct Rows {
+  T* ptr;
+  index_t ss, sd;
+  __device__ T& operator()(index_t s, index_t d) const { return ptr[s * ss + d * sd]; }
+};
+
+template <typename T>
+__device__ Rows<T> rows_of(T* base, index_t sb, index_t sh, index_t ss, index_t sd, index_t b,
+                           index_t h) {
+  return Rows<T>{base + b * sb + h * sh, ss, sd};
+}
+
+// Which row scale a tile takes while it is loaded.
+enum class Scale { kNone, kQuery, kKey, kValue };  // 1, real/|q|, real/|k|, real w
+
+template <typename T>
+struct Operand {
+  Rows<const T> x;  // (S, D) of this (b, h)
+  int D;            // its columns
+  Scale scale;
+};
+
+// What the prologue reads besides the operands: one (b, h) of the problem.
+template <typename T>
+struct Sequence {
+  Rows<const T> q, k;  // for the row norms
+  int Dk;
+  index_t S;
+  const bool* mask;  // row b of the (B, S) mask, or null
+  index_t mask_ss;
+  index_t n0;        // incoming count[b], 0 without a state
+  bool has_m;
+  acc_t<T> sig;      // sigmoid(m_h)
+  acc_t<T> eps;
+};
+
+// --------------------------------------------------------------------------- shared memory
+
+template <typename X>
+__device__ __forceinline__ X* take(unsigned char* base, size_t& at, size_t n) {
+  X* p = reinterpret_cast<X*>(base + at);
+  at += (n * sizeof(X) + 127) / 128 * 128;
+  return p;
+}
+
+// The dynamic shared memory of a sweep block, carved in this order (the cupy backend computes
+// the same total in _shared_bytes: keep the two in step). DqP is Dq rounded up to 16.
+template <typename T, int C, int SL>
+struct Shared {
+  using A = acc_t<T>;
+  static constexpr bool kMma = Num<T>::mma;
+  // Row padding against bank conflicts: wmma needs leading dimensions that are multiples of
+  // 16 bytes, the FMA loops prefer odd ones.
+  static constexpr int kPadT = kMma ? 8 : 1;
+  static constexpr int kPadA = kMma ? 4 : 1;
+  static constexpr int kLdV = SL + kPadT;  // v tile
+  static constexpr int kLdS = C + kPadA;   // scores
+  static constexpr int kLdO = SL + kPadA;  // out tile
+  static constexpr int kLdP = C + kPadT;   // probabilities (masked scores) in T
+
+  int ld_x;   // q and k tiles and the 16-bit state parts: DqP + kPadT
+  int ld_st;  // state: DqP + kPadA
+  T *q, *k, *v, *p, *hi, *lo;
+  A *scores, *out, *state;
+  A *real, *w, *lnc, *qinv, *kinv, *qbig, *kbig;  // per row of the chunk
+  A* red;       // block reductions
+  A* scalars;   // [0]: 1 / scale of the split state
+  index_t* ints;  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
+
+  __device__ Shared(unsigned char* base, int DqP) : ld_x(DqP + kPadT), ld_st(DqP + kPadA) {
+    size_t at = 0;
+    q = take<T>(base, at, size_t(C) * ld_x);
+    k = take<T>(base, at, size_t(C) * ld_x);
+    v = take<T>(base, at, size_t(C) * kLdV);
+    scores = take<A>(base, at, size_t(C) * kLdS);
+    out = take<A>(base, at, size_t(C) * kLdO);
+    state = take<A>(base, at, size_t(SL) * ld_st);
+    if (kMma) {
+      p = take<T>(base, at, size_t(C) * kLdP);
+      hi = take<T>(base, at, size_t(SL) * ld_x);
+      lo = take<T>(base, at, size_t(SL) * ld_x);
+    } else {
+      p = hi = lo = nullptr;
+    }
+    A* rows = take<A>(base, at, size_t(7) * C);
+    real = rows;
+    w = rows + C;
+    lnc = rows + 2 * C;
+    qinv = rows + 3 * C;
+    kinv = rows + 4 * C;
+    qbig = rows + 5 * C;
+    kbig = rows + 6 * C;
+    red = take<A>(base, at, 32);
+    scalars = take<A>(base, at, 8);
+    ints = take<index_t>(base, at, 40);
+  }
+};
+
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+  extern __shared__ __align__(128) unsigned char cosattn_shared[];
+  return cosattn_shared;
+}
+
+// ------------------------------------------------------------------------------- products
+
+template <bool Transposed>
+struct Layout {
+  using type = nvcuda::wmma::row_major;
+};
+template <>
+struct Layout<true> {
+  using type = nvcuda::wmma::col_major;
+};
+
+// c (M x N, row-major, ldc) = alpha * op(a) op(b) (+ c when accumulate), all in shared memory.
+// op(a) is M x K: a[m * lda + k], or a[k * lda + m] when AT; op(b) is K x N: b[k * ldb + n], or
+// b[n * ldb + k] when BT. M, N, K are multiples of 16. Called by the whole block; each output
+// tile belongs to one warp, the same one for every call with the same M and N.
+template <bool AT, bool BT, typename X, typename A>
+__device__ __noinline__ void gemm(A* c, int ldc, const X* a, int lda, const X* b, int ldb, int M,
+                                  int N, int K, A alpha, bool accumulate) {
+  if constexpr (Num<X>::mma) {
+    using namespace nvcuda;
+    const int tiles_n = N / 16;
+    const int tiles = (M / 16) * tiles_n;
+    for (int t = warp_id(); t < tiles; t += kWarps) {
+      const int i0 = t / tiles_n * 16, j0 = t % tiles_n * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> prod, result;
+      wmma::fill_fragment(prod, 0.0f);
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, X, typename Layout<AT>::type> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, X, typename Layout<BT>::type> fb;
+        wmma::load_matrix_sync(fa, AT ? a + k0 * lda + i0 : a + i0 * lda + k0, lda);
+        wmma::load_matrix_sync(fb, BT ? b + j0 * ldb + k0 : b + k0 * ldb + j0, ldb);
+        wmma::mma_sync(prod, fa, fb, prod);
+      }
+      float* tile = c + i0 * ldc + j0;
+      if (accumulate) {
+        wmma::load_matrix_sync(result, tile, ldc, wmma::mem_row_major);
+        for (int e = 0; e < result.num_elements; ++e) result.x[e] += alpha * prod.x[e];
+      } else {
+        for (int e = 0; e < result.num_elements; ++e) result.x[e] = alpha * prod.x[e];
+      }
+      wmma::store_matrix_sync(tile, result, ldc, wmma::mem_row_major);
+    }
+  } else {
+    for (int idx = int(threadIdx.x); idx < M * N; idx += kThreads) {
+      const int i = idx / N, j = idx % N;
+      A sum = 0;
+      for (int kk = 0; kk < K; ++kk) {
+        sum += A(a[AT ? kk * lda + i : i * lda + kk]) * A(b[BT ? j * ldb + kk : kk * ldb + j]);
+      }
+      A& out = c[i * ldc + j];
+      out = accumulate ? out + alpha * sum : alpha * sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------- sweeps
+
+enum class Mode { kForward, kReverse, kGlobal };
+
+// One thread block of a sweep kernel: a (b, h) and the output columns [c0, c0 + cols) of Dout.
+// DQ is the contraction width when it is specialised, 0 when it is only known at run time.
+template <typename T, int DQ, int C, int SL>
+struct Block {
+  using A = acc_t<T>;
+  using Smem = Shared<T, C, SL>;
+  static constexpr bool kMma = Num<T>::mma;
+  static_assert(C % 16 == 0 && SL % 16 == 0, "tiles are made of 16 x 16 pieces");
+  static_assert(C <= 64, "the count scan gives each lane at most two rows");
+
+  Smem sm;
+  Sequence<T> seq;
+  int Dq, DqP;     // contraction width and its multiple of 16
+  int c0, Dout, cols;
+
+  __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout)
+      : sm(dynamic_shared(), ((DQ > 0 ? DQ : dq) + 15) / 16 * 16),
+        seq(sequence),
+        Dq(DQ > 0 ? DQ : dq),
+        DqP((Dq + 15) / 16 * 16),
+        c0(col0),
+        Dout(dout),
+        cols(dout - col0 < SL ? dout - col0 : SL) {}
+
+  // Count the real tokens of the row (the bidirectional c_j, and where a reverse sweep starts).
+  __device__ void begin() {
+    index_t n = seq.S;
+    if (seq.mask != nullptr) {
+      n = 0;
+      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) {
+        n += seq.mask[t * seq.mask_ss] ? 1 : 0;
+      }
+      n = block_sum(n, sm.ints + 8);
+    }
+    if (threadIdx.x == 0) sm.ints[1] = n;
+    __syncthreads();
+  }
+
+  // Warp 0: real_j, c_j, w_j and ln max(1, c_j) for the rows of the chunk at t0, carrying the
+  // running count in sm.ints[0] (the count before the chunk going forward, after it in reverse).
+  __device__ __noinline__ void counts(Mode mode, index_t t0, int rows) {
+    constexpr int R = (C + kWarp - 1) / kWarp;
+    const int lane = lane_id();
+    int flag[R];
+    int sum = 0;
+    for (int i = 0; i < R; ++i) {
+      const int r = lane * R + i;
+      int f = 0;
+      if (r < rows) f = seq.mask == nullptr ? 1 : int(seq.mask[(t0 + r) * seq.mask_ss]);
+      flag[i] = f;
+      sum += f;
+    }
+    int inclusive = sum;
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      const int y = __shfl_up_sync(kAllLanes, inclusive, offset);
+      if (lane >= offset) inclusive += y;
+    }
+    const int total = __shfl_sync(kAllLanes, inclusive, kWarp - 1);
+    const index_t running = sm.ints[0];
+    const index_t before = mode == Mode::kReverse ? running - total : running;
+    int upto = inclusive - sum;
+    for (int i = 0; i < R; ++i) {
+      const int r = lane * R + i;
+      if (r < C) {
+        upto += flag[i];
+        const index_t c = mode == Mode::kGlobal ? sm.ints[1] : before + upto;
+        const A lnc = log_count<A>(c);
+        sm.real[r] = A(flag[i]);
+        sm.lnc[r] = lnc;
+        sm.w[r] = flag[i] == 0 ? A(0) : (seq.has_m ? exp_(-seq.sig * lnc) : A(1));
+      }
+    }
+    __syncwarp();
+    if (lane == 0 && mode != Mode::kGlobal) {
+      sm.ints[0] = mode == Mode::kForward ? running + total : before;
+    }
+  }
+
+  // 1 / max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row.
+  __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* inv,
+                                     A* big) {
+    for (int r = warp_id(); r < C; r += kWarps) {
+      A sum = 0;
+      if (r < rows) {
+        for (int d = lane_id(); d < seq.Dk; d += kWarp) {
+          const A e = Num<T>::load(x(t0 + r, d));
+          sum += e * e;
+        }
+      }
+      sum = warp_sum(sum);
+      if (lane_id() == 0) {
+        const A n = sqrt_(sum);
+        inv[r] = r < rows ? A(1) / max_(n, seq.eps) : A(0);
+        big[r] = n > seq.eps ? A(1) : A(0);
+      }
+    }
+  }
+
+  __device__ __noinline__ void prologue(Mode mode, index_t t0, int rows, bool need_q,
+                                        bool need_k) {
+    if (warp_id() == 0) counts(mode, t0, rows);
+    if (need_q) norms(seq.q, t0, rows, sm.qinv, sm.qbig);
+    if (need_k) norms(seq.k, t0, rows, sm.kinv, sm.kbig);
+    __syncthreads();
+  }
+
+  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, scaled per row, into a
+  // C x width tile (zero outside).
+  __device__ __noinline__ void load(const Operand<T>& op, T* dst, int ld, index_t t0, int rows,
+                                    int col0, int ncols, int width) {
+    const A* s1 = op.scale == Scale::kQuery ? sm.qinv
+                  : op.scale == Scale::kKey ? sm.kinv
+                  : op.scale == Scale::kValue ? sm.w
+                                              : nullptr;
+    const A* s2 = op.scale == Scale::kQuery || op.scale == Scale::kKey ? sm.real : nullptr;
+    for (int idx = int(threadIdx.x); idx < C * width; idx += kThreads) {
+      const int r = idx / width, c = idx % width;
+      A x = 0;
+      if (r < rows && c < ncols) {
+        x = Num<T>::load(op.x(t0 + r, col0 + c));
+        if (s1 != nullptr) x *= s1[r];
+        if (s2 != nullptr) x *= s2[r];
+      }
+      dst[r * ld + c] = Num<T>::store(x);
+    }
+  }
+
+  __device__ void load_q(const Operand<T>& op, index_t t0, int rows) {
+    load(op, sm.q, sm.ld_x, t0, rows, 0, Dq, DqP);
+  }
+  __device__ void load_k(const Operand<T>& op, index_t t0, int rows) {
+    load(op, sm.k, sm.ld_x, t0, rows, 0, Dq, DqP);
+  }
+  __device__ void load_v(const Operand<T>& op, index_t t0, int rows) {
+    load(op, sm.v, Smem::kLdV, t0, rows, c0, cols, SL);
+  }
+
+  // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
+  // when there is none.
+  __device__ __noinline__ void load_state(const A* state0, bool transposed) {
+    for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
+      const int r = idx / DqP, c = idx % DqP;
+      A x = 0;
+      if (state0 != nullptr && r < cols && c < Dq) {
+        x = transposed ? state0[index_t(c) * Dout + c0 + r] : state0[index_t(c0 + r) * Dq + c];
+      }
+      sm.state[r * sm.ld_st + c] = x;
+    }
+    __syncthreads();
+  }
+
+  __device__ __noinline__ void store_state(A* out) {
+    for (int idx = int(threadIdx.x); idx < cols * Dq; idx += kThreads) {
+      const int r = idx / Dq, c = idx % Dq;
+      out[index_t(c0 + r) * Dq + c] = sm.state[r * sm.ld_st + c];
+    }
+  }
+
+  // The 16-bit copies of the state the tensor cores read: state * 2^s = hi + lo, with 2^s
+  // putting the largest entry just below 2^14; sm.scalars[0] = 2^-s undoes it.
+  __device__ __noinline__ void split_state() {
+    if constexpr (kMma) {
+      float big = 0.0f;
+      for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
+        big = fmaxf(big, fabsf(sm.state[idx / DqP * sm.ld_st + idx % DqP]));
+      }
+      big = block_max(big, sm.red);
+      int e = 0;
+      if (big > 0.0f && isfinite(big)) frexpf(big, &e);
+      e = e < -100 ? -100 : (e > 100 ? 100 : e);
+      const float scale = ldexpf(1.0f, 14 - e);
+      if (threadIdx.x == 0) sm.scalars[0] = ldexpf(1.0f, e - 14);
+      for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
+        const int r = idx / DqP, c = idx % DqP;
+        const float x = sm.state[r * sm.ld_st + c] * scale;
+        const T h = Num<T>::store(x);
+        sm.hi[r * sm.ld_x + c] = h;
+        sm.lo[r * sm.ld_x + c] = Num<T>::store(x - Num<T>::load(h));
+      }
+      __syncthreads();
+    }
+  }
+
+  // Out (accumulate: +=) Q Stateᵀ.
+  __device__ __noinline__ void inter(bool accumulate) {
+    if constexpr (kMma) {
+      const A unscale = sm.scalars[0];
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.hi, sm.ld_x, C, SL, DqP, unscale,
+                        accumulate);
+      __syncthreads();
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.lo, sm.ld_x, C, SL, DqP, unscale,
+                        true);
+    } else {
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.state, sm.ld_st, C, SL, DqP, A(1),
+                        accumulate);
+    }
+    __syncthreads();
+  }
+
+  // Out = mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i.
+  __device__ __noinline__ void intra(Mode mode) {
+    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, sm.ld_x, sm.k, sm.ld_x, C, C, DqP, A(1), false);
+    __syncthreads();
+    for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
+      const int i = idx / C, j = idx % C;
+      const bool keep = mode == Mode::kForward ? j <= i : j >= i;
+      const A x = keep ? sm.scores[i * Smem::kLdS + j] : A(0);
+      if constexpr (kMma) {
+        sm.p[i * Smem::kLdP + j] = Num<T>::store(x);
+      } else {
+        sm.scores[i * Smem::kLdS + j] = x;
+      }
+    }
+    __syncthreads();
+    if constexpr (kMma) {
+      gemm<false, false>(sm.out, Smem::kLdO, sm.p, Smem::kLdP, sm.v, Smem::kLdV, C, SL, C, A(1),
+                         false);
+    } else {
+      gemm<false, false>(sm.out, Smem::kLdO, sm.scores, Smem::kLdS, sm.v, Smem::kLdV, C, SL, C,
+                         A(1), false);
+    }
+    __syncthreads();
+  }
+
+  // State += Vᵀ K for the chunk in the tiles.
+  __device__ __noinline__ void absorb() {
+    gemm<true, false>(sm.state, sm.ld_st, sm.v, Smem::kLdV, sm.k, sm.ld_x, SL, DqP, C, A(1), true);
+  }
+
+  // One sweep. The epilogue is called by the whole block as epilogue(t0, rows) once the chunk's
+  // Out tile (sm.out, C x SL: rows < rows and columns < cols are meaningful) and the row arrays
+  // of the prologue are ready; it must not write shared memory. The state starts from state0
+  // (see load_state) and, when state_out is given, ends there (Dout x Dq).
+  template <typename Epilogue>
+  __device__ __noinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
+                                   const Operand<T>& V, const A* state0, bool transposed,
+                                   A* state_out, bool need_q, bool need_k, Epilogue&& epilogue) {
+    load_state(state0, transposed);
+    if (threadIdx.x == 0) sm.ints[0] = seq.n0 + (mode == Mode::kReverse ? sm.ints[1] : 0);
+    __syncthreads();
+    const index_t chunks = (seq.S + C - 1) / C;
+    const bool global = mode == Mode::kGlobal;
+    if (global) {  // State = Σ_n V_nᵀ K_n first
+      for (index_t n = 0; n < chunks; ++n) {
+        const index_t t0 = n * C;
+        const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
+        prologue(mode, t0, rows, need_q, need_k);
+        load_k(K, t0, rows);
+        load_v(V, t0, rows);
+        __syncthreads();
+        absorb();
+        __syncthreads();
+      }
+    }
+    split_state();
+    for (index_t it = 0; it < chunks; ++it) {
+      const index_t n = mode == Mode::kReverse ? chunks - 1 - it : it;
+      const index_t t0 = n * C;
+      const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
+      prologue(mode, t0, rows, need_q, need_k);
+      load_q(Q, t0, rows);
+      if (!global) {
+        load_k(K, t0, rows);
+        load_v(V, t0, rows);
+      }
+      __syncthreads();
+      if (!global) intra(mode);
+      inter(!global);
+      epilogue(t0, rows);
+      if (!global) {
+        absorb();
+        __syncthreads();
+        split_state();
+      } else {
+        __syncthreads();
+      }
+    }
+    if (state_out != nullptr) store_state(state_out);
+    __syncthreads();
+  }
+};
+
+}  // namespace cosattn

@@ -1,0 +1,66 @@
+// Cottention forward (SPEC.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
+//
+// One block per (b, h, slice of SL columns of Dv); the grid is B * H * ceil(Dv / SL) blocks of
+// kThreads threads, with the dynamic shared memory of Shared<T, C, SL> for DqP = Dk rounded up
+// to 16. Causal: one sweep over the chunks from the incoming state kv0 (or zero), the outgoing
+// state written to kv_out when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first,
+// then o = Q̂' Stateᵀ).
+#include "common.cuh"
+
+namespace cosattn {
+
+// q, k: (B, H, S, Dk), v, o: (B, H, S, Dv), strided (element strides *_sb, *_sh, *_ss, *_sd).
+// m: (H,) or null; mask: (B, S) or null; kv0, kv_out: contiguous (B, H, Dv, Dk) or null;
+// count0: (B,) or null. DK, DV: the head sizes when specialised (0: Dk, Dv at run time).
+template <typename T, int DK, int DV, int C, int SL>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
+    const acc_t<T>* __restrict__ m, const bool* __restrict__ mask,
+    const acc_t<T>* __restrict__ kv0, const index_t* __restrict__ count0,
+    acc_t<T>* __restrict__ kv_out, index_t B, index_t H, index_t S, index_t Dk, index_t Dv,
+    index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd, index_t k_sb, index_t k_sh,
+    index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh, index_t v_ss, index_t v_sd,
+    index_t o_sb, index_t o_sh, index_t o_ss, index_t o_sd, index_t mask_sb, index_t mask_ss,
+    acc_t<T> eps, index_t causal) {
+  using A = acc_t<T>;
+  const int dk = DK > 0 ? DK : int(Dk);
+  const int dv = DV > 0 ? DV : int(Dv);
+  const index_t slices = (dv + SL - 1) / SL;
+  const index_t slice = index_t(blockIdx.x) % slices;
+  const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t h = bh % H, b = bh / H;
+
+  Sequence<T> seq;
+  seq.q = rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h);
+  seq.k = rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h);
+  seq.Dk = dk;
+  seq.S = S;
+  seq.mask = mask == nullptr ? nullptr : mask + b * mask_sb;
+  seq.mask_ss = mask_ss;
+  seq.n0 = count0 == nullptr ? 0 : count0[b];
+  seq.has_m = m != nullptr;
+  seq.sig = m == nullptr ? A(0) : sigmoid(m[h]);
+  seq.eps = eps;
+
+  Block<T, DK, C, SL> block(seq, dk, int(slice) * SL, dv);
+  block.begin();
+  const Operand<T> Q{seq.q, dk, Scale::kQuery};
+  const Operand<T> K{seq.k, dk, Scale::kKey};
+  const Operand<T> V{rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h), dv, Scale::kValue};
+  const Rows<T> out = rows_of(o, o_sb, o_sh, o_ss, o_sd, b, h);
+  const index_t state_offset = (b * H + h) * index_t(dv) * dk;
+
+  const int c0 = block.c0, cols = block.cols;
+  const A* tile = block.sm.out;
+  auto write = [&](index_t t0, int rows) {
+    for (int idx = int(threadIdx.x); idx < rows * SL; idx += kThreads) {
+      const int r = idx / SL, c = idx % SL;
+      if (c < cols) out(t0 + r, c0 + c) = Num<T>::store(tile[r * Shared<T, C, SL>::kLdO + c]);
+    }
+  };
+  block.run(causal ? Mode::kForward : Mode::kGlobal, Q, K, V,
+            kv0 == nullptr ? nullptr : kv0 + state_offset, false,
+            kv_out == nullptr ? nullptr : kv_out + state_offset, true, true, write);
+}
+
+}  // namespace cosattn
