@@ -1,0 +1,212 @@
+"""The numba backend: ``numba.cuda`` kernels for CUDA arrays where the CuPy path cannot run.
+
+Every operation is a few launches of the kernels in :mod:`._numba_kernels` on the caller's
+stream. The forward is one chunked sweep; the backward is three (for dq̂, dk̂ and dṽ, the last
+one also producing the incoming state's gradient and the partial sums of ``dm``), then the
+normalisation epilogues and the ``dm`` reduction. In the notation of the sweep
+(``out_i = St_0 · x_i + Σ_j (x_i · y_j) z_j``, ``St = St_0 + Σ_j z_j y_jᵀ``):
+
+==========  =====  =====  =====  ==============  =========  ======================
+output      x      y      z      St_0            sums over  out scale
+==========  =====  =====  =====  ==============  =========  ======================
+o           q̂'     k̂      ṽ      kv0             j ≤ i      1
+dq̂          do     ṽ      k̂      kv0ᵀ            j ≤ i      real_i
+dk̂          ṽ      do     q̂'     dstateᵀ         i ≥ j      1
+dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (dv), dm
+==========  =====  =====  =====  ==============  =========  ======================
+
+(q̂' is q̂ times the mask; bidirectional sweeps sum over every position and carry no state.)
+Native arrays are CuPy arrays (seen by Numba through ``__cuda_array_interface__``, no copy)
+or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in the same kind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._interop import BFLOAT16, namespace
+from .._validate import Problem
+
+try:
+    import numba
+    from numba import cuda
+
+    from .. import _numba_arrays
+    from . import _numba_kernels as kernels
+except ImportError as exc:  # unavailable() reports it
+    _IMPORT_ERROR: str | None = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch sizes: ``chunk`` tokens per chunk, ``threads`` per block (a power of two, at
+    least ``chunk``), ``lanes`` threads per row in the row-wise kernels (a power of two)."""
+
+    chunk: int
+    threads: int
+    lanes: int
+
+
+GPU = Config(chunk=32, threads=128, lanes=32)
+# The simulator runs each thread as a Python thread and every barrier is expensive there:
+# the same kernels on smaller blocks with shorter reductions.
+SIMULATOR = Config(chunk=16, threads=16, lanes=4)
+CONFIG = SIMULATOR if _IMPORT_ERROR is None and numba.config.ENABLE_CUDASIM else GPU
+
+
+def unavailable() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"numba-cuda cannot be imported ({_IMPORT_ERROR}): pip install cosattn[cuda13]"
+    if not cuda.is_available():
+        return "numba.cuda finds no usable CUDA driver and GPU"
+    return None
+
+
+def _view(x: Any) -> Any:
+    """The Numba array kernels take for native ``x`` (bfloat16 as its uint16 bits); no copy."""
+    if x.dtype == BFLOAT16:
+        x = x.view(np.uint16)
+    return x if _numba_arrays.is_numba_array(x) else _numba_arrays.from_cuda_array(x)
+
+
+_DUMMIES: dict[tuple[int, str, int], Any] = {}
+
+
+def _dummy(device: int, dtype: Any, ndim: int) -> Any:
+    """A one-element device array standing in for an absent argument (flagged as absent)."""
+    key = (device, np.dtype(dtype).str, ndim)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = cuda.device_array((1,) * ndim, dtype=np.dtype(dtype))
+    return _DUMMIES[key]
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], threads: int, stream: Any, shared: int,
+            *args: Any) -> None:
+    if all(g > 0 for g in grid):
+        kernel[grid, threads, stream, shared](*args)
+
+
+class _Call:
+    """The launches of one operation: its problem, stream, call-wide arrays and dummies.
+
+    ``mask`` is (B, S), or (B,) for the step.
+    """
+
+    def __init__(self, p: Problem, m: Any, mask: Any, count0: Any, *, mask_ndim: int = 2) -> None:
+        self.p = p
+        self.xp = namespace(p.device)
+        self.cfg = CONFIG
+        self.stream = cuda.external_stream(p.stream) if p.stream else cuda.legacy_default_stream()
+        self.bf16 = p.dtype == BFLOAT16
+        self.acc = np.dtype(p.acc)
+        self.eps = self.acc.type(p.eps)
+        index = p.device.index
+        self.has_m, self.has_mask, self.has_count0 = (a is not None for a in (m, mask, count0))
+        self.m = _view(m) if self.has_m else _dummy(index, self.acc, 1)
+        self.mask = _view(mask) if self.has_mask else _dummy(index, np.bool_, mask_ndim)
+        self.count0 = _view(count0) if self.has_count0 else _dummy(index, np.int64, 1)
+        self.state_dummy = _dummy(index, self.acc, 4)
+        self.parts_dummy = _dummy(index, self.acc, 3)
+
+    def spec(self, direction: int, kinds: tuple[int, int, int, int], Dx: int, Dz: int, *,
+             out_acc: bool, dm: bool) -> Any:
+        TD, TZ = kernels.tiles(self.acc, Dx, Dz, self.cfg.chunk, self.cfg.threads)
+        return kernels.SweepSpec(direction, *kinds, out_acc, dm, self.acc.name, self.bf16,
+                                 self.cfg.chunk, self.cfg.threads, TD, TZ)
+
+    def sweep(self, spec: Any, x: Any, y: Any, z: Any, out: Any, *, s0: Any = None,
+              s_out: Any = None, v: Any = None, dm_part: Any = None) -> None:
+        p = self.p
+        Dx, Dz = x.shape[3], z.shape[3]
+        views = [_view(a) for a in (x, y, z, out)]
+        state = [self.state_dummy if a is None else _view(a) for a in (s0, s_out)]
+        v_view = views[0] if v is None else _view(v)
+        parts = self.parts_dummy if dm_part is None else _view(dm_part)
+        has_count0 = self.has_count0 and p.causal
+        _launch(kernels.sweep_kernel(spec), (math.ceil(Dz / spec.TZ), p.H, p.B), spec.NT,
+                self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
+                self.count0, v_view, parts, s0 is not None, s_out is not None, self.has_mask,
+                self.has_m, has_count0, self.eps)
+
+    def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
+        p, threads = self.p, self.cfg.threads
+        kernel = kernels.normalise_backward_kernel(self.acc.name, self.bf16, threads,
+                                                   self.cfg.lanes)
+        _launch(kernel, (math.ceil(p.S / kernels.ROWS), p.H, p.B), threads, self.stream, 0,
+                _view(g), _view(x), _view(out), self.eps)
+
+
+def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
+            o: Any, *, want_state: bool) -> tuple[Any, Any]:
+    call = _Call(p, m, mask, count0)
+    kv = count = None
+    if want_state:
+        kv = call.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+        count = call.xp.empty((p.B,), dtype=np.int64)
+    kinds = (kernels.NORM_MASKED, kernels.NORM, kernels.VALUE, kernels.RAW)
+    spec = call.spec(kernels.FORWARD if p.causal else kernels.ALL, kinds, p.Dk, p.Dv,
+                     out_acc=False, dm=False)
+    call.sweep(spec, q, k, v, o, s0=kv0, s_out=kv)
+    if want_state:
+        threads = call.cfg.threads
+        _launch(kernels.count_total_kernel(threads), (p.B,), threads, call.stream, 0,
+                call.count0, call.mask, _view(count), p.S, call.has_count0, call.has_mask)
+    return kv, count
+
+
+def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
+             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
+    call = _Call(p, m, mask, count0)
+    xp = call.xp
+    ahead, behind = (kernels.FORWARD, kernels.REVERSE) if p.causal else (kernels.ALL,) * 2
+    RAW, NORM, NORM_MASKED, VALUE = (kernels.RAW, kernels.NORM, kernels.NORM_MASKED,
+                                     kernels.VALUE)
+
+    def transposed(state: Any) -> Any:
+        return None if state is None else xp.permute_dims(state, (0, 1, 3, 2))
+
+    dq_hat = xp.empty((p.B, p.H, p.S, p.Dk), dtype=p.acc)
+    spec = call.spec(ahead, (RAW, VALUE, NORM, kernels.MASKED), p.Dv, p.Dk, out_acc=True,
+                     dm=False)
+    call.sweep(spec, do, v, k, dq_hat, s0=transposed(kv0))
+    call.normalise_backward(dq_hat, q, dq)
+    dk_hat = dq_hat  # the same scratch: the launches are ordered on one stream
+    spec = call.spec(behind, (VALUE, RAW, NORM_MASKED, RAW), p.Dv, p.Dk, out_acc=True, dm=False)
+    call.sweep(spec, v, do, q, dk_hat, s0=transposed(dkv))
+    call.normalise_backward(dk_hat, k, dk)
+    dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
+    spec = call.spec(behind, (NORM, NORM_MASKED, RAW, VALUE), p.Dk, p.Dv, out_acc=False,
+                     dm=m is not None)
+    dm_part = None
+    if m is not None:
+        dm_part = xp.empty((p.B, p.H, math.ceil(p.Dv / spec.TZ)), dtype=p.acc)
+    call.sweep(spec, k, q, do, dv, s0=dkv, s_out=dkv0, v=v, dm_part=dm_part)
+    dm = None
+    if m is not None:
+        dm = xp.empty((p.H,), dtype=p.acc)
+        threads = call.cfg.threads
+        _launch(kernels.dm_finish_kernel(call.acc.name), (math.ceil(p.H / threads),), threads,
+                call.stream, 0, _view(dm_part), call.m, _view(dm))
+    return dm, dkv0
+
+
+def step(p: Problem, kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, mask: Any,
+         o: Any) -> None:
+    call = _Call(p, m, mask, None, mask_ndim=1)
+    threads = call.cfg.threads
+    acc = np.dtype(kv.dtype)
+    kernel = kernels.step_kernel(acc.name, call.bf16, threads, call.cfg.lanes)
+    count_view = _view(count)
+    _launch(kernel, (math.ceil(p.Dv / kernels.STEP_ROWS), p.H, p.B), threads, call.stream,
+            2 * p.Dk * acc.itemsize, _view(kv), count_view, _view(q), _view(k), _view(v),
+            _view(o), call.m, call.mask, call.has_m, call.has_mask, acc.type(p.eps))
+    _launch(kernels.count_step_kernel, (math.ceil(p.B / threads),), threads, call.stream, 0,
+            count_view, call.mask, call.has_mask)

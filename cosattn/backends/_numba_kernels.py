@@ -1,0 +1,572 @@
+"""The ``numba.cuda`` kernels of the numba backend, built on first use from a spec.
+
+Everything the backend runs is one of five kernels:
+
+- the *sweep*: the chunked algorithm of DESIGN.md as one primitive. For one (b, h) and a tile of
+  ``TZ`` output columns, a thread block walks the chunks in order (or in reverse) keeping its
+  slice of the state ``St`` (TZ x Dx, accumulation dtype) in shared memory, and computes::
+
+      out_i = St_0 · x_i + Σ_{j ≤ i} (x_i · y_j) z_j     (j ≥ i in reverse, every j when ALL)
+      St    = St_0 + Σ_j z_j y_jᵀ
+
+  where each operand is an input array times a per-token scale computed in the kernel (cosine
+  normalisation, mask, stabiliser ``w``). The forward is one sweep (x=q̂', y=k̂, z=ṽ); the
+  backward is three (dq̂, dk̂ and dṽ, see ``_numba.py``), the last one also reducing ``dm``.
+- ``normalise_backward``: ``(g - x̂ (x̂·g)) / |x|`` per row, for dq and dk;
+- ``step``: the recurrent step for every (b, h), the state updated in place;
+- ``count_total`` / ``count_step`` and ``dm_finish``: the small reductions around them.
+
+Reductions go through shared memory (no warp shuffles, so the Numba simulator runs the same
+code) and always in a fixed order (no atomics): results are deterministic. bfloat16 arrays
+arrive as their uint16 bits and are converted in the kernels; float16 and bfloat16 accumulate in
+float32, float64 in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+# Operand and output scales: what each token's row is multiplied by.
+RAW, NORM, NORM_MASKED, VALUE, MASKED = range(5)
+# Which positions j a sweep's output i sums over.
+FORWARD, REVERSE, ALL = range(3)
+
+STEP_ROWS = 32  # rows of the state one block of the step kernel updates
+ROWS = 32  # rows one block of the normalisation epilogue handles
+SHARED_BYTES = 48 * 1024  # shared memory a block may use without opting in
+# dtype objects (not scalar types) for shared and local arrays: the simulator needs them
+_U32, _F32, _I64 = np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.int64)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@cuda.jit(device=True)
+def _bits_to_f32(bits: Any) -> Any:
+    """The float32 value of bfloat16 bits (uint16)."""
+    word = cuda.local.array(1, _U32)
+    word[0] = np.uint32(bits) << np.uint32(16)
+    return word.view(np.float32)[0]
+
+
+@cuda.jit(device=True)
+def _f32_to_bits(value: Any) -> Any:
+    """bfloat16 bits of a float32 value, rounded to nearest even (NaN stays NaN)."""
+    word = cuda.local.array(1, _F32)
+    word[0] = value
+    u = np.int64(word.view(np.uint32)[0])
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return np.uint16((u >> 16) | 0x40)
+    return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
+
+
+def _converters(acc: type, bf16: bool) -> tuple[Any, Any]:
+    """Device functions ``load(a, idx) -> acc`` and ``store(a, idx, value)`` for input arrays."""
+    if bf16:
+
+        @cuda.jit(device=True)
+        def load(a: Any, idx: Any) -> Any:
+            return _bits_to_f32(a[idx])
+
+        @cuda.jit(device=True)
+        def store(a: Any, idx: Any, value: Any) -> None:
+            a[idx] = _f32_to_bits(value)
+
+    else:
+
+        @cuda.jit(device=True)
+        def load(a: Any, idx: Any) -> Any:
+            return acc(a[idx])
+
+        @cuda.jit(device=True)
+        def store(a: Any, idx: Any, value: Any) -> None:
+            a[idx] = value
+
+    return load, store
+
+
+def _lane_sums_fn(lanes: int) -> Any:
+    """``lane_sums(red, tid)``: in every row of ``red`` (n x threads), each run of ``lanes``
+    consecutive entries is summed into its first entry, by a tree in a fixed order."""
+
+    @cuda.jit(device=True)
+    def lane_sums(red: Any, tid: Any) -> None:
+        lane = tid % lanes
+        cuda.syncthreads()
+        stride = lanes // 2
+        while stride > 0:
+            if lane < stride:
+                for a in range(red.shape[0]):
+                    red[a, tid] += red[a, tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+
+    return lane_sums
+
+
+def _block_sum_fn(threads: int) -> Any:
+    """``block_sum(red, tid)``: the sum of ``red[0, :threads]``, returned to every thread."""
+    lane_sums = _lane_sums_fn(threads)
+
+    @cuda.jit(device=True)
+    def block_sum(red: Any, tid: Any) -> Any:
+        lane_sums(red, tid)
+        total = red[0, 0]
+        cuda.syncthreads()
+        return total
+
+    return block_sum
+
+
+def tiles(acc: np.dtype, Dx: int, Dz: int, C: int, NT: int) -> tuple[int, int]:
+    """``(TD, TZ)``: the Dx tile of the score products and the output columns of one block.
+
+    ``TZ`` is the widest power of two (at most 32, or 16 in float64) not above what ``Dz`` needs
+    whose state slice (TZ x Dx) fits beside the static shared arrays of a block of ``NT``
+    threads and chunks of ``C`` tokens.
+    """
+    size = np.dtype(acc).itemsize
+    TD = 32 if size == 4 else 16
+    TZ = min(32 if size == 4 else 16, 1 << max(Dz - 1, 0).bit_length())
+    while TZ > 1 and size * (_static_elements(C, NT, TD, TZ) + TZ * Dx) > SHARED_BYTES:
+        TZ //= 2
+    if size * (_static_elements(C, NT, TD, TZ) + TZ * Dx) > SHARED_BYTES:
+        most = SHARED_BYTES // size - _static_elements(C, NT, TD, 1)
+        raise ValueError(
+            f"head size {Dx} is too large for the numba backend's shared-memory state "
+            f"(at most {most} in {np.dtype(acc)})"
+        )
+    return TD, TZ
+
+
+def _static_elements(C: int, NT: int, TD: int, TZ: int) -> int:
+    """Accumulation-dtype elements of a sweep block's static shared arrays (the int64 ones
+    counted twice, enough for float32)."""
+    return 2 * C * TD + C * TZ + C * C + 5 * C + 2 * C + NT + 2 * NT
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One instance of the sweep kernel.
+
+    ``direction`` is FORWARD, REVERSE or ALL; ``x``, ``y``, ``z`` the scales of the operands
+    (RAW, NORM, NORM_MASKED or VALUE); ``out`` the output's (RAW, MASKED or VALUE); ``out_acc``
+    whether the output is an accumulation-dtype scratch array (else it has the input dtype);
+    ``dm`` whether the block also reduces its share of the stabiliser gradient; ``acc`` the
+    accumulation dtype's name; ``bf16`` whether inputs are bfloat16 bits; ``C`` the chunk
+    length, ``NT`` the threads of a block (a power of two, at least ``C``); ``TD``, ``TZ`` the
+    tiles of :func:`tiles`.
+    """
+
+    direction: int
+    x: int
+    y: int
+    z: int
+    out: int
+    out_acc: bool
+    dm: bool
+    acc: str
+    bf16: bool
+    C: int
+    NT: int
+    TD: int
+    TZ: int
+
+    def shared_bytes(self, Dx: int) -> int:
+        """Dynamic shared memory of one block: the state slice TZ x Dx."""
+        return np.dtype(self.acc).itemsize * self.TZ * Dx
+
+
+@functools.cache
+def sweep_kernel(spec: SweepSpec) -> Any:
+    """The compiled-on-first-call sweep kernel for ``spec`` (see the module docstring).
+
+    Arguments: ``x, y`` (B, H, S, Dx) and ``z`` (B, H, S, Dz) in the input dtype; ``out``
+    (B, H, S, Dz); ``s0``, ``s_out`` (B, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m``
+    (H,) in acc, ``count0`` (B,) int64, ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part``
+    (B, H, tiles) in acc, or dummies; the flags ``has_s0, has_s_out, has_mask, has_m,
+    has_count0``; ``eps`` in acc. Grid ``(ceil(Dz / TZ), H, B)``, ``NT`` threads, and
+    :meth:`SweepSpec.shared_bytes` of dynamic shared memory.
+    """
+    dt = np.dtype(spec.acc)
+    acc = dt.type
+    C, NT, TD, TZ = spec.C, spec.NT, spec.TD, spec.TZ
+    NA, NO = _ceil_div(C * C, NT), _ceil_div(C * TZ, NT)
+    C_TD, C_TZ, C_C = C * TD, C * TZ, C * C  # array sizes must be constants, not expressions
+    XK, YK, ZK, OK = spec.x, spec.y, spec.z, spec.out
+    FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
+    OUT_ACC, DM = spec.out_acc, spec.dm
+    load, store = _converters(acc, spec.bf16)
+    block_sum = _block_sum_fn(NT)
+
+    @cuda.jit(device=True)
+    def scale(kind: Any, a: Any, b: Any, h: Any, s: Any, real: Any, w: Any, eps: Any) -> Any:
+        if kind == RAW:
+            return acc(1)
+        if kind == MASKED:
+            return real
+        if kind == VALUE:
+            return real * w
+        total = acc(0)
+        for d in range(a.shape[3]):
+            e = load(a, (b, h, s, d))
+            total += e * e
+        inv = acc(1) / max(math.sqrt(total), eps)
+        if kind == NORM_MASKED:
+            return inv * real
+        return inv
+
+    @cuda.jit
+    def sweep(x: Any, y: Any, z: Any, out: Any, s0: Any, s_out: Any, mask: Any, m: Any,
+              count0: Any, v: Any, dm_part: Any, has_s0: Any, has_s_out: Any, has_mask: Any,
+              has_m: Any, has_count0: Any, eps: Any) -> None:
+        tid = cuda.threadIdx.x
+        zt, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        S, Dx, Dz = x.shape[2], x.shape[3], z.shape[3]
+        z0 = zt * TZ
+        tz = min(TZ, Dz - z0)
+        st = cuda.shared.array(0, dt)  # the state slice, TZ x Dx
+        xt = cuda.shared.array(C_TD, dt)
+        yt = cuda.shared.array(C_TD, dt)
+        zs = cuda.shared.array(C_TZ, dt)
+        at = cuda.shared.array(C_C, dt)
+        sx = cuda.shared.array(C, dt)
+        sy = cuda.shared.array(C, dt)
+        sz = cuda.shared.array(C, dt)
+        so = cuda.shared.array(C, dt)
+        lc = cuda.shared.array(C, dt)  # -ln max(1, c)
+        cnt = cuda.shared.array(C, _I64)
+        red = cuda.shared.array((1, NT), _I64)
+        redf = cuda.shared.array((1, NT), dt)
+        acc_a = cuda.local.array(NA, dt)
+        acc_o = cuda.local.array(NO, dt)
+
+        for e in range(tid, TZ * Dx, NT):
+            t = e // Dx
+            st[e] = acc(s0[b, h, z0 + t, e - t * Dx]) if has_s0 and t < tz else acc(0)
+        total = np.int64(S)
+        if has_mask and not FWD:
+            part = np.int64(0)
+            for s in range(tid, S, NT):
+                if mask[b, s]:
+                    part += 1
+            red[0, tid] = part
+            total = block_sum(red, tid)
+        n0 = count0[b] if has_count0 else np.int64(0)
+        sig = acc(1) / (acc(1) + math.exp(-m[h])) if has_m else acc(0)
+        nchunks = (S + C - 1) // C
+        dm_acc = acc(0)
+        for npass in range(2 if BOTH else 1):
+            update = not BOTH or npass == 0
+            emit = not BOTH or npass == 1
+            running = n0 + total if REV else n0
+            for n in range(nchunks):
+                base = (nchunks - 1 - n) * C if REV else n * C
+                if tid == 0:
+                    if REV:
+                        for r in range(min(C, S - base)):
+                            if not has_mask or mask[b, base + r]:
+                                running -= 1
+                    c = total if BOTH else running
+                    for r in range(C):
+                        if not BOTH and base + r < S and (not has_mask or mask[b, base + r]):
+                            c += 1
+                        cnt[r] = c
+                    if FWD:
+                        running = c
+                cuda.syncthreads()
+                if tid < C:
+                    s = base + tid
+                    if s < S:
+                        real = acc(1) if not has_mask or mask[b, s] else acc(0)
+                        count = acc(max(np.int64(1), cnt[tid]))
+                        w = math.pow(count, -sig) if has_m else acc(1)
+                        sx[tid] = scale(XK, x, b, h, s, real, w, eps)
+                        sy[tid] = scale(YK, y, b, h, s, real, w, eps)
+                        sz[tid] = scale(ZK, z, b, h, s, real, w, eps)
+                        so[tid] = scale(OK, z, b, h, s, real, w, eps)
+                        lc[tid] = -math.log(count)
+                    else:
+                        sx[tid] = acc(0)
+                        sy[tid] = acc(0)
+                        sz[tid] = acc(0)
+                        so[tid] = acc(0)
+                        lc[tid] = acc(0)
+                cuda.syncthreads()
+                if update:
+                    for e in range(tid, C * TZ, NT):
+                        r = e // TZ
+                        t = e - r * TZ
+                        inside = base + r < S and t < tz
+                        zs[e] = load(z, (b, h, base + r, z0 + t)) * sz[r] if inside else acc(0)
+                for k in range(NA):
+                    acc_a[k] = acc(0)
+                for k in range(NO):
+                    acc_o[k] = acc(0)
+                for d0 in range(0, Dx, TD):
+                    td = min(TD, Dx - d0)
+                    for e in range(tid, C * TD, NT):
+                        r = e // TD
+                        dd = e - r * TD
+                        inside = base + r < S and dd < td
+                        if emit:
+                            xt[e] = load(x, (b, h, base + r, d0 + dd)) * sx[r] if inside else acc(0)
+                        if not BOTH or update:
+                            yt[e] = load(y, (b, h, base + r, d0 + dd)) * sy[r] if inside else acc(0)
+                    cuda.syncthreads()
+                    if emit:
+                        for k in range(NO):
+                            e = tid + k * NT
+                            if e < C * TZ:
+                                i = e // TZ
+                                row = (e - i * TZ) * Dx + d0
+                                part_o = acc(0)
+                                for dd in range(td):
+                                    part_o += st[row + dd] * xt[i * TD + dd]
+                                acc_o[k] += part_o
+                    if not BOTH:
+                        for k in range(NA):
+                            e = tid + k * NT
+                            if e < C * C:
+                                i = e // C
+                                j = e - i * C
+                                if (FWD and j <= i) or (REV and j >= i):
+                                    part_a = acc(0)
+                                    for dd in range(td):
+                                        part_a += xt[i * TD + dd] * yt[j * TD + dd]
+                                    acc_a[k] += part_a
+                    cuda.syncthreads()
+                    if update:
+                        for e in range(tid, TZ * TD, NT):
+                            t = e // TD
+                            dd = e - t * TD
+                            if dd < td:
+                                part_s = acc(0)
+                                for j in range(C):
+                                    part_s += zs[j * TZ + t] * yt[j * TD + dd]
+                                st[t * Dx + d0 + dd] += part_s
+                    cuda.syncthreads()
+                if emit:
+                    if not BOTH:
+                        for k in range(NA):
+                            e = tid + k * NT
+                            if e < C * C:
+                                at[e] = acc_a[k]
+                        cuda.syncthreads()
+                    for k in range(NO):
+                        e = tid + k * NT
+                        if e < C * TZ:
+                            i = e // TZ
+                            t = e - i * TZ
+                            value = acc_o[k]
+                            if not BOTH:
+                                for j in range(C):
+                                    value += at[i * C + j] * zs[j * TZ + t]
+                            s = base + i
+                            if s < S and t < tz:
+                                value *= so[i]
+                                if OUT_ACC:
+                                    out[b, h, s, z0 + t] = value
+                                else:
+                                    store(out, (b, h, s, z0 + t), value)
+                                if DM and has_m:
+                                    dm_acc += value * load(v, (b, h, s, z0 + t)) * lc[i]
+                cuda.syncthreads()
+        if has_s_out:
+            for e in range(tid, tz * Dx, NT):
+                t = e // Dx
+                s_out[b, h, z0 + t, e - t * Dx] = st[e]
+        if DM:
+            redf[0, tid] = dm_acc
+            dm_total = block_sum(redf, tid)
+            if tid == 0:
+                dm_part[b, h, zt] = dm_total
+
+    return sweep
+
+
+@functools.cache
+def normalise_backward_kernel(acc_name: str, bf16: bool, threads: int, lanes: int) -> Any:
+    """``out_i = (g_i - x̂_i (x̂_i · g_i)) / |x_i|`` where ``|x_i| > eps``, else ``g_i / eps``.
+
+    ``g`` (B, H, S, D) in acc, ``x`` and ``out`` (B, H, S, D) in the input dtype. Grid
+    ``(ceil(S / ROWS), H, B)``, ``threads`` threads: ``lanes`` of them share a row.
+    """
+    dt = np.dtype(acc_name)
+    acc = dt.type
+    load, store = _converters(acc, bf16)
+    lane_sums = _lane_sums_fn(lanes)
+    rows = threads // lanes
+
+    @cuda.jit
+    def normalise_backward(g: Any, x: Any, out: Any, eps: Any) -> None:
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        first = tid - lane
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
+        S, D = x.shape[2], x.shape[3]
+        red = cuda.shared.array((1, threads), dt)
+        s0 = cuda.blockIdx.x * ROWS
+        for r0 in range(0, min(ROWS, S - s0), rows):  # the same count for the whole block
+            s = s0 + r0 + tid // lanes
+            part = acc(0)
+            if s < S:
+                for d in range(lane, D, lanes):
+                    e = load(x, (b, h, s, d))
+                    part += e * e
+            red[0, tid] = part
+            lane_sums(red, tid)
+            norm = math.sqrt(red[0, first])
+            den = max(norm, eps)
+            # x̂ by division, so that D = 1 gives x̂ = ±1 and the (zero) gradient exactly
+            part = acc(0)
+            if s < S:
+                for d in range(lane, D, lanes):
+                    part += load(x, (b, h, s, d)) / den * g[b, h, s, d]
+            cuda.syncthreads()
+            red[0, tid] = part
+            lane_sums(red, tid)
+            inner = red[0, first] if norm > eps else acc(0)  # x̂·g
+            if s < S:
+                for d in range(lane, D, lanes):
+                    value = g[b, h, s, d] - load(x, (b, h, s, d)) / den * inner
+                    store(out, (b, h, s, d), value / den)
+            cuda.syncthreads()
+
+    return normalise_backward
+
+
+@functools.cache
+def step_kernel(acc_name: str, bf16: bool, threads: int, lanes: int) -> Any:
+    """One recurrent step: ``kv += real w v k̂ᵀ``, ``o = real kv q̂`` for every (b, h).
+
+    ``kv`` (B, H, Dv, Dk) in acc (the state's dtype), ``count`` (B,) int64 the counts *before*
+    the step, ``q, k`` (B, H, Dk), ``v`` and ``o`` (B, H, Dv) in the input dtype, ``m`` (H,),
+    ``mask`` (B,) or dummies. Grid ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads
+    (``lanes`` of them share a row of the state), dynamic shared memory ``2 Dk`` elements of
+    acc. The counts are advanced afterwards by :func:`count_step_kernel`.
+    """
+    dt = np.dtype(acc_name)
+    acc = dt.type
+    load, store = _converters(acc, bf16)
+    block_sums = _lane_sums_fn(threads)
+    lane_sums = _lane_sums_fn(lanes)
+    rows = threads // lanes
+
+    @cuda.jit
+    def step(kv: Any, count: Any, q: Any, k: Any, v: Any, o: Any, m: Any, mask: Any,
+             has_m: Any, has_mask: Any, eps: Any) -> None:
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        h, b = cuda.blockIdx.y, cuda.blockIdx.z
+        Dk, Dv = q.shape[2], v.shape[2]
+        row0 = cuda.blockIdx.x * STEP_ROWS
+        vectors = cuda.shared.array(0, dt)  # q̂ then k̂, 2 x Dk
+        norms = cuda.shared.array((2, threads), dt)  # q·q and k·k
+        red = cuda.shared.array((1, threads), dt)
+        qq = acc(0)
+        kk = acc(0)
+        for d in range(tid, Dk, threads):
+            qd = load(q, (b, h, d))
+            kd = load(k, (b, h, d))
+            vectors[d] = qd
+            vectors[Dk + d] = kd
+            qq += qd * qd
+            kk += kd * kd
+        norms[0, tid] = qq
+        norms[1, tid] = kk
+        block_sums(norms, tid)
+        q_den = max(math.sqrt(norms[0, 0]), eps)
+        k_den = max(math.sqrt(norms[1, 0]), eps)
+        for d in range(tid, Dk, threads):
+            vectors[d] = vectors[d] / q_den
+            vectors[Dk + d] = vectors[Dk + d] / k_den
+        real = not has_mask or mask[b]
+        w = acc(1)
+        if has_m:
+            sig = acc(1) / (acc(1) + math.exp(-m[h]))
+            w = math.pow(acc(max(np.int64(1), count[b] + 1)), -sig)
+        cuda.syncthreads()
+        for r0 in range(0, min(STEP_ROWS, Dv - row0), rows):  # the same for the whole block
+            t = row0 + r0 + tid // lanes
+            part = acc(0)
+            if real and t < Dv:
+                vt = w * load(v, (b, h, t))
+                for d in range(lane, Dk, lanes):
+                    kv_td = acc(kv[b, h, t, d]) + vt * vectors[Dk + d]
+                    kv[b, h, t, d] = kv_td
+                    part += kv_td * vectors[d]
+            red[0, tid] = part
+            lane_sums(red, tid)
+            if lane == 0 and t < Dv:
+                store(o, (b, h, t), red[0, tid])
+            cuda.syncthreads()
+
+    return step
+
+
+@functools.cache
+def count_total_kernel(threads: int) -> Any:
+    """``out[b] = count0[b] + Σ_s mask[b, s]`` (or ``+ S``); grid B, ``threads`` threads.
+
+    Arguments ``count0, mask, out, S, has_count0, has_mask``.
+    """
+    block_sum = _block_sum_fn(threads)
+
+    @cuda.jit
+    def count_total(count0: Any, mask: Any, out: Any, S: Any, has_count0: Any,
+                    has_mask: Any) -> None:
+        tid = cuda.threadIdx.x
+        b = cuda.blockIdx.x
+        red = cuda.shared.array((1, threads), _I64)
+        part = np.int64(0)
+        if has_mask:
+            for s in range(tid, S, threads):
+                if mask[b, s]:
+                    part += 1
+        elif tid == 0:
+            part = np.int64(S)
+        red[0, tid] = part
+        total = block_sum(red, tid)
+        if tid == 0:
+            out[b] = total + (count0[b] if has_count0 else np.int64(0))
+
+    return count_total
+
+
+@cuda.jit
+def count_step_kernel(count: Any, mask: Any, has_mask: Any) -> None:
+    """``count[b] += mask[b]`` (or 1); one thread per b, after :func:`step_kernel`."""
+    b = cuda.grid(1)
+    if b < count.shape[0] and (not has_mask or mask[b]):
+        count[b] += 1
+
+
+@functools.cache
+def dm_finish_kernel(acc_name: str) -> Any:
+    """``dm[h] = σ(m_h)(1 - σ(m_h)) Σ_b Σ_tile parts[b, h, tile]``, summed in a fixed order.
+
+    ``parts`` (B, H, tiles) and ``m``, ``dm`` (H,) in acc; one thread per h.
+    """
+    dt = np.dtype(acc_name)
+    acc = dt.type
+
+    @cuda.jit
+    def dm_finish(parts: Any, m: Any, dm: Any) -> None:
+        h = cuda.grid(1)
+        if h < dm.shape[0]:
+            total = acc(0)
+            for b in range(parts.shape[0]):
+                for t in range(parts.shape[2]):
+                    total += parts[b, h, t]
+            sig = acc(1) / (acc(1) + math.exp(-m[h]))
+            dm[h] = total * (sig * (acc(1) - sig))
+
+    return dm_finish
