@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .._interop import BFLOAT16, namespace
-from .._validate import Problem
+from .._validate import Problem, accumulation_dtype
 
 try:
     import numba
@@ -68,6 +68,26 @@ def unavailable() -> str | None:
     if not cuda.is_available():
         return "numba.cuda finds no usable CUDA driver and GPU"
     return None
+
+
+def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int, dm: bool = False,
+               config: Config | None = None) -> Any:
+    """The :class:`~._numba_kernels.SweepSpec` that computes ``output`` (a row of the table
+    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``) for inputs of ``dtype``; ``Dx``, ``Dz``
+    are the sizes of its x and z operands, ``dm`` whether it also reduces ``dm``."""
+    K = kernels
+    scales, reverse, out_acc = {
+        "o": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
+        "dq": ((K.RAW, K.VALUE, K.NORM, K.MASKED), False, True),
+        "dk": ((K.VALUE, K.RAW, K.NORM_MASKED, K.RAW), True, True),
+        "dv": ((K.NORM, K.NORM_MASKED, K.RAW, K.VALUE), True, False),
+    }[output]
+    direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
+    acc = accumulation_dtype(np.dtype(dtype))
+    cfg = config or CONFIG
+    TD, TZ = K.tiles(acc, Dx, Dz, cfg.chunk, cfg.threads)
+    return K.SweepSpec(direction, *scales, out_acc, dm, acc.name, np.dtype(dtype) == BFLOAT16,
+                       cfg.chunk, cfg.threads, TD, TZ)
 
 
 def _view(x: Any) -> Any:
@@ -116,11 +136,11 @@ class _Call:
         self.state_dummy = _dummy(index, self.acc, 4)
         self.parts_dummy = _dummy(index, self.acc, 3)
 
-    def spec(self, direction: int, kinds: tuple[int, int, int, int], Dx: int, Dz: int, *,
-             out_acc: bool, dm: bool) -> Any:
-        TD, TZ = kernels.tiles(self.acc, Dx, Dz, self.cfg.chunk, self.cfg.threads)
-        return kernels.SweepSpec(direction, *kinds, out_acc, dm, self.acc.name, self.bf16,
-                                 self.cfg.chunk, self.cfg.threads, TD, TZ)
+    def spec(self, output: str, *, dm: bool = False) -> Any:
+        p = self.p
+        Dx, Dz = (p.Dk, p.Dv) if output in ("o", "dv") else (p.Dv, p.Dk)
+        return sweep_spec(output, causal=p.causal, dtype=p.dtype, Dx=Dx, Dz=Dz, dm=dm,
+                          config=self.cfg)
 
     def sweep(self, spec: Any, x: Any, y: Any, z: Any, out: Any, *, s0: Any = None,
               s_out: Any = None, v: Any = None, dm_part: Any = None) -> None:
@@ -151,10 +171,7 @@ def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, cou
     if want_state:
         kv = call.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
         count = call.xp.empty((p.B,), dtype=np.int64)
-    kinds = (kernels.NORM_MASKED, kernels.NORM, kernels.VALUE, kernels.RAW)
-    spec = call.spec(kernels.FORWARD if p.causal else kernels.ALL, kinds, p.Dk, p.Dv,
-                     out_acc=False, dm=False)
-    call.sweep(spec, q, k, v, o, s0=kv0, s_out=kv)
+    call.sweep(call.spec("o"), q, k, v, o, s0=kv0, s_out=kv)
     if want_state:
         threads = call.cfg.threads
         _launch(kernels.count_total_kernel(threads), (p.B,), threads, call.stream, 0,
@@ -166,25 +183,18 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
              count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
     call = _Call(p, m, mask, count0)
     xp = call.xp
-    ahead, behind = (kernels.FORWARD, kernels.REVERSE) if p.causal else (kernels.ALL,) * 2
-    RAW, NORM, NORM_MASKED, VALUE = (kernels.RAW, kernels.NORM, kernels.NORM_MASKED,
-                                     kernels.VALUE)
 
     def transposed(state: Any) -> Any:
         return None if state is None else xp.permute_dims(state, (0, 1, 3, 2))
 
     dq_hat = xp.empty((p.B, p.H, p.S, p.Dk), dtype=p.acc)
-    spec = call.spec(ahead, (RAW, VALUE, NORM, kernels.MASKED), p.Dv, p.Dk, out_acc=True,
-                     dm=False)
-    call.sweep(spec, do, v, k, dq_hat, s0=transposed(kv0))
+    call.sweep(call.spec("dq"), do, v, k, dq_hat, s0=transposed(kv0))
     call.normalise_backward(dq_hat, q, dq)
     dk_hat = dq_hat  # the same scratch: the launches are ordered on one stream
-    spec = call.spec(behind, (VALUE, RAW, NORM_MASKED, RAW), p.Dv, p.Dk, out_acc=True, dm=False)
-    call.sweep(spec, v, do, q, dk_hat, s0=transposed(dkv))
+    call.sweep(call.spec("dk"), v, do, q, dk_hat, s0=transposed(dkv))
     call.normalise_backward(dk_hat, k, dk)
     dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
-    spec = call.spec(behind, (NORM, NORM_MASKED, RAW, VALUE), p.Dk, p.Dv, out_acc=False,
-                     dm=m is not None)
+    spec = call.spec("dv", dm=m is not None)
     dm_part = None
     if m is not None:
         dm_part = xp.empty((p.B, p.H, math.ceil(p.Dv / spec.TZ)), dtype=p.acc)
