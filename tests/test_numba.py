@@ -46,67 +46,15 @@ def test_unavailable_says_why():
         assert "GPU" in reason
 
 
-def _array(dtype, ndim):
-    return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "A")
-
-
-def _scalar(dtype):
-    return numba.from_dtype(np.dtype(dtype))
-
-
-def _bits(dtype):
-    """What kernels see of an input dtype: bfloat16 arrays arrive as their uint16 bits."""
-    return np.dtype(np.uint16) if np.dtype(dtype) == BFLOAT16 else np.dtype(dtype)
-
-
-def _acc(dtype):
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 def _sweep(output, causal, dtype, dm=False):
+    dtype = np.dtype(dtype)
     spec = _numba.sweep_spec(output, causal=causal, dtype=dtype, Dx=64, Dz=64, dm=dm,
                              config=_numba.GPU)
-    io, acc = _bits(dtype), _acc(dtype)
-    out = acc if spec.out_acc else io
-    types = ([_array(io, 4)] * 3 + [_array(out, 4)] + [_array(acc, 4)] * 2
-             + [_array(np.bool_, 2), _array(acc, 1), _array(np.int64, 1), _array(io, 4),
-                _array(acc, 3)] + [numba.types.boolean] * 5 + [_scalar(acc)])
-    return kernels.sweep_kernel(spec), tuple(types), spec
+    return kernels.sweep(spec, spec.acc, spec.acc), spec
 
 
-def _normalise(dtype):
-    kernel = kernels.normalise_backward_kernel(_acc(dtype).name, np.dtype(dtype) == BFLOAT16,
-                                               _numba.GPU.threads, _numba.GPU.lanes)
-    io, acc = _bits(dtype), _acc(dtype)
-    return kernel, (_array(acc, 4), _array(io, 4), _array(io, 4), _scalar(acc)), None
-
-
-def _step(dtype):
-    acc, io = _acc(dtype), _bits(dtype)
-    kernel = kernels.step_kernel(acc.name, np.dtype(dtype) == BFLOAT16, _numba.GPU.threads,
-                                 _numba.GPU.lanes)
-    types = (_array(acc, 4), _array(np.int64, 1), *[_array(io, 3)] * 4, _array(acc, 1),
-             _array(np.bool_, 1), numba.types.boolean, numba.types.boolean, _scalar(acc))
-    return kernel, types, None
-
-
-def _counts():
-    types = (_array(np.int64, 1), _array(np.bool_, 2), _array(np.int64, 1), numba.types.int64,
-             numba.types.boolean, numba.types.boolean)
-    return kernels.count_total_kernel(_numba.GPU.threads), types, None
-
-
-def _count_step():
-    types = (_array(np.int64, 1), _array(np.bool_, 1), numba.types.boolean)
-    return kernels.count_step_kernel, types, None
-
-
-def _dm():
-    f32 = np.float32
-    return kernels.dm_finish_kernel("float32"), (_array(f32, 3), _array(f32, 1),
-                                                 _array(f32, 1)), None
-
-
+GPU = _numba.GPU
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 # A deliberate list: the four sweep shapes (forward; dq with its scratch output; dv against
 # the sequence with dm; bidirectional) across the dtypes' load/store paths, and each small kernel.
 INSTANCES = {
@@ -115,13 +63,16 @@ INSTANCES = {
     "sweep-dv-causal-float32-dm": lambda: _sweep("dv", True, np.float32, dm=True),
     "sweep-o-bidirectional-bfloat16": lambda: _sweep("o", False, BFLOAT16),
     "sweep-dv-bidirectional-float64-dm": lambda: _sweep("dv", False, np.float64, dm=True),
-    "normalise-backward-bfloat16": lambda: _normalise(BFLOAT16),
-    "normalise-backward-float64": lambda: _normalise(np.float64),
-    "step-float32": lambda: _step(np.float32),
-    "step-bfloat16": lambda: _step(BFLOAT16),
-    "count-total": _counts,
-    "count-step": _count_step,
-    "dm-finish": _dm,
+    "normalise-backward-bfloat16": lambda: (
+        kernels.normalise_backward(BFLOAT16, GPU.threads, GPU.lanes), None),
+    "normalise-backward-float64": lambda: (
+        kernels.normalise_backward(F64, GPU.threads, GPU.lanes), None),
+    "step-float32": lambda: (kernels.step(F32, F32, GPU.threads, GPU.lanes), None),
+    "step-bfloat16-float64-state": lambda: (
+        kernels.step(F64, BFLOAT16, GPU.threads, GPU.lanes), None),
+    "count-total": lambda: (kernels.count_total(GPU.threads), None),
+    "count-step": lambda: (kernels.COUNT_STEP, None),
+    "dm-finish": lambda: (kernels.dm_finish(F32), None),
 }
 
 _SHARED = re.compile(r"^\.(?:visible )?\.shared \.align \d+ \.b8 \w+\[(\d+)\];", re.M)
@@ -134,14 +85,14 @@ def test_kernels_compile_to_ptx(monkeypatch, name, cc):
     # compute capability (numba-cuda's Dispatcher.compile_device); answer it without a GPU.
     monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device",
                         lambda: SimpleNamespace(compute_capability=cc))
-    kernel, types, spec = INSTANCES[name]()
-    ptx, _ = cuda.compile_ptx(kernel.py_func, types, cc=cc)
+    kernel, spec = INSTANCES[name]()
+    ptx, _ = cuda.compile_ptx(kernel.function, kernel.signature, cc=cc)
     assert f".target sm_{cc[0]}{cc[1]}" in ptx
     assert ".entry" in ptx
     if spec is not None:
         # tiles() sizes the state slice from an estimate of the static shared memory
         static = sum(int(size) for size in _SHARED.findall(ptx))
-        estimate = np.dtype(spec.acc).itemsize * kernels._static_elements(spec.C, spec.NT,
-                                                                         spec.TD, spec.TZ)
+        estimate = spec.acc.itemsize * kernels._static_elements(spec.C, spec.NT, spec.TD,
+                                                                spec.TZ)
         assert 0 < static <= estimate
         assert estimate + spec.shared_bytes(64) <= kernels.SHARED_BYTES

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .._interop import BFLOAT16, namespace
-from .._validate import Problem, accumulation_dtype
+from .._validate import Problem
 
 try:
     import numba
@@ -83,11 +83,10 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int, dm: b
         "dv": ((K.NORM, K.NORM_MASKED, K.RAW, K.VALUE), True, False),
     }[output]
     direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
-    acc = accumulation_dtype(np.dtype(dtype))
+    dtype = np.dtype(dtype)
     cfg = config or CONFIG
-    TD, TZ = K.tiles(acc, Dx, Dz, cfg.chunk, cfg.threads)
-    return K.SweepSpec(direction, *scales, out_acc, dm, acc.name, np.dtype(dtype) == BFLOAT16,
-                       cfg.chunk, cfg.threads, TD, TZ)
+    TD, TZ = K.tiles(K.accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
+    return K.SweepSpec(direction, *scales, out_acc, dm, dtype, cfg.chunk, cfg.threads, TD, TZ)
 
 
 def _view(x: Any) -> Any:
@@ -110,8 +109,9 @@ def _dummy(device: int, dtype: Any, ndim: int) -> Any:
 
 def _launch(kernel: Any, grid: tuple[int, ...], threads: int, stream: Any, shared: int,
             *args: Any) -> None:
+    """Build ``kernel`` (a :class:`~._numba_kernels.Kernel`) if needed and launch it."""
     if all(g > 0 for g in grid):
-        kernel[grid, threads, stream, shared](*args)
+        kernel.build()[grid, threads, stream, shared](*args)
 
 
 class _Call:
@@ -125,7 +125,6 @@ class _Call:
         self.xp = namespace(p.device)
         self.cfg = CONFIG
         self.stream = cuda.external_stream(p.stream) if p.stream else cuda.legacy_default_stream()
-        self.bf16 = p.dtype == BFLOAT16
         self.acc = np.dtype(p.acc)
         self.eps = self.acc.type(p.eps)
         index = p.device.index
@@ -151,15 +150,16 @@ class _Call:
         v_view = views[0] if v is None else _view(v)
         parts = self.parts_dummy if dm_part is None else _view(dm_part)
         has_count0 = self.has_count0 and p.causal
-        _launch(kernels.sweep_kernel(spec), (math.ceil(Dz / spec.TZ), p.H, p.B), spec.NT,
+        s0_dtype, s_out_dtype = (self.acc if a is None else np.dtype(a.dtype) for a in (s0, s_out))
+        _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (math.ceil(Dz / spec.TZ), p.H, p.B),
+                spec.NT,
                 self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
                 self.count0, v_view, parts, s0 is not None, s_out is not None, self.has_mask,
                 self.has_m, has_count0, self.eps)
 
     def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
         p, threads = self.p, self.cfg.threads
-        kernel = kernels.normalise_backward_kernel(self.acc.name, self.bf16, threads,
-                                                   self.cfg.lanes)
+        kernel = kernels.normalise_backward(np.dtype(p.dtype), threads, self.cfg.lanes)
         _launch(kernel, (math.ceil(p.S / kernels.ROWS), p.H, p.B), threads, self.stream, 0,
                 _view(g), _view(x), _view(out), self.eps)
 
@@ -174,7 +174,7 @@ def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, cou
     call.sweep(call.spec("o"), q, k, v, o, s0=kv0, s_out=kv)
     if want_state:
         threads = call.cfg.threads
-        _launch(kernels.count_total_kernel(threads), (p.B,), threads, call.stream, 0,
+        _launch(kernels.count_total(threads), (p.B,), threads, call.stream, 0,
                 call.count0, call.mask, _view(count), p.S, call.has_count0, call.has_mask)
     return kv, count
 
@@ -203,7 +203,7 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
     if m is not None:
         dm = xp.empty((p.H,), dtype=p.acc)
         threads = call.cfg.threads
-        _launch(kernels.dm_finish_kernel(call.acc.name), (math.ceil(p.H / threads),), threads,
+        _launch(kernels.dm_finish(call.acc), (math.ceil(p.H / threads),), threads,
                 call.stream, 0, _view(dm_part), call.m, _view(dm))
     return dm, dkv0
 
@@ -213,10 +213,10 @@ def step(p: Problem, kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, mask: 
     call = _Call(p, m, mask, None, mask_ndim=1)
     threads = call.cfg.threads
     acc = np.dtype(kv.dtype)
-    kernel = kernels.step_kernel(acc.name, call.bf16, threads, call.cfg.lanes)
+    kernel = kernels.step(acc, np.dtype(p.dtype), threads, call.cfg.lanes)
     count_view = _view(count)
     _launch(kernel, (math.ceil(p.Dv / kernels.STEP_ROWS), p.H, p.B), threads, call.stream,
             2 * p.Dk * acc.itemsize, _view(kv), count_view, _view(q), _view(k), _view(v),
             _view(o), call.m, call.mask, call.has_m, call.has_mask, acc.type(p.eps))
-    _launch(kernels.count_step_kernel, (math.ceil(p.B / threads),), threads, call.stream, 0,
+    _launch(kernels.COUNT_STEP, (math.ceil(p.B / threads),), threads, call.stream, 0,
             count_view, call.mask, call.has_mask)

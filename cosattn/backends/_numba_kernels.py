@@ -1,6 +1,11 @@
-"""The ``numba.cuda`` kernels of the numba backend, built on first use from a spec.
+"""The ``numba.cuda`` kernels of the numba backend: described by a :class:`Kernel`, built on
+first use.
 
-Everything the backend runs is one of five kernels:
+A :class:`Kernel` is a Python function and the one signature it is built for, every array typed
+with layout "A" (strided and contiguous arrays share one build, so a call compiles at most one
+kernel per operation and dtype). Building compiles it for the current device; the description
+alone is what the PTX tests compile for sm_80 and sm_90. Everything the backend runs is one of
+these:
 
 - the *sweep*: the chunked algorithm of DESIGN.md as one primitive. For one (b, h) and a tile of
   ``TZ`` output columns, a thread block walks the chunks in order (or in reverse) keeping its
@@ -29,8 +34,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 from numba import cuda
+
+from .._interop import BFLOAT16
 
 # Operand and output scales: what each token's row is multiplied by.
 RAW, NORM, NORM_MASKED, VALUE, MASKED = range(5)
@@ -46,6 +54,44 @@ _U32, _F32, _I64 = np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.int64)
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def accumulation(dtype: np.dtype) -> np.dtype:
+    """float64 for float64 inputs, else float32."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def bits(dtype: np.dtype) -> np.dtype:
+    """The dtype kernels see for an input dtype: bfloat16 arrays arrive as their uint16 bits."""
+    return np.dtype(np.uint16) if dtype == BFLOAT16 else dtype
+
+
+def _array(dtype: Any, ndim: int) -> Any:
+    return numba.types.Array(numba.from_dtype(np.dtype(dtype)), ndim, "A")
+
+
+def _scalar(dtype: Any) -> Any:
+    return numba.from_dtype(np.dtype(dtype))
+
+
+_FLAG = numba.types.boolean
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel described, not built: its Python function and the argument types it takes."""
+
+    function: Any
+    signature: tuple[Any, ...]
+
+    def build(self) -> Any:
+        """The compiled kernel (compiled once, for the current device, on first use)."""
+        return _build(self)
+
+
+@functools.cache
+def _build(kernel: Kernel) -> Any:
+    return cuda.jit(kernel.signature)(kernel.function)
 
 
 @cuda.jit(device=True)
@@ -159,10 +205,9 @@ class SweepSpec:
     ``direction`` is FORWARD, REVERSE or ALL; ``x``, ``y``, ``z`` the scales of the operands
     (RAW, NORM, NORM_MASKED or VALUE); ``out`` the output's (RAW, MASKED or VALUE); ``out_acc``
     whether the output is an accumulation-dtype scratch array (else it has the input dtype);
-    ``dm`` whether the block also reduces its share of the stabiliser gradient; ``acc`` the
-    accumulation dtype's name; ``bf16`` whether inputs are bfloat16 bits; ``C`` the chunk
-    length, ``NT`` the threads of a block (a power of two, at least ``C``); ``TD``, ``TZ`` the
-    tiles of :func:`tiles`.
+    ``dm`` whether the block also reduces its share of the stabiliser gradient; ``dtype`` the
+    input dtype; ``C`` the chunk length, ``NT`` the threads of a block (a power of two, at
+    least ``C``); ``TD``, ``TZ`` the tiles of :func:`tiles`.
     """
 
     direction: int
@@ -172,30 +217,45 @@ class SweepSpec:
     out: int
     out_acc: bool
     dm: bool
-    acc: str
-    bf16: bool
+    dtype: np.dtype
     C: int
     NT: int
     TD: int
     TZ: int
 
+    @property
+    def acc(self) -> np.dtype:
+        return accumulation(self.dtype)
+
     def shared_bytes(self, Dx: int) -> int:
         """Dynamic shared memory of one block: the state slice TZ x Dx."""
-        return np.dtype(self.acc).itemsize * self.TZ * Dx
+        return self.acc.itemsize * self.TZ * Dx
 
 
 @functools.cache
-def sweep_kernel(spec: SweepSpec) -> Any:
-    """The compiled-on-first-call sweep kernel for ``spec`` (see the module docstring).
+def sweep(spec: SweepSpec, s0: np.dtype, s_out: np.dtype) -> Kernel:
+    """The sweep kernel for ``spec`` (see the module docstring), with states of dtype ``s0``
+    (incoming) and ``s_out`` (outgoing).
 
     Arguments: ``x, y`` (B, H, S, Dx) and ``z`` (B, H, S, Dz) in the input dtype; ``out``
-    (B, H, S, Dz); ``s0``, ``s_out`` (B, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m``
-    (H,) in acc, ``count0`` (B,) int64, ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part``
-    (B, H, tiles) in acc, or dummies; the flags ``has_s0, has_s_out, has_mask, has_m,
-    has_count0``; ``eps`` in acc. Grid ``(ceil(Dz / TZ), H, B)``, ``NT`` threads, and
-    :meth:`SweepSpec.shared_bytes` of dynamic shared memory.
+    (B, H, S, Dz) in acc or the input dtype (``spec.out_acc``); ``s0``, ``s_out``
+    (B, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m`` (H,) in acc, ``count0`` (B,) int64,
+    ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part`` (B, H, tiles) in acc, or dummies; the
+    flags ``has_s0, has_s_out, has_mask, has_m, has_count0``; ``eps`` in acc. Grid
+    ``(ceil(Dz / TZ), H, B)``, ``NT`` threads, :meth:`SweepSpec.shared_bytes` of dynamic
+    shared memory.
     """
-    dt = np.dtype(spec.acc)
+    io, acc = bits(spec.dtype), spec.acc
+    signature = ((_array(io, 4),) * 3
+                 + (_array(acc if spec.out_acc else io, 4), _array(s0, 4), _array(s_out, 4),
+                    _array(np.bool_, 2), _array(acc, 1), _array(np.int64, 1), _array(io, 4),
+                    _array(acc, 3))
+                 + (_FLAG,) * 5 + (_scalar(acc),))
+    return Kernel(_sweep_function(spec), signature)
+
+
+def _sweep_function(spec: SweepSpec) -> Any:
+    dt = spec.acc
     acc = dt.type
     C, NT, TD, TZ = spec.C, spec.NT, spec.TD, spec.TZ
     NA, NO = _ceil_div(C * C, NT), _ceil_div(C * TZ, NT)
@@ -203,7 +263,7 @@ def sweep_kernel(spec: SweepSpec) -> Any:
     XK, YK, ZK, OK = spec.x, spec.y, spec.z, spec.out
     FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
     OUT_ACC, DM = spec.out_acc, spec.dm
-    load, store = _converters(acc, spec.bf16)
+    load, store = _converters(acc, spec.dtype == BFLOAT16)
     block_sum = _block_sum_fn(NT)
 
     @cuda.jit(device=True)
@@ -223,7 +283,6 @@ def sweep_kernel(spec: SweepSpec) -> Any:
             return inv * real
         return inv
 
-    @cuda.jit
     def sweep(x: Any, y: Any, z: Any, out: Any, s0: Any, s_out: Any, mask: Any, m: Any,
               count0: Any, v: Any, dm_part: Any, has_s0: Any, has_s_out: Any, has_mask: Any,
               has_m: Any, has_count0: Any, eps: Any) -> None:
@@ -393,19 +452,19 @@ def sweep_kernel(spec: SweepSpec) -> Any:
 
 
 @functools.cache
-def normalise_backward_kernel(acc_name: str, bf16: bool, threads: int, lanes: int) -> Any:
+def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     """``out_i = (g_i - x̂_i (x̂_i · g_i)) / |x_i|`` where ``|x_i| > eps``, else ``g_i / eps``.
 
-    ``g`` (B, H, S, D) in acc, ``x`` and ``out`` (B, H, S, D) in the input dtype. Grid
-    ``(ceil(S / ROWS), H, B)``, ``threads`` threads: ``lanes`` of them share a row.
+    ``g`` (B, H, S, D) in acc, ``x`` and ``out`` (B, H, S, D) in the input dtype ``dtype``,
+    ``eps`` in acc. Grid ``(ceil(S / ROWS), H, B)``, ``threads`` threads: ``lanes`` of them
+    share a row.
     """
-    dt = np.dtype(acc_name)
+    dt = accumulation(dtype)
     acc = dt.type
-    load, store = _converters(acc, bf16)
+    load, store = _converters(acc, dtype == BFLOAT16)
     lane_sums = _lane_sums_fn(lanes)
     rows = threads // lanes
 
-    @cuda.jit
     def normalise_backward(g: Any, x: Any, out: Any, eps: Any) -> None:
         tid = cuda.threadIdx.x
         lane = tid % lanes
@@ -440,27 +499,29 @@ def normalise_backward_kernel(acc_name: str, bf16: bool, threads: int, lanes: in
                     store(out, (b, h, s, d), value / den)
             cuda.syncthreads()
 
-    return normalise_backward
+    io = bits(dtype)
+    return Kernel(normalise_backward, (_array(dt, 4), _array(io, 4), _array(io, 4), _scalar(dt)))
 
 
 @functools.cache
-def step_kernel(acc_name: str, bf16: bool, threads: int, lanes: int) -> Any:
+def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     """One recurrent step: ``kv += real w v k̂ᵀ``, ``o = real kv q̂`` for every (b, h).
 
-    ``kv`` (B, H, Dv, Dk) in acc (the state's dtype), ``count`` (B,) int64 the counts *before*
-    the step, ``q, k`` (B, H, Dk), ``v`` and ``o`` (B, H, Dv) in the input dtype, ``m`` (H,),
-    ``mask`` (B,) or dummies. Grid ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads
-    (``lanes`` of them share a row of the state), dynamic shared memory ``2 Dk`` elements of
-    acc. The counts are advanced afterwards by :func:`count_step_kernel`.
+    ``kv`` (B, H, Dv, Dk) in ``state`` (float32 or float64, the dtype it accumulates in),
+    ``count`` (B,) int64 the counts *before* the step, ``q, k`` (B, H, Dk), ``v`` and ``o``
+    (B, H, Dv) in the input dtype ``dtype``, ``m`` (H,) in its accumulation dtype, ``mask``
+    (B,), or dummies; the flags ``has_m, has_mask``; ``eps`` in ``state``. Grid
+    ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads (``lanes`` of them share a row of the
+    state), dynamic shared memory ``2 Dk`` elements of ``state``. The counts are advanced
+    afterwards by :data:`COUNT_STEP`.
     """
-    dt = np.dtype(acc_name)
+    dt = state
     acc = dt.type
-    load, store = _converters(acc, bf16)
+    load, store = _converters(acc, dtype == BFLOAT16)
     block_sums = _lane_sums_fn(threads)
     lane_sums = _lane_sums_fn(lanes)
     rows = threads // lanes
 
-    @cuda.jit
     def step(kv: Any, count: Any, q: Any, k: Any, v: Any, o: Any, m: Any, mask: Any,
              has_m: Any, has_mask: Any, eps: Any) -> None:
         tid = cuda.threadIdx.x
@@ -509,18 +570,20 @@ def step_kernel(acc_name: str, bf16: bool, threads: int, lanes: int) -> Any:
                 store(o, (b, h, t), red[0, tid])
             cuda.syncthreads()
 
-    return step
+    io = bits(dtype)
+    return Kernel(step, (_array(dt, 4), _array(np.int64, 1), *(_array(io, 3),) * 4,
+                         _array(accumulation(dtype), 1), _array(np.bool_, 1), _FLAG, _FLAG,
+                         _scalar(dt)))
 
 
 @functools.cache
-def count_total_kernel(threads: int) -> Any:
+def count_total(threads: int) -> Kernel:
     """``out[b] = count0[b] + Σ_s mask[b, s]`` (or ``+ S``); grid B, ``threads`` threads.
 
     Arguments ``count0, mask, out, S, has_count0, has_mask``.
     """
     block_sum = _block_sum_fn(threads)
 
-    @cuda.jit
     def count_total(count0: Any, mask: Any, out: Any, S: Any, has_count0: Any,
                     has_mask: Any) -> None:
         tid = cuda.threadIdx.x
@@ -538,27 +601,29 @@ def count_total_kernel(threads: int) -> Any:
         if tid == 0:
             out[b] = total + (count0[b] if has_count0 else np.int64(0))
 
-    return count_total
+    return Kernel(count_total, (_array(np.int64, 1), _array(np.bool_, 2), _array(np.int64, 1),
+                                numba.types.int64, _FLAG, _FLAG))
 
 
-@cuda.jit
-def count_step_kernel(count: Any, mask: Any, has_mask: Any) -> None:
-    """``count[b] += mask[b]`` (or 1); one thread per b, after :func:`step_kernel`."""
+def _count_step(count: Any, mask: Any, has_mask: Any) -> None:
     b = cuda.grid(1)
     if b < count.shape[0] and (not has_mask or mask[b]):
         count[b] += 1
 
 
+COUNT_STEP = Kernel(_count_step, (_array(np.int64, 1), _array(np.bool_, 1), _FLAG))
+"""``count[b] += mask[b]`` (or 1), after :func:`step`; one thread per b."""
+
+
 @functools.cache
-def dm_finish_kernel(acc_name: str) -> Any:
+def dm_finish(dt: np.dtype) -> Kernel:
     """``dm[h] = σ(m_h)(1 - σ(m_h)) Σ_b Σ_tile parts[b, h, tile]``, summed in a fixed order.
 
-    ``parts`` (B, H, tiles) and ``m``, ``dm`` (H,) in acc; one thread per h.
+    ``parts`` (B, H, tiles) and ``m``, ``dm`` (H,) in the accumulation dtype ``dt``; one
+    thread per h.
     """
-    dt = np.dtype(acc_name)
     acc = dt.type
 
-    @cuda.jit
     def dm_finish(parts: Any, m: Any, dm: Any) -> None:
         h = cuda.grid(1)
         if h < dm.shape[0]:
@@ -569,4 +634,4 @@ def dm_finish_kernel(acc_name: str) -> Any:
             sig = acc(1) / (acc(1) + math.exp(-m[h]))
             dm[h] = total * (sig * (acc(1) - sig))
 
-    return dm_finish
+    return Kernel(dm_finish, (_array(dt, 3), _array(dt, 1), _array(dt, 1)))
