@@ -96,3 +96,15 @@ def test_kernels_compile_to_ptx(monkeypatch, name, cc):
                                                                 spec.TZ)
         assert 0 < static <= estimate
         assert estimate + spec.shared_bytes(64) <= kernels.SHARED_BYTES
+
+
+@pytest.mark.parametrize("acc", [np.float32, np.float64])
+def test_tiles_fit_shared_memory_or_say_why(acc):
+    size = np.dtype(acc).itemsize
+    for Dx, Dz in [(1, 1), (64, 64), (128, 48), (160, 160), (512, 512), (1000, 3)]:
+        TD, TZ = kernels.tiles(acc, Dx, Dz, GPU.chunk, GPU.threads)
+        assert TZ >= 1 and TZ & (TZ - 1) == 0 and TZ <= max(1, 2 * Dz)
+        used = size * (kernels._static_elements(GPU.chunk, GPU.threads, TD, TZ) + TZ * Dx)
+        assert used <= kernels.SHARED_BYTES
+    with pytest.raises(ValueError, match="head size 100000 is too large"):
+        kernels.tiles(acc, 100_000, 8, GPU.chunk, GPU.threads)
