@@ -46,9 +46,9 @@ def test_unavailable_says_why():
         assert "GPU" in reason
 
 
-def _sweep(output, causal, dtype, dm=False):
+def _sweep(output, causal, dtype):
     dtype = np.dtype(dtype)
-    spec = _numba.sweep_spec(output, causal=causal, dtype=dtype, Dx=64, Dz=64, dm=dm,
+    spec = _numba.sweep_spec(output, causal=causal, dtype=dtype, Dx=64, Dz=64,
                              config=_numba.GPU)
     return kernels.sweep(spec, spec.acc, spec.acc), spec
 
@@ -60,9 +60,9 @@ F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 INSTANCES = {
     "sweep-o-causal-float32": lambda: _sweep("o", True, np.float32),
     "sweep-dq-causal-float16": lambda: _sweep("dq", True, np.float16),
-    "sweep-dv-causal-float32-dm": lambda: _sweep("dv", True, np.float32, dm=True),
+    "sweep-dv-causal-float32": lambda: _sweep("dv", True, np.float32),
     "sweep-o-bidirectional-bfloat16": lambda: _sweep("o", False, BFLOAT16),
-    "sweep-dv-bidirectional-float64-dm": lambda: _sweep("dv", False, np.float64, dm=True),
+    "sweep-dv-bidirectional-float64": lambda: _sweep("dv", False, np.float64),
     "normalise-backward-bfloat16": lambda: (
         kernels.normalise_backward(BFLOAT16, GPU.threads, GPU.lanes), None),
     "normalise-backward-float64": lambda: (

@@ -70,11 +70,11 @@ def unavailable() -> str | None:
     return None
 
 
-def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int, dm: bool = False,
+def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
                config: Config | None = None) -> Any:
     """The :class:`~._numba_kernels.SweepSpec` that computes ``output`` (a row of the table
-    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``) for inputs of ``dtype``; ``Dx``, ``Dz``
-    are the sizes of its x and z operands, ``dm`` whether it also reduces ``dm``."""
+    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``, which also reduces ``dm``) for inputs of
+    ``dtype``; ``Dx``, ``Dz`` are the sizes of its x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
         "o": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
@@ -86,7 +86,8 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int, dm: b
     dtype = np.dtype(dtype)
     cfg = config or CONFIG
     TD, TZ = K.tiles(K.accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
-    return K.SweepSpec(direction, *scales, out_acc, dm, dtype, cfg.chunk, cfg.threads, TD, TZ)
+    return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
+                       cfg.threads, TD, TZ)
 
 
 def _view(x: Any) -> Any:
@@ -135,11 +136,10 @@ class _Call:
         self.state_dummy = _dummy(index, self.acc, 4)
         self.parts_dummy = _dummy(index, self.acc, 3)
 
-    def spec(self, output: str, *, dm: bool = False) -> Any:
+    def spec(self, output: str) -> Any:
         p = self.p
         Dx, Dz = (p.Dk, p.Dv) if output in ("o", "dv") else (p.Dv, p.Dk)
-        return sweep_spec(output, causal=p.causal, dtype=p.dtype, Dx=Dx, Dz=Dz, dm=dm,
-                          config=self.cfg)
+        return sweep_spec(output, causal=p.causal, dtype=p.dtype, Dx=Dx, Dz=Dz, config=self.cfg)
 
     def sweep(self, spec: Any, x: Any, y: Any, z: Any, out: Any, *, s0: Any = None,
               s_out: Any = None, v: Any = None, dm_part: Any = None) -> None:
@@ -194,7 +194,7 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
     call.sweep(call.spec("dk"), v, do, q, dk_hat, s0=transposed(dkv))
     call.normalise_backward(dk_hat, k, dk)
     dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
-    spec = call.spec("dv", dm=m is not None)
+    spec = call.spec("dv")
     dm_part = None
     if m is not None:
         dm_part = xp.empty((p.B, p.H, math.ceil(p.Dv / spec.TZ)), dtype=p.acc)

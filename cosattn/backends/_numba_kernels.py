@@ -205,7 +205,8 @@ class SweepSpec:
     ``direction`` is FORWARD, REVERSE or ALL; ``x``, ``y``, ``z`` the scales of the operands
     (RAW, NORM, NORM_MASKED or VALUE); ``out`` the output's (RAW, MASKED or VALUE); ``out_acc``
     whether the output is an accumulation-dtype scratch array (else it has the input dtype);
-    ``dm`` whether the block also reduces its share of the stabiliser gradient; ``dtype`` the
+    ``dm`` whether the block also reduces its share of the stabiliser gradient (when the call
+    has ``m``); ``dtype`` the
     input dtype; ``C`` the chunk length, ``NT`` the threads of a block (a power of two, at
     least ``C``); ``TD``, ``TZ`` the tiles of :func:`tiles`.
     """
@@ -442,7 +443,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
             for e in range(tid, tz * Dx, NT):
                 t = e // Dx
                 s_out[b, h, z0 + t, e - t * Dx] = st[e]
-        if DM:
+        if DM and has_m:
             redf[0, tid] = dm_acc
             dm_total = block_sum(redf, tid)
             if tid == 0:
