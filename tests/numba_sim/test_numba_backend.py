@@ -248,3 +248,26 @@ def test_gpu_frameworks_round_trip(framework, dtype):
     kw = dict(causal=True, layout="bshd", backend="numba", to_native=native, to_host=host)
     check_forward(case, **kw)
     check_backward(case, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=dtype_name)
+def test_zero_rows_are_divided_by_eps(dtype):
+    case = make_case(np.random.default_rng(23), 1, 2, 18, 4, 3, dtype, mask="inner",
+                     state=True, dstate=True)
+    case.q[0, 0, 3] = 0
+    case.k[0, 1, 5] = 0
+    case.k[0, 0, 7] = 1e-13  # below eps = 1e-12 as well
+    case.f64.update(q=case.q.astype(np.float64), k=case.k.astype(np.float64))
+    check(case, causal=True)
+
+
+def test_bad_input_is_refused_before_any_launch():
+    q = to_device(np.ones((1, 2, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="rank 4"):
+        cosattn.forward(q[0], q[0], q[0], backend="numba")
+    with pytest.raises(ValueError, match="one device"):
+        cosattn.forward(q, np.ones((1, 2, 3, 4), np.float32), q, backend="numba")
+    with pytest.raises(TypeError, match="share one dtype"):
+        cosattn.forward(q, q, to_device(np.ones((1, 2, 3, 4), np.float64)), backend="numba")
+    with pytest.raises(ValueError, match=r"m must have shape \(H,\)"):
+        cosattn.forward(q, q, q, to_device(np.zeros(3, np.float32)), backend="numba")
