@@ -213,6 +213,32 @@ def test_state_belongs_to_the_device():
     np.testing.assert_array_equal(to_host(twin.count), [0, 0])
 
 
+def run_steps(S, tol):
+    """S float32 steps from a zero state, against the float64 RNN reference."""
+    B, H, Dk, Dv = 1, 2, 8, 8
+    case = make_case(np.random.default_rng(29), B, H, S, Dk, Dv, np.float32, mask="inner")
+    q, k, v, m, mask = (to_device(a) for a in (case.q, case.k, case.v, case.m, case.mask))
+    o = cuda.device_array((B, H, S, Dv), np.float32)
+    state = cosattn.RecurrentState.zeros(B, H, Dk, Dv, like=q)
+    for t in range(S):
+        state.step(q[:, :, t], k[:, :, t], v[:, :, t], m, mask=mask[:, t], out=o[:, :, t],
+                   backend="numba")
+    f = case.f64
+    ref_o, ref_kv, _ = reference.forward_rnn(f["q"], f["k"], f["v"], f["m"], mask=case.mask)
+    assert rel_err(to_host(o), ref_o) <= tol
+    assert rel_err(to_host(state.kv), ref_kv) <= tol
+
+
+def test_step_writes_into_out():
+    run_steps(12, TOL[np.dtype(np.float32)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SIMULATED, reason="10^5 steps are for a GPU")
+def test_float32_step_stays_accurate_over_1e5_tokens():
+    run_steps(100_000, 3e-5)  # SPEC.md, "Numbers"
+
+
 @pytest.mark.skipif(SIMULATED, reason="CuPy and torch CUDA arrays need a GPU")
 @pytest.mark.parametrize("framework", ["cupy", "torch"])
 @pytest.mark.parametrize("dtype", [np.float32, BFLOAT16], ids=dtype_name)
