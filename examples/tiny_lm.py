@@ -74,6 +74,7 @@ Params = dict[str, Any]
 LN_EPS = 1e-5
 M_INIT = 0.5
 GELU_C = math.sqrt(2.0 / math.pi)
+GELU_A = 0.044715
 
 
 @dataclass(frozen=True)
@@ -174,16 +175,15 @@ def layer_norm_backward(dy: Any, cache: tuple) -> tuple[Any, Any, Any]:
     return dx, (flat * xhat.reshape(-1, D)).sum(axis=0), flat.sum(axis=0)
 
 
-def gelu(x: Any) -> Any:
-    """GELU, tanh approximation."""
+def gelu(x: Any) -> tuple[Any, Any]:
+    """GELU, tanh approximation; returns ``(y, t)``, ``t`` the tanh, for :func:`gelu_backward`."""
     xp = namespace(x)
-    return 0.5 * x * (1.0 + xp.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+    t = xp.tanh(GELU_C * x * (1.0 + GELU_A * x * x))
+    return 0.5 * x * (1.0 + t), t
 
 
-def gelu_backward(dy: Any, x: Any) -> Any:
-    xp = namespace(x)
-    t = xp.tanh(GELU_C * (x + 0.044715 * x ** 3))
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3 * 0.044715 * x * x))
+def gelu_backward(dy: Any, x: Any, t: Any) -> Any:
+    return dy * (0.5 * (1.0 + t) + 0.5 * GELU_C * x * (1.0 - t * t) * (1.0 + 3 * GELU_A * x * x))
 
 
 def linear(x: Any, w: Any) -> Any:
@@ -255,15 +255,15 @@ def attention_backward(da: Any, p: Params, pre: str, cache: tuple, grads: Params
 def mlp(p: Params, pre: str, h: Any) -> tuple[Any, tuple]:
     """``gelu(h @ w1 + b1) @ w2 + b2``; returns ``(out, cache)``."""
     z = linear(h, p[pre + "mlp.w1"]) + p[pre + "mlp.b1"]
-    a = gelu(z)
-    return linear(a, p[pre + "mlp.w2"]) + p[pre + "mlp.b2"], (h, z, a)
+    a, t = gelu(z)
+    return linear(a, p[pre + "mlp.w2"]) + p[pre + "mlp.b2"], (h, z, t, a)
 
 
 def mlp_backward(dy: Any, p: Params, pre: str, cache: tuple, grads: Params) -> Any:
-    h, z, a = cache
+    h, z, t, a = cache
     da, grads[pre + "mlp.w2"] = linear_backward(dy, a, p[pre + "mlp.w2"])
     grads[pre + "mlp.b2"] = dy.reshape(-1, dy.shape[-1]).sum(axis=0)
-    dz = gelu_backward(da, z)
+    dz = gelu_backward(da, z, t)
     dh, grads[pre + "mlp.w1"] = linear_backward(dz, h, p[pre + "mlp.w1"])
     grads[pre + "mlp.b1"] = dz.reshape(-1, dz.shape[-1]).sum(axis=0)
     return dh
@@ -457,7 +457,7 @@ class Adam:
 
 def clip_grads(grads: Params, max_norm: float) -> float:
     """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``; return the norm."""
-    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    norm = math.sqrt(float(sum((g * g).sum() for g in grads.values())))  # one device sync
     if norm > max_norm:
         for g in grads.values():
             g *= max_norm / norm

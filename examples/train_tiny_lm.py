@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tiny_lm
 from tqdm import tqdm
+
+import tiny_lm
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=HERE / "tiny_lm.npz", help="weights file to write")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: NumPy arrays; cuda: CuPy arrays")
-    ap.add_argument("--steps", type=int, default=400, help="optimiser steps")
+    ap.add_argument("--steps", type=int, default=600, help="optimiser steps")
     ap.add_argument("--batch", type=int, default=16, help="windows per step (B)")
     ap.add_argument("--context", type=int, default=128, help="bytes per window (S)")
     ap.add_argument("--d-model", type=int, default=128, help="model width D")
