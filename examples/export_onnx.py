@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import tiny_lm
 from onnx import TensorProto, helper, numpy_helper
 
 from cosattn import onnx as cosattn_onnx
+
+import tiny_lm
 
 HERE = Path(__file__).resolve().parent
 PREFILL_FILE = "tiny_lm_prefill.onnx"

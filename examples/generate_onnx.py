@@ -20,9 +20,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import export_onnx
 import numpy as np
 import onnxruntime as ort
+
+import export_onnx
 import tiny_lm
 
 HERE = Path(__file__).resolve().parent
