@@ -7,18 +7,20 @@
 //                                                         dm, dkv0 (the final state)
 //   3. dq̂   = fwd(Q = do, K = ṽ,  V = k̂', from kv0ᵀ)  -> dq = (real dq̂ - q̂ δq [|q| > eps]) / max(|q|, eps)
 //   4. dk̂   = rev(Q = ṽ,  K = do, V = q̂', from dkvᵀ)  -> dk = (real dk̂ - k̂ δk [|k| > eps]) / max(|k|, eps)
-// The normalisation needs each row's inner product q̂_i · dq̂_i, which spans all of Dk while a
-// block owns a slice of it; the identity q̂_i · dq̂_i = do_i · o_i (and k̂_j · dk̂_j = ṽ_j · dṽ_j)
-// lets the first kernel compute it from slices of Dv instead. values_kernel (sweeps 1 and 2, a
-// block per (b, h, slice of Dv)) writes per-slice partial sums of δq and δk and of dm;
-// queries_keys_kernel (sweeps 3 and 4, a block per (b, h, slice of Dk)) adds them up in a fixed
-// order; dm_kernel adds up dm. No atomics: the gradients are the same bits from run to run.
+// The normalisation needs each row's inner product q̂_i · dq̂_i. When one block of
+// queries_keys_kernel (sweeps 3 and 4, a block per (b, h, slice of Dk)) holds all of Dk, it sums
+// it from its own tile. Otherwise the identity q̂_i · dq̂_i = do_i · o_i (and k̂_j · dk̂_j = ṽ_j ·
+// dṽ_j) lets values_kernel (sweeps 1 and 2, a block per (b, h, slice of Dv)) compute it from
+// slices of Dv: it writes per-slice partial sums, which queries_keys_kernel adds up in a fixed
+// order. values_kernel also writes per-slice partial sums of dm, which dm_kernel adds up. No
+// atomics: the gradients are the same bits from run to run.
 #include "common.cuh"
 
 namespace cosattn {
 
-// Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), dm_part (B, H, nsv), with
-// dm_part holding Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns.
+// Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), or null when queries_keys_kernel
+// does not need them (sweep 1 is then skipped), dm_part (B, H, nsv) or null, holding
+// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns.
 // dout, dv: (B, H, S, Dv) strided; dkv: contiguous (B, H, Dv, Dk) or null; dkv0: contiguous
 // (B, H, Dv, Dk), written when given (an incoming state). Other arguments as forward_kernel.
 template <typename T, int DK, int DV, int C, int SL>
@@ -79,9 +81,11 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
       if (lane == 0) dq_part[part_offset + t0 + r] = sum;
     }
   };
-  block.run(forward, Operand<T>{seq.q, dk, Scale::kQuery}, Operand<T>{seq.k, dk, Scale::kKey},
-            Operand<T>{vrows, dvn, Scale::kValue},
-            kv0 == nullptr ? nullptr : kv0 + state_offset, false, nullptr, true, true, delta_q);
+  if (dq_part != nullptr) {
+    block.run(forward, Operand<T>{seq.q, dk, Scale::kQuery}, Operand<T>{seq.k, dk, Scale::kKey},
+              Operand<T>{vrows, dvn, Scale::kValue},
+              kv0 == nullptr ? nullptr : kv0 + state_offset, false, nullptr, true, true, delta_q);
+  }
 
   // Sweep 2: dṽ; dv = real w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm.
   A dm = 0;  // this warp's rows; summed over the warps in order at the end
@@ -95,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
         dvrows(t0 + r, c0 + c) = Num<T>::store(w * g);
       }
       sum = warp_sum(sum);
-      if (lane == 0) dk_part[part_offset + t0 + r] = sum;
+      if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
       dm -= sum * sm.lnc[r];
     }
   };
@@ -115,8 +119,9 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
   }
 }
 
-// dq, dk: (B, H, S, Dk) strided; nsv: the slices of Dv values_kernel used. Other arguments as
-// values_kernel. The contraction runs over Dv here and a block owns a slice of Dk.
+// dq, dk: (B, H, S, Dk) strided; nsv: the slices of Dv values_kernel used; dq_part, dk_part
+// null when a block holds all of Dk. Other arguments as values_kernel. The contraction runs over
+// Dv here and a block owns a slice of Dk.
 template <typename T, int DK, int DV, int C, int SL>
 __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -165,18 +170,26 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
   const Smem& sm = block.sm;
   const int lane = lane_id();
 
-  // dx = (real dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps), x̂ · dx̂ from the partials.
-  auto normalise = [&](const Rows<const T>& x, const Rows<T>& dx, const A* part, const A* inv,
+  // dx = (real dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps), with x̂ · dx̂ summed over this
+  // tile (part null: the block holds all of Dk) or over values_kernel's partials.
+  auto normalise = [&](const Rows<const T>& x, const Rows<T>& dx, const A* part, const A* den,
                        const A* big, index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
+      const A d = den[r], real = sm.real[r];
       A inner = 0;
-      for (index_t s = 0; s < nsv; ++s) inner += part[s * part_stride + part_offset + t0 + r];
+      if (part == nullptr) {
+        for (int c = lane; c < cols; c += kWarp) {
+          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * (real * sm.out[r * Smem::kLdO + c]);
+        }
+        inner = warp_sum(inner);
+      } else {
+        for (index_t s = 0; s < nsv; ++s) inner += part[s * part_stride + part_offset + t0 + r];
+      }
       inner *= big[r];
-      const A scale = inv[r], real = sm.real[r];
       for (int c = lane; c < cols; c += kWarp) {
-        const A xh = Num<T>::load(x(t0 + r, c0 + c)) * scale;
+        const A xh = Num<T>::load(x(t0 + r, c0 + c)) / d;
         const A g = real * sm.out[r * Smem::kLdO + c];
-        dx(t0 + r, c0 + c) = Num<T>::store((g - xh * inner) * scale);
+        dx(t0 + r, c0 + c) = Num<T>::store((g - xh * inner) / d);
       }
     }
   };
@@ -187,13 +200,13 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
   block.run(forward, Operand<T>{drows, dvn, Scale::kNone}, Operand<T>{vrows, dvn, Scale::kValue},
             Operand<T>{seq.k, dkn, Scale::kKey}, kv0 == nullptr ? nullptr : kv0 + state_offset,
             true, nullptr, true, true, [&](index_t t0, int rows) {
-              normalise(seq.q, dqrows, dq_part, sm.qinv, sm.qbig, t0, rows);
+              normalise(seq.q, dqrows, dq_part, sm.qden, sm.qbig, t0, rows);
             });
   // Sweep 4: dk̂.
   block.run(reverse, Operand<T>{vrows, dvn, Scale::kValue}, Operand<T>{drows, dvn, Scale::kNone},
             Operand<T>{seq.q, dkn, Scale::kQuery}, dkv == nullptr ? nullptr : dkv + state_offset,
             true, nullptr, true, true, [&](index_t t0, int rows) {
-              normalise(seq.k, dkrows, dk_part, sm.kinv, sm.kbig, t0, rows);
+              normalise(seq.k, dkrows, dk_part, sm.kden, sm.kbig, t0, rows);
             });
 }
 

@@ -20,8 +20,12 @@
 // stabiliser w_j and the row norms of q and k; the tile loads apply them, so q, k and v are
 // never normalised or copied outside the kernel. Products of half and bfloat16 tiles run on
 // tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split into a high
-// and a low 16-bit part, scaled by a power of two so that float16 cannot overflow. float and
-// double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed order, so a
+// and a low 16-bit part, scaled by a power of two so that float16 cannot overflow. The tiles
+// computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way, and each
+// product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy. SPEC.md's
+// bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state or dm that is a
+// short sum whose terms cancel would miss them. Inputs taken as they are (do) have no low part.
+// float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed order, so a
 // result is the same bits from run to run.
 //
 // The helpers of Block and gemm are __noinline__: each is compiled once per Block type instead of
@@ -215,9 +219,10 @@ struct Shared {
 
   int ld_x;   // q and k tiles and the 16-bit state parts: DqP + kPadT
   int ld_st;  // state: DqP + kPadA
-  T *q, *k, *v, *p, *hi, *lo;
+  T *q, *k, *v, *p, *state_hi, *state_lo;
+  T *q_lo, *k_lo, *v_lo, *p_lo;
   A *scores, *out, *state;
-  A *real, *w, *lnc, *qinv, *kinv, *qbig, *kbig;  // per row of the chunk
+  A *real, *w, *lnc, *qden, *kden, *qbig, *kbig;  // per row of the chunk
   A* red;       // block reductions
   A* scalars;   // [0]: 1 / scale of the split state
   index_t* ints;  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
@@ -230,19 +235,22 @@ struct Shared {
     scores = take<A>(base, at, size_t(C) * kLdS);
     out = take<A>(base, at, size_t(C) * kLdO);
     state = take<A>(base, at, size_t(SL) * ld_st);
+    p = state_hi = state_lo = q_lo = k_lo = v_lo = p_lo = nullptr;
     if (kMma) {
       p = take<T>(base, at, size_t(C) * kLdP);
-      hi = take<T>(base, at, size_t(SL) * ld_x);
-      lo = take<T>(base, at, size_t(SL) * ld_x);
-    } else {
-      p = hi = lo = nullptr;
+      state_hi = take<T>(base, at, size_t(SL) * ld_x);
+      state_lo = take<T>(base, at, size_t(SL) * ld_x);
+      q_lo = take<T>(base, at, size_t(C) * ld_x);
+      k_lo = take<T>(base, at, size_t(C) * ld_x);
+      v_lo = take<T>(base, at, size_t(C) * kLdV);
+      p_lo = take<T>(base, at, size_t(C) * kLdP);
     }
     A* rows = take<A>(base, at, size_t(7) * C);
     real = rows;
     w = rows + C;
     lnc = rows + 2 * C;
-    qinv = rows + 3 * C;
-    kinv = rows + 4 * C;
+    qden = rows + 3 * C;
+    kden = rows + 4 * C;
     qbig = rows + 5 * C;
     kbig = rows + 6 * C;
     red = take<A>(base, at, 32);
@@ -269,13 +277,23 @@ struct Layout<true> {
 
 // c (M x N, row-major, ldc) = alpha * op(a) op(b) (+ c when accumulate), all in shared memory.
 // op(a) is M x K: a[m * lda + k], or a[k * lda + m] when AT; op(b) is K x N: b[k * ldb + n], or
-// b[n * ldb + k] when BT. M, N, K are multiples of 16. Called by the whole block; each output
-// tile belongs to one warp, the same one for every call with the same M and N.
+// b[n * ldb + k] when BT. On tensor cores, a_lo and b_lo (laid out like a and b, or null) are
+// low parts: the product is then a b + a b_lo + a_lo b. M, N, K are multiples of 16. Called by
+// the whole block; each output tile belongs to one warp, the same one for every call with the
+// same M and N.
+template <typename X>
+struct Same {  // keeps a parameter out of template argument deduction (nullptr arguments)
+  using type = X;
+};
+
 template <bool AT, bool BT, typename X, typename A>
-__device__ __noinline__ void gemm(A* c, int ldc, const X* a, int lda, const X* b, int ldb, int M,
-                                  int N, int K, A alpha, bool accumulate) {
+__device__ __noinline__ void gemm(A* c, int ldc, const X* a, const typename Same<X>::type* a_lo,
+                                  int lda, const X* b, const typename Same<X>::type* b_lo,
+                                  int ldb, int M, int N, int K, A alpha, bool accumulate) {
   if constexpr (Num<X>::mma) {
     using namespace nvcuda;
+    using LayoutA = typename Layout<AT>::type;
+    using LayoutB = typename Layout<BT>::type;
     const int tiles_n = N / 16;
     const int tiles = (M / 16) * tiles_n;
     for (int t = warp_id(); t < tiles; t += kWarps) {
@@ -283,11 +301,23 @@ __device__ __noinline__ void gemm(A* c, int ldc, const X* a, int lda, const X* b
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> prod, result;
       wmma::fill_fragment(prod, 0.0f);
       for (int k0 = 0; k0 < K; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, X, typename Layout<AT>::type> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, X, typename Layout<BT>::type> fb;
-        wmma::load_matrix_sync(fa, AT ? a + k0 * lda + i0 : a + i0 * lda + k0, lda);
-        wmma::load_matrix_sync(fb, BT ? b + j0 * ldb + k0 : b + k0 * ldb + j0, ldb);
+        const int at = AT ? k0 * lda + i0 : i0 * lda + k0;
+        const int bt = BT ? j0 * ldb + k0 : k0 * ldb + j0;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, X, LayoutA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, X, LayoutB> fb;
+        wmma::load_matrix_sync(fa, a + at, lda);
+        wmma::load_matrix_sync(fb, b + bt, ldb);
         wmma::mma_sync(prod, fa, fb, prod);
+        if (b_lo != nullptr) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, X, LayoutB> fb_lo;
+          wmma::load_matrix_sync(fb_lo, b_lo + bt, ldb);
+          wmma::mma_sync(prod, fa, fb_lo, prod);
+        }
+        if (a_lo != nullptr) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, X, LayoutA> fa_lo;
+          wmma::load_matrix_sync(fa_lo, a_lo + at, lda);
+          wmma::mma_sync(prod, fa_lo, fb, prod);
+        }
       }
       float* tile = c + i0 * ldc + j0;
       if (accumulate) {
@@ -329,6 +359,7 @@ struct Block {
   Sequence<T> seq;
   int Dq, DqP;     // contraction width and its multiple of 16
   int c0, Dout, cols;
+  bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are loaded
 
   __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout)
       : sm(dynamic_shared(), ((DQ > 0 ? DQ : dq) + 15) / 16 * 16),
@@ -393,8 +424,9 @@ struct Block {
     }
   }
 
-  // 1 / max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row.
-  __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* inv,
+  // max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row. Rows are
+  // divided by the first, as SPEC.md writes it (so a row of one entry becomes exactly ±1).
+  __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
                                      A* big) {
     for (int r = warp_id(); r < C; r += kWarps) {
       A sum = 0;
@@ -407,7 +439,7 @@ struct Block {
       sum = warp_sum(sum);
       if (lane_id() == 0) {
         const A n = sqrt_(sum);
-        inv[r] = r < rows ? A(1) / max_(n, seq.eps) : A(0);
+        den[r] = max_(n, seq.eps);
         big[r] = n > seq.eps ? A(1) : A(0);
       }
     }
@@ -416,40 +448,43 @@ struct Block {
   __device__ __noinline__ void prologue(Mode mode, index_t t0, int rows, bool need_q,
                                         bool need_k) {
     if (warp_id() == 0) counts(mode, t0, rows);
-    if (need_q) norms(seq.q, t0, rows, sm.qinv, sm.qbig);
-    if (need_k) norms(seq.k, t0, rows, sm.kinv, sm.kbig);
+    if (need_q) norms(seq.q, t0, rows, sm.qden, sm.qbig);
+    if (need_k) norms(seq.k, t0, rows, sm.kden, sm.kbig);
     __syncthreads();
   }
 
   // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, scaled per row, into a
-  // C x width tile (zero outside).
-  __device__ __noinline__ void load(const Operand<T>& op, T* dst, int ld, index_t t0, int rows,
-                                    int col0, int ncols, int width) {
-    const A* s1 = op.scale == Scale::kQuery ? sm.qinv
-                  : op.scale == Scale::kKey ? sm.kinv
-                  : op.scale == Scale::kValue ? sm.w
-                                              : nullptr;
-    const A* s2 = op.scale == Scale::kQuery || op.scale == Scale::kKey ? sm.real : nullptr;
+  // C x width tile (zero outside); with a low tile, the rounding error of the scaled values goes
+  // there. Returns whether it did (operands taken as they are have none).
+  __device__ __noinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
+                                    int rows, int col0, int ncols, int width) {
+    const bool normed = op.scale == Scale::kQuery || op.scale == Scale::kKey;
+    const A* den = op.scale == Scale::kQuery ? sm.qden : sm.kden;
+    const A* scale = normed ? sm.real : op.scale == Scale::kValue ? sm.w : nullptr;
+    const bool split = low != nullptr && scale != nullptr;
     for (int idx = int(threadIdx.x); idx < C * width; idx += kThreads) {
       const int r = idx / width, c = idx % width;
       A x = 0;
       if (r < rows && c < ncols) {
         x = Num<T>::load(op.x(t0 + r, col0 + c));
-        if (s1 != nullptr) x *= s1[r];
-        if (s2 != nullptr) x *= s2[r];
+        if (normed) x /= den[r];
+        if (scale != nullptr) x *= scale[r];
       }
-      dst[r * ld + c] = Num<T>::store(x);
+      const T hi = Num<T>::store(x);
+      dst[r * ld + c] = hi;
+      if (split) low[r * ld + c] = Num<T>::store(x - Num<T>::load(hi));
     }
+    return split;
   }
 
   __device__ void load_q(const Operand<T>& op, index_t t0, int rows) {
-    load(op, sm.q, sm.ld_x, t0, rows, 0, Dq, DqP);
+    q_low = load(op, sm.q, sm.q_lo, sm.ld_x, t0, rows, 0, Dq, DqP);
   }
   __device__ void load_k(const Operand<T>& op, index_t t0, int rows) {
-    load(op, sm.k, sm.ld_x, t0, rows, 0, Dq, DqP);
+    k_low = load(op, sm.k, sm.k_lo, sm.ld_x, t0, rows, 0, Dq, DqP);
   }
   __device__ void load_v(const Operand<T>& op, index_t t0, int rows) {
-    load(op, sm.v, Smem::kLdV, t0, rows, c0, cols, SL);
+    v_low = load(op, sm.v, sm.v_lo, Smem::kLdV, t0, rows, c0, cols, SL);
   }
 
   // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
@@ -491,8 +526,8 @@ struct Block {
         const int r = idx / DqP, c = idx % DqP;
         const float x = sm.state[r * sm.ld_st + c] * scale;
         const T h = Num<T>::store(x);
-        sm.hi[r * sm.ld_x + c] = h;
-        sm.lo[r * sm.ld_x + c] = Num<T>::store(x - Num<T>::load(h));
+        sm.state_hi[r * sm.ld_x + c] = h;
+        sm.state_lo[r * sm.ld_x + c] = Num<T>::store(x - Num<T>::load(h));
       }
       __syncthreads();
     }
@@ -501,48 +536,50 @@ struct Block {
   // Out (accumulate: +=) Q Stateᵀ.
   __device__ __noinline__ void inter(bool accumulate) {
     if constexpr (kMma) {
-      const A unscale = sm.scalars[0];
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.hi, sm.ld_x, C, SL, DqP, unscale,
-                        accumulate);
-      __syncthreads();
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.lo, sm.ld_x, C, SL, DqP, unscale,
-                        true);
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, low(q_low, sm.q_lo), sm.ld_x, sm.state_hi,
+                        sm.state_lo, sm.ld_x, C, SL, DqP, sm.scalars[0], accumulate);
     } else {
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, sm.ld_x, sm.state, sm.ld_st, C, SL, DqP, A(1),
-                        accumulate);
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, nullptr, sm.ld_x, sm.state, nullptr, sm.ld_st,
+                        C, SL, DqP, A(1), accumulate);
     }
     __syncthreads();
   }
 
   // Out = mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i.
   __device__ __noinline__ void intra(Mode mode) {
-    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, sm.ld_x, sm.k, sm.ld_x, C, C, DqP, A(1), false);
+    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, low(q_low, sm.q_lo), sm.ld_x, sm.k,
+                      low(k_low, sm.k_lo), sm.ld_x, C, C, DqP, A(1), false);
     __syncthreads();
     for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
       const int i = idx / C, j = idx % C;
       const bool keep = mode == Mode::kForward ? j <= i : j >= i;
       const A x = keep ? sm.scores[i * Smem::kLdS + j] : A(0);
       if constexpr (kMma) {
-        sm.p[i * Smem::kLdP + j] = Num<T>::store(x);
+        const T hi = Num<T>::store(x);
+        sm.p[i * Smem::kLdP + j] = hi;
+        sm.p_lo[i * Smem::kLdP + j] = Num<T>::store(x - Num<T>::load(hi));
       } else {
         sm.scores[i * Smem::kLdS + j] = x;
       }
     }
     __syncthreads();
     if constexpr (kMma) {
-      gemm<false, false>(sm.out, Smem::kLdO, sm.p, Smem::kLdP, sm.v, Smem::kLdV, C, SL, C, A(1),
-                         false);
+      gemm<false, false>(sm.out, Smem::kLdO, sm.p, sm.p_lo, Smem::kLdP, sm.v, low(v_low, sm.v_lo),
+                         Smem::kLdV, C, SL, C, A(1), false);
     } else {
-      gemm<false, false>(sm.out, Smem::kLdO, sm.scores, Smem::kLdS, sm.v, Smem::kLdV, C, SL, C,
-                         A(1), false);
+      gemm<false, false>(sm.out, Smem::kLdO, sm.scores, nullptr, Smem::kLdS, sm.v, nullptr,
+                         Smem::kLdV, C, SL, C, A(1), false);
     }
     __syncthreads();
   }
 
   // State += Vᵀ K for the chunk in the tiles.
   __device__ __noinline__ void absorb() {
-    gemm<true, false>(sm.state, sm.ld_st, sm.v, Smem::kLdV, sm.k, sm.ld_x, SL, DqP, C, A(1), true);
+    gemm<true, false>(sm.state, sm.ld_st, sm.v, low(v_low, sm.v_lo), Smem::kLdV, sm.k,
+                      low(k_low, sm.k_lo), sm.ld_x, SL, DqP, C, A(1), true);
   }
+
+  static __device__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }
 
   // One sweep. The epilogue is called by the whole block as epilogue(t0, rows) once the chunk's
   // Out tile (sm.out, C x SL: rows < rows and columns < cols are meaningful) and the row arrays

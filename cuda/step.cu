@@ -42,11 +42,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(
   }
   qq = block_sum(qq, scratch);
   kk = block_sum(kk, scratch);
-  const St qinv = St(1) / max_(sqrt_(qq), eps);
-  const St kinv = St(1) / max_(sqrt_(kk), eps);
+  const St qden = max_(sqrt_(qq), eps);
+  const St kden = max_(sqrt_(kk), eps);
   for (index_t d = threadIdx.x; d < Dk; d += kThreads) {
-    qh[d] *= qinv;
-    kh[d] *= kinv;
+    qh[d] /= qden;
+    kh[d] /= kden;
   }
   __syncthreads();
 

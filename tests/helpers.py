@@ -17,17 +17,18 @@ TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.floa
 MASK_KINDS = ("none", "left", "right", "inner")
 
 
-def rel_err(x, ref) -> float:
-    """``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64 (SPEC.md, "Numbers")."""
+def rel_err(x, ref, scale=0.0) -> float:
+    """``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64 (SPEC.md, "Numbers"); ``scale``, when
+    larger, replaces ``|ref|`` (see ``dm_scale``)."""
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     assert x.shape == ref.shape, (x.shape, ref.shape)
     floor = 1e-6 * np.sqrt(max(ref.size, 1))
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), scale, floor))
 
 
-def assert_close(x, ref, dtype, what="") -> None:
-    err = rel_err(x, ref)
+def assert_close(x, ref, dtype, what="", scale=0.0) -> None:
+    err = rel_err(x, ref, scale)
     tol = TOL[np.dtype(dtype)]
     assert err <= tol, f"{what}: err {err:.3g} > {tol:.3g} for {np.dtype(dtype)}"
 
@@ -97,6 +98,27 @@ def reference_backward(case: Case, causal=True):
                               mask=case.mask, kv0=f["kv0"], count0=case.count0, dkv=f["dkv"])
 
 
+def dm_scale(case: Case, causal=True) -> float:
+    """The size of the terms that ``dm`` sums: ``|t|`` over t[b, h, j] = ln(c_j) (dv_j . v_j).
+
+    ``dm`` is one number per head, a sum over B x S of terms of either sign (SPEC.md, "Backward":
+    ``dṽ_j . ṽ_j = dv_j . v_j``). Each term carries the rounding of the values' gradient, about
+    1e-7 of it in float32, so the error of any float32 computation of ``dm`` scales with |t|,
+    not with |dm|: on a draw where the terms cancel to |dm| << |t|, SPEC.md's
+    ``|dm - ref| / |ref|`` exceeds 1e-5 for every backend, the NumPy one included. ``dm`` is
+    therefore measured against max(|ref|, |t|), which is |ref| unless the terms cancel unusually.
+    """
+    dv = reference_backward(case, causal)[2]
+    real = np.ones(case.q.shape[::2], bool) if case.mask is None else case.mask  # (B, S)
+    if causal:
+        n = np.cumsum(real, axis=1) + (0 if case.count0 is None else case.count0[:, None])
+    else:
+        n = np.broadcast_to(real.sum(axis=1, keepdims=True), real.shape)
+    terms = np.log(np.maximum(n, 1))[:, None, :] * np.einsum("bhsd,bhsd->bhs", dv, case.f64["v"])
+    sig = 1.0 / (1.0 + np.exp(-case.f64["m"]))
+    return float(np.linalg.norm(terms * (sig * (1.0 - sig))[None, :, None]))
+
+
 def case_id(B, H, S, Dk, Dv) -> str:
     return f"B{B}-H{H}-S{S}-Dk{Dk}-Dv{Dv}"
 
@@ -159,6 +181,6 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
     if case.m is None:
         assert grads[3] is None
     else:
-        assert_close(to_host(grads[3]), ref[3], case.dtype, "dm")
+        assert_close(to_host(grads[3]), ref[3], case.dtype, "dm", dm_scale(case, causal))
     if state is not None:
         assert_close(to_host(grads[4]), ref[4], case.dtype, "dkv0")

@@ -57,7 +57,7 @@ STATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # of C tokens; chosen so that _shared_bytes stays under ~100 KiB (every sm_80+ GPU) except for
 # float64 at D = 256 (104 KiB: A100, H100) and large general sizes.
 TILES = {
-    2: {16: (64, 16), 32: (64, 32), 64: (64, 32), 128: (32, 32), 256: (32, 16), GENERAL: (32, 16)},
+    2: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (16, 16), GENERAL: (32, 16)},
     4: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (32, 16), GENERAL: (32, 16)},
     8: {16: (32, 16), 32: (32, 32), 64: (32, 32), 128: (16, 32), 256: (16, 16), GENERAL: (16, 16)},
 }
@@ -294,8 +294,10 @@ def _shared_bytes(dtype: Any, DqP: int, C: int, SL: int) -> int:
     pad_t, pad_a = (8, 4) if mma else (1, 1)
     sizes = [C * (DqP + pad_t) * t, C * (DqP + pad_t) * t, C * (SL + pad_t) * t,
              C * (C + pad_a) * a, C * (SL + pad_a) * a, SL * (DqP + pad_a) * a]
-    if mma:
-        sizes += [C * (C + pad_t) * t, SL * (DqP + pad_t) * t, SL * (DqP + pad_t) * t]
+    if mma:  # probabilities, the state's two parts, the low parts of q, k, v, probabilities
+        sizes += [C * (C + pad_t) * t, SL * (DqP + pad_t) * t, SL * (DqP + pad_t) * t,
+                  C * (DqP + pad_t) * t, C * (DqP + pad_t) * t, C * (SL + pad_t) * t,
+                  C * (C + pad_t) * t]
     sizes += [7 * C * a, 32 * a, 8 * a, 40 * 8]
     return sum(_cdiv(s, 128) * 128 for s in sizes)
 
@@ -362,13 +364,18 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
         kv0c = _contiguous(xp, kv0, p.acc)
         dkvc = _contiguous(xp, dkv, p.acc)
         count0c = _contiguous(xp, count0, np.int64)
-        dq_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
-        dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
+        # Partial sums of q̂ · dq̂ and k̂ · dk̂ over slices of Dv, when a block of the second kernel
+        # holds a slice of Dk only (see backward.cu).
+        dq_part = dk_part = None
+        if nsk > 1:
+            dq_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
+            dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
         dm_part = None if m is None else xp.empty((p.B, p.H, nsv), dtype=p.acc)
         dkv0 = None if kv0 is None else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
         sizes = _ints(p.B, p.H, p.S, p.Dk, p.Dv)
         tail = (*_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
-        _launch(spec, values, p.B * p.H * nsv, _shared_bytes(p.dtype, _round16(p.Dk), C, SL),
+        _launch(spec, values, p.B * p.H * nsv,
+                _shared_bytes(p.dtype, _round16(p.Dk), C, SL),
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(dv), _ptr(m), _ptr(mask),
                  _ptr(kv0c), _ptr(count0c), _ptr(dkvc), _ptr(dkv0), _ptr(dq_part),
                  _ptr(dk_part), _ptr(dm_part), *sizes, *_strides(q, 4), *_strides(k, 4),
