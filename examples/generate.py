@@ -1,8 +1,9 @@
 """Continue a prompt with the tiny Cottention language model, one byte at a time.
 
 The prompt runs through the parallel form (``cosattn.forward(..., return_state=True)``); every
-further byte goes through ``cosattn.RecurrentState.step``, so the attention memory stays the
-same however long the text grows. At the end a table compares it with what a softmax
+further byte goes through ``cosattn.RecurrentState.step``, so the memory stays the same however
+long the text grows: per layer, the attention state (H x Dh x Dh numbers and a count) and the
+token shift's last vector (D numbers). At the end a table compares it with what a softmax
 transformer of the same shape would keep in its KV cache at each length::
 
     python examples/train_tiny_lm.py          # writes examples/tiny_lm.npz
@@ -68,7 +69,7 @@ def main() -> None:
             readings.append((context, sum(s.nbytes for s in states)))
     sys.stdout.write(decoder.decode(b"", final=True) + "\n\n")
 
-    print(f"{'context (bytes)':>16}  {'Cottention state':>18}  {'softmax KV cache':>18}")
+    print(f"{'context (bytes)':>16}  {'recurrent state':>18}  {'softmax KV cache':>18}")
     for context, state_bytes in readings:
         # a softmax transformer keeps every past key and value: 2 x D numbers per layer and byte
         cache = 2 * cfg.n_layers * context * cfg.d_model * itemsize
