@@ -12,7 +12,14 @@ Transformers With Cosine Attention", appendix A. The state after every position,
 Dv x Dk outer products, a (B, H, S, Dv, Dk) tensor (S·D² memory), and ``o_i = KV_i q̂_i``. Its
 backward is the hand-derived one of the same form: ``dq̂_i = KV_iᵀ do_i`` from the same cumulative
 sum, and from the reverse cumulative sum ``G_j = sum_{i >= j} do_i q̂_iᵀ``: ``dk̂_j = G_jᵀ ṽ_j``,
-``dṽ_j = G_j k̂_j``; then the stabiliser and normalisation chain rules of SPEC.md.
+``dṽ_j = G_j k̂_j``; then the stabiliser and normalisation chain rules of SPEC.md. As printed,
+the sum is the framework's ``cumsum`` (``xp.cumsum``, which writes a second tensor of that size).
+
+``appendix_sliced_*``: the same form and the same sums in the same order, but the cumulative sum
+runs in place, adding whole (B, H, Dv, Dk) slices in sequence. NumPy's ``cumsum`` along that axis
+walks one strided line at a time and is some 40 times slower than this; the sliced variant shows
+what the form costs without that NumPy artefact (on a GPU, where ``cupy.cumsum`` is a parallel
+scan, only the printed form is measured).
 
 ``quadratic_*``: the masked S x S form, ``o = tril(Q̂ K̂ᵀ) Ṽ`` (S² memory per head).
 
@@ -27,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-FORMS = ("appendix", "quadratic")
+FORMS = ("appendix", "appendix_sliced", "quadratic")
 MODES = ("fwd", "fwdbwd")
 EPS = 1e-12
 
@@ -95,28 +102,25 @@ def _epilogue(xp: Any, x: _Prepared, dqh: Any, dkh: Any, dvt: Any, dtype: Any,
     return dq.astype(dtype), dk.astype(dtype), (dvt * x.scale).astype(dtype), dm
 
 
-def _outer_cumsum(xp: Any, a: Any, b: Any, *, reverse: bool) -> Any:
+def _outer_cumsum(xp: Any, a: Any, b: Any, *, reverse: bool, sliced: bool) -> Any:
     """``sum_{j <= i} a_j b_jᵀ`` (``j >= i`` with ``reverse``) for every i: (B, H, S, Da, Db).
 
-    NumPy's ``cumsum`` walks one strided line at a time and is some 30 times slower here than
-    adding whole (B, H, Da, Db) slices in sequence, so on NumPy the sum runs in place slice by
-    slice (the same sums in the same order): the baseline is not slowed by something that has
-    nothing to do with its form. Elsewhere ``xp.cumsum`` (CuPy's is a parallel scan) writes a
-    second tensor of the same size, since an in-place scan is not documented to be safe.
+    ``xp.cumsum`` as printed (a second tensor of the same size), or with ``sliced`` in place,
+    one (B, H, Da, Db) slice added to the next at a time.
     """
     outer = a[..., :, None] * b[..., None, :]
     view = xp.flip(outer, axis=2) if reverse else outer
-    if xp is not np:
+    if not sliced:
         view = xp.cumsum(view, axis=2)
         del outer
         return xp.flip(view, axis=2) if reverse else view
     for i in range(1, view.shape[2]):
-        np.add(view[:, :, i - 1], view[:, :, i], out=view[:, :, i])
+        xp.add(view[:, :, i - 1], view[:, :, i], out=view[:, :, i])
     return outer
 
 
 def appendix_forward(xp: Any, q: Any, k: Any, v: Any, m: Any = None, *, mask: Any = None,
-                     eps: float = EPS) -> Any:
+                     eps: float = EPS, sliced: bool = False) -> Any:
     """Causal forward in the cumulative-sum form of the paper's appendix A.
 
     Parameters
@@ -129,6 +133,8 @@ def appendix_forward(xp: Any, q: Any, k: Any, v: Any, m: Any = None, *, mask: An
         Stabiliser logits.
     mask : bool array (B, S), optional
         True where the token is real.
+    sliced : bool
+        Run the cumulative sum in place, slice by slice (``appendix_sliced``).
 
     Returns
     -------
@@ -139,19 +145,20 @@ def appendix_forward(xp: Any, q: Any, k: Any, v: Any, m: Any = None, *, mask: An
     >>> o = appendix_forward(np, q, k, v, np.full(H, 0.5))
     """
     x = _prepare(xp, q, k, v, m, mask, eps)
-    kv = _outer_cumsum(xp, x.vt, x.kh, reverse=False)  # (B, H, S, Dv, Dk)
+    kv = _outer_cumsum(xp, x.vt, x.kh, reverse=False, sliced=sliced)  # (B, H, S, Dv, Dk)
     return xp.einsum("bhsvk,bhsk->bhsv", kv, x.qh).astype(v.dtype)
 
 
 def appendix_backward(xp: Any, do: Any, q: Any, k: Any, v: Any, m: Any = None, *,
-                      mask: Any = None, eps: float = EPS) -> tuple[Any, Any, Any, Any]:
+                      mask: Any = None, eps: float = EPS,
+                      sliced: bool = False) -> tuple[Any, Any, Any, Any]:
     """Hand-written backward of :func:`appendix_forward`, in the same cumulative-sum form.
 
     Parameters
     ----------
     do : array (B, H, S, Dv)
         Gradient arriving at ``o``.
-    xp, q, k, v, m, mask, eps
+    xp, q, k, v, m, mask, eps, sliced
         As given to :func:`appendix_forward`.
 
     Returns
@@ -161,14 +168,24 @@ def appendix_backward(xp: Any, do: Any, q: Any, k: Any, v: Any, m: Any = None, *
     """
     x = _prepare(xp, q, k, v, m, mask, eps)
     dof = do.astype(x.qh.dtype)
-    kv = _outer_cumsum(xp, x.vt, x.kh, reverse=False)
+    kv = _outer_cumsum(xp, x.vt, x.kh, reverse=False, sliced=sliced)
     dqh = xp.einsum("bhsvk,bhsv->bhsk", kv, dof) * x.real
     del kv
-    g = _outer_cumsum(xp, dof, x.qh, reverse=True)  # G_j = sum_{i >= j} do_i q̂'_iᵀ
+    g = _outer_cumsum(xp, dof, x.qh, reverse=True, sliced=sliced)  # G_j = sum_{i >= j} do_i q̂'_iᵀ
     dkh = xp.einsum("bhsvk,bhsv->bhsk", g, x.vt)
     dvt = xp.einsum("bhsvk,bhsk->bhsv", g, x.kh)
     del g
     return _epilogue(xp, x, dqh, dkh, dvt, q.dtype, eps)
+
+
+def appendix_sliced_forward(*args: Any, **kwargs: Any) -> Any:
+    """:func:`appendix_forward` with ``sliced=True``."""
+    return appendix_forward(*args, **kwargs, sliced=True)
+
+
+def appendix_sliced_backward(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """:func:`appendix_backward` with ``sliced=True``."""
+    return appendix_backward(*args, **kwargs, sliced=True)
 
 
 def _causal_keep(xp: Any, S: int) -> Any:
@@ -211,11 +228,12 @@ def quadratic_backward(xp: Any, do: Any, q: Any, k: Any, v: Any, m: Any = None, 
 
 
 def needed_bytes(form: str, mode: str, B: int, H: int, S: int, Dk: int, Dv: int,
-                 dtype: Any, *, xp: Any = np) -> int:
+                 dtype: Any) -> int:
     """Peak working memory of one call (inputs excluded, outputs included), in bytes.
 
-    The dominant term is the (B, H, S, Dv, Dk) cumulative sum of the appendix form (two of them
-    where ``xp`` is not NumPy: see ``_outer_cumsum``) or the (B, H, S, S) matrix of the quadratic
+    The dominant term is the (B, H, S, Dv, Dk) tensor of outer products of the appendix form with
+    its cumulative sum (a second one of the same size, except ``appendix_sliced``, which sums in
+    place) or the (B, H, S, S) matrix of the quadratic
     form (plus the (S, S) bool mask); the linear terms count the accumulation-dtype copies of
     q, k, v (and do) and the temporaries of the prologue and epilogue. ``mode`` is ``"fwd"`` or
     ``"fwdbwd"`` (a forward, then a backward).
@@ -226,8 +244,8 @@ def needed_bytes(form: str, mode: str, B: int, H: int, S: int, Dk: int, Dv: int,
     a = accumulation_dtype(dtype).itemsize
     e = np.dtype(dtype).itemsize
     rows = B * H * S
-    if form == "appendix":
-        big = rows * Dv * Dk * a * (1 if xp is np else 2)
+    if form.startswith("appendix"):
+        big = rows * Dv * Dk * a * (1 if form == "appendix_sliced" else 2)
     else:
         big = B * H * S * S * a + S * S
     linear_fwd = rows * (3 * Dk + 3 * Dv) * a + rows * Dv * e

@@ -37,7 +37,7 @@ from . import _harness as hx
 from . import baselines
 
 MODULE = "benchmarks.cpu_bench"
-IMPLS = ("cosattn", "appendix", "quadratic")
+IMPLS = ("cosattn", "appendix", "appendix_sliced", "quadratic")
 MODES = baselines.MODES
 MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 FULL_S = tuple(1024 * 2**i for i in range(7))  # 1024 ... 65536

@@ -110,8 +110,7 @@ def bandwidth(nbytes: int, seconds: float, copy_bytes_per_s: float | None) -> di
     return {"bytes_per_s": achieved, "fraction_of_copy": fraction}
 
 
-def needed_bytes(impl: str, mode: str, B: int, H: int, S: int, D: int, dtype: Any,
-                 xp: Any) -> int:
+def needed_bytes(impl: str, mode: str, B: int, H: int, S: int, D: int, dtype: Any) -> int:
     """Estimated device memory of one case beyond its inputs (q, k, v, do).
 
     The baselines of :mod:`benchmarks.baselines` bring their own estimate. For cosattn, SDPA
@@ -120,7 +119,7 @@ def needed_bytes(impl: str, mode: str, B: int, H: int, S: int, D: int, dtype: An
     it may still run out of memory, which is then recorded as an error.
     """
     if impl in baselines.FORMS:
-        return baselines.needed_bytes(impl, mode, B, H, S, D, D, dtype, xp=xp)
+        return baselines.needed_bytes(impl, mode, B, H, S, D, D, dtype)
     tensor = B * H * S * D * np.dtype(dtype).itemsize
     outputs = 1 if mode == "fwd" else 4
     extra = 0 if impl != "fla" else (3 if mode == "fwd" else 6)
@@ -456,7 +455,7 @@ def run_case(runtime: Any, impl: str, mode: str, x: dict[str, Any], copy_bw: flo
     reason = unavailable_reason(impl, runtime)
     if reason is not None:
         return record | {"status": "unavailable", "reason": reason}
-    needed = needed_bytes(impl, mode, B, H, S, D, dtype, runtime.xp)
+    needed = needed_bytes(impl, mode, B, H, S, D, dtype)
     budget = int(MEMORY_FRACTION * runtime.free_bytes())
     if needed > budget:
         return record | hx.skipped(needed, budget)
