@@ -6,6 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cosattn
+from cosattn._validate import Problem
+from cosattn.backends import _numpy
 
 from helpers import (
     DTYPES,
@@ -147,9 +149,12 @@ def test_nan_propagates_without_crashing():
     assert np.isnan(state.kv[0, 0, 0]).all()
 
 
-@pytest.mark.parametrize("heads", [(1, 4), (3, 1)], ids=["split-heads", "split-rows"])
+@pytest.mark.parametrize("heads", [(1, 4), (3, 1), (2, 3)],
+                         ids=["split-heads", "split-rows", "split-tiles"])
 def test_calls_split_across_threads_match_reference(heads, monkeypatch):
+    """Parts of 2 heads at most (S=900, Dk+Dv=112), at least one per (pretended) core."""
     monkeypatch.setattr("os.cpu_count", lambda: 3)
+    monkeypatch.setattr("cosattn.backends._numpy.PART_ELEMENTS", 2 * 900 * 112)
     B, H = heads
     case = make_case(np.random.default_rng(12), B, H, 900, 64, 48, np.float32, mask="left",
                      state=True, dstate=True)
@@ -167,3 +172,20 @@ def test_zero_vectors_use_eps_floor():
     case.f64["k"][0, 1, 4] = 0
     check_forward(case, causal=True)
     check_backward(case, causal=True)
+
+
+@pytest.mark.parametrize(("B", "H", "S", "workers"), [(1, 8, 8192, 2), (2, 3, 900, 3),
+                                                      (16, 4, 256, 2), (1, 1, 70000, 2)])
+def test_parts_tile_every_row_and_head_once(B, H, S, workers, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: workers)
+    p = Problem(B, H, S, 64, 64, np.dtype(np.float32), np.dtype(np.float32),
+                np.dtype(np.float32), True, 1e-12, "cpu", None)
+    parts = _numpy._parts(p)
+    cover = np.zeros((B, H), int)
+    for t in parts:
+        cover[t.b, t.h] += 1
+        heads, rows = len(range(H)[t.h]), len(range(B)[t.b])
+        assert rows == 1 or heads == H  # a block of heads of one row, or whole rows
+        assert rows * heads == 1 or rows * heads * S * 128 <= _numpy.PART_ELEMENTS
+    np.testing.assert_array_equal(cover, 1)
+    assert len(parts) >= min(workers, B * H)

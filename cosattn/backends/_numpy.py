@@ -8,7 +8,6 @@ Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,9 @@ DEVICE = "cpu"
 CHUNK = 64
 # Below this many input elements (B*H*S*(Dk+Dv)) a call runs on the calling thread alone.
 PARALLEL_MIN_ELEMENTS = 1 << 18
+# Above it, a call is cut into parts of about this many input elements (whole heads), so that
+# a part's temporaries stay small enough for the caches; parts run on a pool of threads.
+PART_ELEMENTS = 1 << 20
 
 
 def unavailable() -> str | None:
@@ -191,22 +193,26 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _parts(p: Problem) -> tuple[int, list[_Part]]:
-    """Split a call over heads (or batch rows, when there are fewer heads than cores).
+def _parts(p: Problem) -> list[_Part]:
+    """Cut a call into blocks of heads of one batch row (or of whole batch rows, when a row is
+    small), about ``PART_ELEMENTS`` input elements each and at least one per core.
 
-    NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core.
-    Returns the axis split (0: batch rows, 1: heads) and the parts.
+    NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core,
+    on temporaries a fraction of the size of the whole call's.
     """
     workers = os.cpu_count() or 1
-    axis = 1 if p.H >= min(workers, p.B) else 0
-    n = (p.B, p.H)[axis]
-    count = min(workers, n)
-    if count <= 1 or p.B * p.H * p.S * (p.Dk + p.Dv) < PARALLEL_MIN_ELEMENTS:
-        return axis, [_Part(slice(None), slice(None))]
-    edges = [n * i // count for i in range(count + 1)]
-    cuts = [slice(lo, hi) for lo, hi in itertools.pairwise(edges)]
-    full = slice(None)
-    return axis, [_Part(c, full) if axis == 0 else _Part(full, c) for c in cuts]
+    per_head = p.S * (p.Dk + p.Dv)
+    if workers <= 1 or p.B * p.H * per_head < PARALLEL_MIN_ELEMENTS:
+        return [_Part(slice(None), slice(None))]
+    heads = min(p.H, max(1, PART_ELEMENTS // max(per_head, 1)))
+    rows = 1 if heads < p.H else min(p.B, max(1, PART_ELEMENTS // (p.H * per_head)))
+    while -(-p.B // rows) * -(-p.H // heads) < workers and (rows > 1 or heads > 1):
+        if rows > 1:
+            rows = -(-rows // 2)
+        else:
+            heads = -(-heads // 2)
+    return [_Part(slice(b, min(b + rows, p.B)), slice(h, min(h + heads, p.H)))
+            for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
 def _run(tasks: list[Any]) -> list[Any]:
@@ -222,7 +228,7 @@ def _run(tasks: list[Any]) -> list[Any]:
 
 def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
             o: Any, *, want_state: bool) -> tuple[Any, Any]:
-    axis, parts = _parts(p)
+    parts = _parts(p)
     results = _run([
         lambda t=t: _forward_part(t.problem(p), t.block(q), t.block(k), t.block(v), t.heads(m),
                                   t.rows(mask), t.block(kv0), t.rows(count0), t.block(o),
@@ -231,14 +237,17 @@ def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, cou
     ])
     if len(results) == 1 or not want_state:
         return results[0]
-    kv = np.concatenate([r[0] for r in results], axis=axis)
-    count = np.concatenate([r[1] for r in results]) if axis == 0 else results[0][1]
+    kv = np.empty((p.B, p.H, p.Dv, p.Dk), dtype=results[0][0].dtype)
+    count = np.empty(p.B, dtype=np.int64)
+    for t, (kv_part, count_part) in zip(parts, results, strict=True):
+        kv[t.b, t.h] = kv_part
+        count[t.b] = count_part
     return kv, count
 
 
 def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
              count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
-    axis, parts = _parts(p)
+    parts = _parts(p)
     results = _run([
         lambda t=t: _backward_part(t.problem(p), t.block(do), t.block(q), t.block(k),
                                    t.block(v), t.heads(m), t.rows(mask), t.block(kv0),
@@ -248,11 +257,13 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
     ])
     if len(results) == 1:
         return results[0]
-    dm = None
-    if m is not None:
-        dms = [r[0] for r in results]
-        dm = np.concatenate(dms) if axis == 1 else np.sum(dms, axis=0)
-    dkv0 = None if kv0 is None else np.concatenate([r[1] for r in results], axis=axis)
+    dm = None if m is None else np.zeros(p.H, dtype=results[0][0].dtype)
+    dkv0 = None if kv0 is None else np.empty_like(kv0)
+    for t, (dm_part, dkv0_part) in zip(parts, results, strict=True):  # in order: fixed sums
+        if dm is not None:
+            dm[t.h] += dm_part
+        if dkv0 is not None:
+            dkv0[t.b, t.h] = dkv0_part
     return dm, dkv0
 
 
