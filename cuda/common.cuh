@@ -25,8 +25,8 @@
 // product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy. SPEC.md's
 // bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state or dm that is a
 // short sum whose terms cancel would miss them. Inputs taken as they are (do) have no low part.
-// float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed order, so a
-// result is the same bits from run to run.
+// float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed
+// order, so a result is the same bits from run to run.
 //
 // The helpers of Block and gemm are __noinline__: each is compiled once per Block type instead of
 // once per call site, which keeps NVRTC's time per template instance near one second.
