@@ -193,6 +193,26 @@ struct Sequence {
   acc_t<T> eps;
 };
 
+// Sequence (b, h): q and k are its rows, mask (B, S), count0 (B,) and m (H,) may be null.
+template <typename T>
+__device__ Sequence<T> sequence_of(Rows<const T> q, Rows<const T> k, int dk, index_t S,
+                                   const bool* mask, index_t mask_sb, index_t mask_ss,
+                                   const index_t* count0, const acc_t<T>* m, acc_t<T> eps,
+                                   index_t b, index_t h) {
+  Sequence<T> seq;
+  seq.q = q;
+  seq.k = k;
+  seq.Dk = dk;
+  seq.S = S;
+  seq.mask = mask == nullptr ? nullptr : mask + b * mask_sb;
+  seq.mask_ss = mask_ss;
+  seq.n0 = count0 == nullptr ? 0 : count0[b];
+  seq.has_m = m != nullptr;
+  seq.sig = m == nullptr ? acc_t<T>(0) : sigmoid(m[h]);
+  seq.eps = eps;
+  return seq;
+}
+
 // --------------------------------------------------------------------------- shared memory
 
 template <typename X>

@@ -30,17 +30,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const index_t bh = index_t(blockIdx.x) / slices;
   const index_t h = bh % H, b = bh / H;
 
-  Sequence<T> seq;
-  seq.q = rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h);
-  seq.k = rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h);
-  seq.Dk = dk;
-  seq.S = S;
-  seq.mask = mask == nullptr ? nullptr : mask + b * mask_sb;
-  seq.mask_ss = mask_ss;
-  seq.n0 = count0 == nullptr ? 0 : count0[b];
-  seq.has_m = m != nullptr;
-  seq.sig = m == nullptr ? A(0) : sigmoid(m[h]);
-  seq.eps = eps;
+  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
+                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dk, S, mask,
+                                         mask_sb, mask_ss, count0, m, eps, b, h);
 
   Block<T, DK, C, SL> block(seq, dk, int(slice) * SL, dv);
   block.begin();
