@@ -98,7 +98,7 @@ def reference_backward(case: Case, causal=True):
                               mask=case.mask, kv0=f["kv0"], count0=case.count0, dkv=f["dkv"])
 
 
-def dm_scale(case: Case, causal=True) -> float:
+def dm_scale(case: Case, causal: bool, dv_ref) -> float:
     """The size of the terms that ``dm`` sums: ``|t|`` over t[b, h, j] = ln(c_j) (dv_j . v_j).
 
     ``dm`` is one number per head, a sum over B x S of terms of either sign (SPEC.md, "Backward":
@@ -107,14 +107,14 @@ def dm_scale(case: Case, causal=True) -> float:
     not with |dm|: on a draw where the terms cancel to |dm| << |t|, SPEC.md's
     ``|dm - ref| / |ref|`` exceeds 1e-5 for every backend, the NumPy one included. ``dm`` is
     therefore measured against max(|ref|, |t|), which is |ref| unless the terms cancel unusually.
+    ``dv_ref`` is the reference's dv for the case.
     """
-    dv = reference_backward(case, causal)[2]
-    real = np.ones(case.q.shape[::2], bool) if case.mask is None else case.mask  # (B, S)
-    if causal:
-        n = np.cumsum(real, axis=1) + (0 if case.count0 is None else case.count0[:, None])
-    else:
-        n = np.broadcast_to(real.sum(axis=1, keepdims=True), real.shape)
-    terms = np.log(np.maximum(n, 1))[:, None, :] * np.einsum("bhsd,bhsd->bhs", dv, case.f64["v"])
+    B, S = case.q.shape[::2]
+    mask = np.ones((B, S), bool) if case.mask is None else case.mask
+    count0 = np.zeros(B, np.int64) if case.count0 is None else case.count0
+    c = reference.counts(mask, count0, causal)
+    terms = np.log(np.maximum(c, 1))[:, None, :] * np.einsum("bhsd,bhsd->bhs", dv_ref,
+                                                              case.f64["v"])
     sig = 1.0 / (1.0 + np.exp(-case.f64["m"]))
     return float(np.linalg.norm(terms * (sig * (1.0 - sig))[None, :, None]))
 
@@ -181,6 +181,7 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
     if case.m is None:
         assert grads[3] is None
     else:
-        assert_close(to_host(grads[3]), ref[3], case.dtype, "dm", dm_scale(case, causal))
+        assert_close(to_host(grads[3]), ref[3], case.dtype, "dm",
+                     dm_scale(case, causal, ref[2]))
     if state is not None:
         assert_close(to_host(grads[4]), ref[4], case.dtype, "dkv0")
