@@ -15,6 +15,8 @@ DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLO
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3,
        BFLOAT16: 1.5e-2}
 MASK_KINDS = ("none", "left", "right", "inner")
+# What padding may hold (docs/spec.md, "Bad input": padding holds anything); None keeps zeros.
+JUNK = (None, np.nan, np.inf, -np.inf, 1e30)
 
 
 def rel_err(x, ref, scale=0.0) -> float:
@@ -67,8 +69,12 @@ class Case:
 
 
 def make_case(rng, B, H, S, Dk, Dv, dtype, *, mask="none", m=True, state=False, dstate=False,
-              scale=1.0) -> Case:
-    """Random inputs in (B, H, S, D) layout; a state of float32 (float64 for float64 inputs)."""
+              scale=1.0, junk=None) -> Case:
+    """Random inputs in (B, H, S, D) layout; a state of float32 (float64 for float64 inputs).
+
+    ``junk`` (NaN, Inf, 1e30, ...) fills the padded positions of q, k, v and do, where their
+    float64 copies (what the reference sees) hold zeros: a backend must give the same results.
+    """
     dtype = np.dtype(dtype)
     acc = np.float64 if dtype == np.float64 else np.float32
 
@@ -81,9 +87,23 @@ def make_case(rng, B, H, S, Dk, Dv, dtype, *, mask="none", m=True, state=False, 
     count0 = rng.integers(0, 50, size=B).astype(np.int64) if state else None
     dkv = rng.standard_normal((B, H, Dv, Dk)).astype(acc) if dstate else None
     case = Case(q, k, v, do, mvec, make_mask(rng, B, S, mask), kv0, count0, dkv)
-    case.f64 = {n: None if a is None else np.asarray(a, dtype=np.float64)
+    case.f64 = {n: None if a is None else np.array(a, dtype=np.float64)
                 for n, a in dict(q=q, k=k, v=v, do=do, m=mvec, kv0=kv0, dkv=dkv).items()}
+    if junk is not None and case.mask is not None:
+        with np.errstate(over="ignore"):  # 1e30 is Inf in float16
+            for x in (q, k, v, do):
+                x.transpose(0, 2, 1, 3)[~case.mask] = junk
     return case
+
+
+def assert_padding_zero(x, mask, name: str) -> None:
+    """Every padded position of ``x`` (B, H, S, D) is +0 (docs/spec.md, "Bad input")."""
+    if mask is None:
+        return
+    padded = np.asarray(x).transpose(0, 2, 1, 3)[~mask].astype(np.float64)
+    assert np.all(padded == 0) and not np.any(np.signbit(padded)), (
+        f"{name}: padded positions must be +0, got {padded[(padded != 0) | np.signbit(padded)][:5]}"
+    )
 
 
 def reference_forward(case: Case, causal=True):
@@ -150,6 +170,7 @@ def check_forward(case: Case, *, causal: bool, layout: str = "bhsd", backend=Non
     o = to_host(o)
     assert o.dtype == case.dtype
     assert_close(from_layout(o, layout), ref_o, case.dtype, "o")
+    assert_padding_zero(from_layout(o, layout), case.mask, "o")
     if causal:
         kv = to_host(out_state.kv)
         assert kv.dtype == (np.float64 if case.dtype == np.float64 else np.float32)
@@ -178,6 +199,7 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
         g = to_host(g)
         assert g.dtype == case.dtype, name
         assert_close(from_layout(g, layout), r, case.dtype, name)
+        assert_padding_zero(from_layout(g, layout), case.mask, name)
     if case.m is None:
         assert grads[3] is None
     else:
