@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
+from ._dtypes import BFLOAT16, INPUT_DTYPES
+
+FLOAT_DTYPES = INPUT_DTYPES
 
 _DLPACK_CPU, _DLPACK_CUDA = 1, 2
 

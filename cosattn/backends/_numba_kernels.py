@@ -38,7 +38,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._interop import BFLOAT16
+from .._dtypes import BFLOAT16
 
 # Operand and output scales: what each token's row is multiplied by.
 RAW, NORM, NORM_MASKED, VALUE, MASKED = range(5)
