@@ -64,14 +64,18 @@ def main() -> None:
 
     start = time.perf_counter()
     val_loss = first_val = tiny_lm.evaluate(params, cfg, val)
+    print(f"validation loss before training {first_val:.3f} nats/byte")
     bar = tqdm(range(args.steps), desc="training", unit="step")
+    postfix: dict[str, str] = {}  # "val" appears once the validation loss is measured again
     for i in bar:
         loss, grads = tiny_lm.loss_and_grads(params, cfg, *data.batch(rng, args.batch))
         tiny_lm.clip_grads(grads, args.clip)
         adam.update(params, grads, tiny_lm.learning_rate(i, args.steps, args.lr, args.warmup))
+        postfix["loss"] = f"{loss:.3f}"
         if (i + 1) % args.eval_every == 0 or i + 1 == args.steps:
             val_loss = tiny_lm.evaluate(params, cfg, val)
-        bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}")
+            postfix["val"] = f"{val_loss:.3f} (step {i + 1})"
+        bar.set_postfix(postfix)
     bar.close()
     print(f"validation loss {first_val:.3f} -> {val_loss:.3f} nats/byte "
           f"in {time.perf_counter() - start:.0f} s")
