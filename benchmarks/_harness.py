@@ -21,13 +21,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-# SPEC.md, "Numbers": err(x, ref) <= SPEC_TOL[dtype] against the float64 reference.
+# docs/spec.md, "Numbers": err(x, ref) <= SPEC_TOL[dtype] against the float64 reference.
 SPEC_TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5,
             np.dtype(np.float16): 2e-3, np.dtype(ml_dtypes.bfloat16): 1.5e-2}
 
 
 def rel_err(x: Any, ref: Any) -> float:
-    """SPEC.md's error measure: ``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64."""
+    """docs/spec.md's error measure: ``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64."""
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     if x.shape != ref.shape:

@@ -1,6 +1,6 @@
 """The two baselines cosattn is measured against, written once for any array namespace ``xp``.
 
-Both compute SPEC.md's causal operation without an incoming state: cosine-normalised q and k,
+Both compute docs/spec.md's causal operation without an incoming state: cosine-normalised q and k,
 each value scaled by ``max(1, c_j) ** -sigmoid(m_h)`` with the count ``c_j`` at its own position,
 padded tokens (``mask`` False) contributing nothing and receiving zero output. They take and
 return arrays of ``xp`` (NumPy or CuPy), compute in float32 (float64 for float64 inputs) and
@@ -12,7 +12,7 @@ Transformers With Cosine Attention", appendix A. The state after every position,
 Dv x Dk outer products, a (B, H, S, Dv, Dk) tensor (S·D² memory), and ``o_i = KV_i q̂_i``. Its
 backward is the hand-derived one of the same form: ``dq̂_i = KV_iᵀ do_i`` from the same cumulative
 sum, and from the reverse cumulative sum ``G_j = sum_{i >= j} do_i q̂_iᵀ``: ``dk̂_j = G_jᵀ ṽ_j``,
-``dṽ_j = G_j k̂_j``; then the stabiliser and normalisation chain rules of SPEC.md. As printed,
+``dṽ_j = G_j k̂_j``; then the stabiliser and normalisation chain rules of docs/spec.md. As printed,
 the sum is the framework's ``cumsum`` (``xp.cumsum``, which writes a second tensor of that size).
 
 ``appendix_sliced_*``: the same form and the same sums in the same order, but the cumulative sum
@@ -55,7 +55,7 @@ class _Prepared:
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
-    """float64 for float64 inputs, float32 for every other float dtype (SPEC.md, "Numbers")."""
+    """float64 for float64 inputs, float32 for every other float dtype (docs/spec.md, "Numbers")."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -85,7 +85,7 @@ def _prepare(xp: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, eps: float) -> 
 
 
 def _normalise_backward(xp: Any, dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
-    """SPEC.md: ``(dx̂ − x̂ (x̂·dx̂)) / |x|`` where ``|x| > eps``, else ``dx̂ / eps``."""
+    """docs/spec.md: ``(dx̂ − x̂ (x̂·dx̂)) / |x|`` where ``|x| > eps``, else ``dx̂ / eps``."""
     inner = xp.sum(xh * dxh, axis=-1, keepdims=True) * (inv < 1.0 / eps)
     return (dxh - xh * inner) * inv
 

@@ -100,7 +100,8 @@ def agreement(seed: int = 0) -> dict[str, Any]:
     """Every implementation against the float64 reference at B=2, H=3, S=67, Dk=16, Dv=12.
 
     With ``m`` and a random padding mask (the masked call goes through the public API and the
-    baselines alike), in float64 and float32; errors by SPEC.md's measure, bounds SPEC.md's.
+    baselines alike), in float64 and float32; errors and bounds as docs/spec.md, "Numbers" gives
+    them.
     """
     rng = np.random.default_rng(seed)
     B, H, S, Dk, Dv = 2, 3, 67, 16, 12

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The one-command check on a lent GPU machine (DESIGN.md, "On the lent GPU machine"), in order:
+# The one-command check on an offline GPU host (docs/design.md, "The GPU check on an offline GPU
+# host"), in order:
 #   1. the GPU tests of every GPU backend (pytest -m gpu),
 #   2. compute-sanitizer memcheck, then racecheck, over benchmarks/gpu_smoke.py (a few small
 #      forward/backward/step calls of every GPU backend and dtype, checked against the reference),
 #   3. the quick benchmark profile (python -m benchmarks.gpu_bench --quick).
 # Every step runs under its own time limit so the whole stays under 8 minutes, and a failing step
-# does not stop the next. Logs and results go to the directory given as $1, else $OUT, else
-# benchmarks/results/gpu_check; summary.txt lists each step's exit status (124: timed out).
+# does not stop the next. Logs and results go to an output directory: the one given as $1, else
+# the one named by the environment variable OUT, else benchmarks/results/gpu_check. summary.txt
+# lists each step's exit status (124: timed out).
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 #

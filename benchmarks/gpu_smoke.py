@@ -4,7 +4,7 @@ runs in ``gpu_check.sh``.
 For each backend and dtype (float32, float16, bfloat16): a causal forward with a padding mask and
 an incoming state, its backward with ``dstate``, a bidirectional forward, and a few recurrent
 steps, at B=2, H=3, S=67 (not a multiple of the chunk) and Dk=Dv=64; each result is compared with
-the float64 reference on the same rounded inputs by SPEC.md's measure and bound. With
+the float64 reference on the same rounded inputs by docs/spec.md's measure and bound. With
 ``--no-pool`` CuPy allocates every array on its own (no memory pool), so memcheck sees the exact
 bounds of each allocation. ``--device cpu`` runs the same checks on the numpy backend.
 

@@ -3,7 +3,8 @@
 The primal and the backward rule each call cosattn through ``jax.pure_callback``, so the function
 works eagerly, under ``jax.jit`` and inside ``jax.grad``. cosattn takes the callback's JAX arrays
 directly (zero-copy on the CPU) and hands its results back as JAX arrays. The check at the bottom
-compares values and gradients with JAX's own autograd of the naive quadratic formula (SPEC.md)::
+compares values and gradients with JAX's own autograd of the naive quadratic formula
+(docs/spec.md, "Forward")::
 
     python examples/jax_custom_vjp.py
 
@@ -64,7 +65,7 @@ cottention.defvjp(_fwd, _bwd)
 
 def naive(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array,
           mask: jax.Array | None = None, causal: bool = True, eps: float = 1e-12) -> jax.Array:
-    """SPEC.md's forward as the quadratic masked form, written in jax.numpy for autograd."""
+    """docs/spec.md's forward as the quadratic masked form, written in jax.numpy for autograd."""
     B, S = q.shape[0], q.shape[2]
     real = jnp.ones((B, S), q.dtype) if mask is None else mask.astype(q.dtype)
 
@@ -83,7 +84,7 @@ def naive(q: jax.Array, k: jax.Array, v: jax.Array, m: jax.Array,
 def gradient_check(*, B: int = 2, H: int = 3, S: int = 37, Dk: int = 8, Dv: int = 5,
                    dtype: Any = np.float64, causal: bool = True, masked: bool = True,
                    jit: bool = False, seed: int = 0) -> dict[str, float]:
-    """Relative errors (SPEC.md's measure) of :func:`cottention` against JAX autograd of
+    """Relative errors (docs/spec.md's measure) of :func:`cottention` against JAX autograd of
     :func:`naive`: the output ``o`` and the gradients ``q``, ``k``, ``v``, ``m`` of
     ``sum(o * g)`` for a random ``g``. float64 needs x64 mode (:func:`main` turns it on)."""
     rng = np.random.default_rng(seed)

@@ -4,7 +4,7 @@ cosattn takes torch tensors directly (zero-copy through DLPack) and hands result
 tensors on the same device; it does not record autograd itself, so tensors that require grad are
 passed ``.detach()``-ed and the gradients come from :func:`cosattn.backward`. The check at the
 bottom compares the function, values and gradients, with torch's own autograd of the naive
-quadratic formula (SPEC.md)::
+quadratic formula (docs/spec.md)::
 
     python examples/torch_autograd.py
 """
@@ -47,7 +47,7 @@ def cottention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tenso
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, *,
           causal: bool = True, mask: torch.Tensor | None = None,
           eps: float = 1e-12) -> torch.Tensor:
-    """SPEC.md's forward as the quadratic masked form, written in torch for autograd."""
+    """docs/spec.md's forward as the quadratic masked form, written in torch for autograd."""
     B, S = q.shape[0], q.shape[2]
     real = torch.ones(B, S, dtype=q.dtype) if mask is None else mask.to(q.dtype)
     qh = torch.nn.functional.normalize(q, dim=-1, eps=eps)
@@ -64,7 +64,7 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, *,
 def gradient_check(*, B: int = 2, H: int = 3, S: int = 37, Dk: int = 8, Dv: int = 5,
                    dtype: torch.dtype = torch.float64, causal: bool = True,
                    masked: bool = True, seed: int = 0) -> dict[str, float]:
-    """Relative errors (SPEC.md's measure) of :func:`cottention` against torch autograd of
+    """Relative errors (docs/spec.md's measure) of :func:`cottention` against torch autograd of
     :func:`naive`: the output ``o`` and the gradients ``q``, ``k``, ``v``, ``m`` of
     ``sum(o * g)`` for a random ``g``."""
     gen = torch.Generator().manual_seed(seed)

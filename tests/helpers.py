@@ -1,4 +1,4 @@
-"""What every backend's tests share: SPEC.md's error measure and bounds, and input makers."""
+"""What every backend's tests share: docs/spec.md's error measure and bounds, and input makers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cosattn import reference
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
-# SPEC.md, "Numbers": err(x, ref) <= TOL[dtype]
+# docs/spec.md, "Numbers": err(x, ref) <= TOL[dtype]
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5, np.dtype(np.float16): 2e-3,
        BFLOAT16: 1.5e-2}
 MASK_KINDS = ("none", "left", "right", "inner")
@@ -20,8 +20,8 @@ JUNK = (None, np.nan, np.inf, -np.inf, 1e30)
 
 
 def rel_err(x, ref, scale=0.0) -> float:
-    """``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64 (SPEC.md, "Numbers"); ``scale``, when
-    larger, replaces ``|ref|`` (see ``dm_scale``)."""
+    """``|x - ref| / max(|ref|, 1e-6 sqrt(N))`` in float64 (docs/spec.md, "Numbers");
+    ``scale``, when larger, replaces ``|ref|`` (see ``dm_scale``)."""
     x = np.asarray(x, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     assert x.shape == ref.shape, (x.shape, ref.shape)
@@ -121,13 +121,13 @@ def reference_backward(case: Case, causal=True):
 def dm_scale(case: Case, causal: bool, dv_ref) -> float:
     """The size of the terms that ``dm`` sums: ``|t|`` over t[b, h, j] = ln(c_j) (dv_j . v_j).
 
-    ``dm`` is one number per head, a sum over B x S of terms of either sign (SPEC.md, "Backward":
-    ``dṽ_j . ṽ_j = dv_j . v_j``). Each term carries the rounding of the values' gradient, about
-    1e-7 of it in float32, so the error of any float32 computation of ``dm`` scales with |t|,
-    not with |dm|: on a draw where the terms cancel to |dm| << |t|, SPEC.md's
+    ``dm`` is one number per head, a sum over B x S of terms of either sign (docs/spec.md,
+    "Backward": ``dṽ_j . ṽ_j = dv_j . v_j``). Each term carries the rounding of the values'
+    gradient, about 1e-7 of it in float32, so the error of any float32 computation of ``dm``
+    scales with |t|, not with |dm|: on a draw where the terms cancel to |dm| << |t|, the plain
     ``|dm - ref| / |ref|`` exceeds 1e-5 for every backend, the NumPy one included. ``dm`` is
-    therefore measured against max(|ref|, |t|), which is |ref| unless the terms cancel unusually.
-    ``dv_ref`` is the reference's dv for the case.
+    therefore measured against max(|ref|, |t|) (docs/spec.md, "Measuring dm"), which is |ref|
+    unless the terms cancel unusually. ``dv_ref`` is the reference's dv for the case.
     """
     B, S = case.q.shape[::2]
     mask = np.ones((B, S), bool) if case.mask is None else case.mask
