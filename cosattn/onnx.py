@@ -11,7 +11,7 @@ function                                 inputs -> outputs
 ``RecurrentStep``                        q, k, v, m, mask, kv, count -> o, kv_next, count_next
 =======================================  ================================================
 
-Shapes follow SPEC.md: q, k (B, H, S, Dk), v (B, H, S, Dv), m (H,), mask (B, S) bool, state
+Shapes follow docs/spec.md: q, k (B, H, S, Dk), v (B, H, S, Dv), m (H,), mask (B, S) bool, state
 ``kv`` (B, H, Dv, Dk) float32 and ``count`` (B,) int64; the step takes one token, q, k (B, H, Dk)
 and v (B, H, Dv), and a mask (B,). Without a stabiliser (``with_m=False``) the functions are
 named ``...NoStabiliser`` and have no ``m`` input. Attributes: ``eps`` (float, default 1e-12)
@@ -22,6 +22,11 @@ state is float32, and ``o`` is cast back to the dtype of ``q``. The causal form 
 sequence in chunks of ``chunk`` tokens with a ``Scan`` that carries ``kv``: it pads S to whole
 chunks inside the graph and never holds more than one chunk x chunk block of the S x S score
 matrix. B and S are dynamic in every graph.
+
+Padding holds anything (docs/spec.md, "Bad input"): q, k, v at masked positions are selected
+away with ``Where``, never multiplied by 0, so NaN or Inf there reaches no result; ``o`` is +0
+at masked positions, and a masked row of the step leaves ``kv`` and ``count`` bit for bit as
+they were.
 
 :func:`attention_model` and :func:`step_model` wrap the functions into ready-to-run models;
 :func:`attention_function` and :func:`step_function` give the functions themselves to exporters
@@ -137,23 +142,31 @@ def _normalise(g: _Nodes, x: str, eps: str, name: str) -> str:
     return g.op("Div", x, g.op("Max", norm, eps, out=f"{name}_den"), out=f"{name}_hat")
 
 
+def _real(g: _Nodes) -> str:
+    """The mask ``real`` (B, S) bool as (B, 1, S, 1), to select (B, H, S, D) rows with."""
+    return g.once("Unsqueeze", "mask", _axes(g, 1, 3), out="mask_b1s1")
+
+
+def _select(g: _Nodes, x: str, out: str) -> str:
+    """``real · x`` as docs/spec.md means it: ``x`` (B, H, S, D) where the token is real, +0
+    where it is padding (``Where``: NaN · 0 would be NaN, and 0 · -1 is -0)."""
+    return g.op("Where", _real(g), x, g.const("zero_f32", 0.0, np.float32), out=out)
+
+
 def _prologue(g: _Nodes, *, count0: str | None, with_m: bool, eps: str) -> tuple[str, str, str]:
-    """SPEC.md steps 1-4 on the function inputs, in float32.
+    """docs/spec.md steps 1-4 on the function inputs, in float32.
 
     Reads ``q``, ``k`` (B, H, S, Dk), ``v`` (B, H, S, Dv), ``mask`` (B, S) bool and ``m`` (H,)
     when ``with_m``. The counts are causal, from the incoming count ``count0`` (B,) int64,
     when that is given, else bidirectional. Returns the names of
-    ``q_real`` = real_i q̂_i (B, H, S, Dk), ``k_hat`` = k̂_j (B, H, S, Dk) and
-    ``v_tilde`` = real_j w_j v_j (B, H, S, Dv).
+    ``q_real`` = real_i q̂_i (B, H, S, Dk), ``k_real`` = real_j k̂_j (B, H, S, Dk) and
+    ``v_tilde`` = real_j w_j v_j (B, H, S, Dv), each +0 at padded positions whatever q, k, v
+    hold there (the norm of a padded row may be NaN or Inf: it is selected away).
     """
     f32 = TensorProto.FLOAT
     q_hat = _normalise(g, g.op("Cast", "q", out="q_f32", to=f32), eps, "q")
     k_hat = _normalise(g, g.op("Cast", "k", out="k_f32", to=f32), eps, "k")
     v32 = g.op("Cast", "v", out="v_f32", to=f32)
-    real = g.op("Cast", "mask", out="real", to=f32)  # (B, S)
-    real_q = g.op("Unsqueeze", real, _axes(g, 1, 3), out="real_b1s1")  # (B, 1, S, 1)
-    q_real = g.op("Mul", q_hat, real_q, out="q_real")
-    scale = g.op("Unsqueeze", real, _axes(g, 1), out="real_b1s")  # (B, 1, S)
     if with_m:
         ones = g.once("Cast", "mask", out="mask_i64", to=TensorProto.INT64)
         if count0 is not None:  # causal: c_j = count0 + sum_{j' <= j} real_j'  (B, S)
@@ -169,14 +182,19 @@ def _prologue(g: _Nodes, *, count0: str | None, with_m: bool, eps: str) -> tuple
                      out="m_power_1h1")  # (1, H, 1)
         w = g.op("Pow", g.op("Unsqueeze", base, _axes(g, 1), out="counts_b1s"), power,
                  out="w")  # (B, H, S) or (B, H, 1)
-        scale = g.op("Mul", w, scale, out="w_real")  # (B, H, S)
-    v_tilde = g.op("Mul", v32, g.op("Unsqueeze", scale, _axes(g, -1), out="v_scale"),
-                   out="v_tilde")
-    return q_real, k_hat, v_tilde
+        v32 = g.op("Mul", v32, g.op("Unsqueeze", w, _axes(g, -1), out="w_bhs1"),
+                   out="v_scaled")
+    return (_select(g, q_hat, "q_real"), _select(g, k_hat, "k_real"),
+            _select(g, v32, "v_tilde"))
+
+
+def _output(g: _Nodes, o32: str) -> None:
+    """``o`` = real_i · ``o32`` (B, H, S, Dv) in the dtype of ``q``."""
+    g.op("CastLike", _select(g, o32, "o_real"), "q", out="o")
 
 
 def _chunk_body() -> onnx.GraphProto:
-    """The Scan body: one chunk of the causal form (DESIGN.md, "The chunked algorithm").
+    """The Scan body: one chunk of the causal form (docs/design.md, "The chunked algorithm").
 
     Inputs ``kv_in`` (B, H, Dv, Dk) and the chunk's ``q_c``, ``k_c`` (B, H, C, Dk), ``v_c``
     (B, H, C, Dv); outputs ``kv_out = kv_in + v_cᵀ k_c`` and
@@ -209,7 +227,7 @@ def _to_chunks(g: _Nodes, x: str, width: str, shapes: dict[str, str], name: str)
     return g.op("Reshape", padded, shape, out=f"{name}_chunks", allowzero=1)
 
 
-def _causal_body(g: _Nodes, q_real: str, k_hat: str, v_tilde: str) -> None:
+def _causal_body(g: _Nodes, q_real: str, k_real: str, v_tilde: str) -> None:
     """The causal output ``o`` (B, H, S, Dv) float32 and state ``kv``, ``count`` by chunks."""
     chunk = g.attr_const("chunk", "chunk", "int")
     shapes = {
@@ -228,7 +246,7 @@ def _causal_body(g: _Nodes, q_real: str, k_hat: str, v_tilde: str) -> None:
     padded_len = g.op("Mul", shapes["N"], shapes["C"], out="shape_NC")
     shapes["pad"] = g.op("Sub", padded_len, shapes["S"], out="pad_len")
     q_chunks = _to_chunks(g, q_real, shapes["Dk"], shapes, "q")
-    k_chunks = _to_chunks(g, k_hat, shapes["Dk"], shapes, "k")
+    k_chunks = _to_chunks(g, k_real, shapes["Dk"], shapes, "k")
     v_chunks = _to_chunks(g, v_tilde, shapes["Dv"], shapes, "v")
     _, o_chunks = g.ops("Scan", "kv0", q_chunks, k_chunks, v_chunks, outs=["kv", "o_chunks"],
                         body=_chunk_body(), num_scan_inputs=3, scan_input_axes=[2, 2, 2],
@@ -236,21 +254,19 @@ def _causal_body(g: _Nodes, q_real: str, k_hat: str, v_tilde: str) -> None:
     flat_shape = g.op("Concat", shapes["BH"], padded_len, shapes["Dv"], out="o_padded_shape",
                       axis=0)
     o_padded = g.op("Reshape", o_chunks, flat_shape, out="o_padded", allowzero=1)
-    o32 = g.op("Slice", o_padded, g.const("zeros_1", [0]), shapes["S"], g.const("axis_2", [2]),
-               out="o_f32")
-    g.op("CastLike", o32, "q", out="o")
+    _output(g, g.op("Slice", o_padded, g.const("zeros_1", [0]), shapes["S"],
+                    g.const("axis_2", [2]), out="o_f32"))
     ones = g.once("Cast", "mask", out="mask_i64", to=TensorProto.INT64)
     real_len = g.op("ReduceSum", ones, _axes(g, 1), out="real_len", keepdims=0)
     g.op("Add", "count0", real_len, out="count")
 
 
-def _bidirectional_body(g: _Nodes, q_real: str, k_hat: str, v_tilde: str) -> None:
+def _bidirectional_body(g: _Nodes, q_real: str, k_real: str, v_tilde: str) -> None:
     """The bidirectional output ``o = q' (Ṽᵀ K̂)ᵀ`` (B, H, S, Dv), through one (Dv, Dk) state."""
     v_t = g.op("Transpose", v_tilde, out="v_tilde_t", perm=[0, 1, 3, 2])
-    kv = g.op("MatMul", v_t, k_hat, out="kv")  # (B, H, Dv, Dk)
+    kv = g.op("MatMul", v_t, k_real, out="kv")  # (B, H, Dv, Dk)
     kv_t = g.op("Transpose", kv, out="kv_t", perm=[0, 1, 3, 2])
-    o32 = g.op("MatMul", q_real, kv_t, out="o_f32")
-    g.op("CastLike", o32, "q", out="o")
+    _output(g, g.op("MatMul", q_real, kv_t, out="o_f32"))
 
 
 def _function_name(base: str, with_m: bool) -> str:
@@ -279,17 +295,17 @@ def attention_function(*, causal: bool = True, with_m: bool = True) -> onnx.Func
     """
     g = _Nodes()
     eps = g.attr_const("eps", "eps", "float")
-    q_real, k_hat, v_tilde = _prologue(g, count0="count0" if causal else None, with_m=with_m,
-                                       eps=eps)
+    q_real, k_real, v_tilde = _prologue(g, count0="count0" if causal else None, with_m=with_m,
+                                        eps=eps)
     inputs = ["q", "k", "v"] + (["m"] if with_m else []) + ["mask"]
     attributes = [helper.make_attribute("eps", DEFAULT_EPS)]
     if causal:
-        _causal_body(g, q_real, k_hat, v_tilde)
+        _causal_body(g, q_real, k_real, v_tilde)
         inputs += ["kv0", "count0"]
         outputs = ["o", "kv", "count"]
         attributes.append(helper.make_attribute("chunk", DEFAULT_CHUNK))
     else:
-        _bidirectional_body(g, q_real, k_hat, v_tilde)
+        _bidirectional_body(g, q_real, k_real, v_tilde)
         outputs = ["o"]
     name = _function_name("CausalAttention" if causal else "BidirectionalAttention", with_m)
     doc = f"Cottention ({', '.join(inputs)}) -> ({', '.join(outputs)}); see cosattn.onnx"
@@ -299,7 +315,7 @@ def attention_function(*, causal: bool = True, with_m: bool = True) -> onnx.Func
 
 
 def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
-    """The recurrent step (SPEC.md, "The RNN form") as a function in the ``cosattn`` domain.
+    """The recurrent step (docs/spec.md, "The RNN form") as a function in the ``cosattn`` domain.
 
     Parameters
     ----------
@@ -313,7 +329,7 @@ def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
         Inputs ``q``, ``k`` (B, H, Dk), ``v`` (B, H, Dv) in float16 or float32, ``m`` (H,),
         ``mask`` (B,) bool, ``kv`` (B, H, Dv, Dk) float32, ``count`` (B,) int64; outputs ``o``
         (B, H, Dv) in the dtype of q, ``kv_next`` and ``count_next`` (the state after the
-        token). Attribute ``eps``.
+        token; a masked row's are its ``kv`` and ``count``, bit for bit). Attribute ``eps``.
     """
     g = _Nodes()
     eps = g.attr_const("eps", "eps", "float")
@@ -321,12 +337,15 @@ def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
     for name in ("q", "k", "v"):
         g.op("Unsqueeze", f"{name}_token", _axes(g, 2), out=name)
     g.op("Unsqueeze", "mask_token", _axes(g, 1), out="mask")
-    q_real, k_hat, v_tilde = _prologue(g, count0="count", with_m=with_m, eps=eps)
+    q_real, k_real, v_tilde = _prologue(g, count0="count", with_m=with_m, eps=eps)
     v_t = g.op("Transpose", v_tilde, out="v_tilde_t", perm=[0, 1, 3, 2])
-    g.op("Add", "kv", g.op("MatMul", v_t, k_hat, out="kv_delta"), out="kv_next")
+    kv_sum = g.op("Add", "kv", g.op("MatMul", v_t, k_real, out="kv_delta"), out="kv_sum")
+    # a masked row skips the write (-0.0 + 0.0 would be +0.0)
+    g.op("Where", _real(g), kv_sum, "kv", out="kv_next")
     o32 = g.op("MatMul", q_real, g.op("Transpose", "kv_next", out="kv_next_t", perm=[0, 1, 3, 2]),
                out="o_f32")  # (B, H, 1, Dv)
-    g.op("CastLike", g.op("Squeeze", o32, _axes(g, 2), out="o_token_f32"), "q_token", out="o")
+    o_real = g.op("Squeeze", _select(g, o32, "o_real"), _axes(g, 2), out="o_token_f32")
+    g.op("CastLike", o_real, "q_token", out="o")
     real = g.op("Cast", "mask_token", out="mask_token_i64", to=TensorProto.INT64)
     g.op("Add", "count", real, out="count_next")
     inputs = (["q_token", "k_token", "v_token"] + (["m"] if with_m else [])

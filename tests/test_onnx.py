@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from functools import cache
@@ -10,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MASK_KINDS, Case, assert_close, case_id, make_case, reference_forward
+from helpers import (
+    JUNK,
+    MASK_KINDS,
+    Case,
+    assert_close,
+    assert_padding_zero,
+    case_id,
+    make_case,
+    reference_forward,
+)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -19,6 +29,10 @@ from cosattn import onnx as cosattn_onnx  # noqa: E402  (after the importorskip 
 DTYPES = ("float32", "float16")
 SHAPES = [(2, 3, 37, 5, 7), (1, 2, 1, 4, 4), (3, 1, 32, 16, 8), (2, 2, 0, 3, 5)]
 CHUNK = 8
+# docs/spec.md, "Bad input": padding holds anything. The junk values, and the mask kinds that
+# have padding to hold them.
+JUNK_VALUES = [j for j in JUNK if j is not None]
+PADDED_KINDS = [kind for kind in MASK_KINDS if kind != "none"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -135,6 +149,78 @@ def test_step_graph_equals_parallel_graph(dtype, mask):
     assert_close(o_steps, reference_forward(case)[0], dtype, "steps vs reference o")
     assert_close(kv, kv_par, np.float32, "steps vs parallel kv")
     np.testing.assert_array_equal(count, count_par)
+
+
+def _zeros_in_padding(case: Case) -> Case:
+    """``case`` with zeros at the padded positions of q, k, v and do."""
+    real = case.mask[:, None, :, None]
+    return dataclasses.replace(case, **{n: np.where(real, getattr(case, n), 0).astype(case.dtype)
+                                        for n in ("q", "k", "v", "do")})
+
+
+def _assert_same_bits(x, y, name):
+    """``x`` and ``y`` are the same array, bit for bit (signed zeros too)."""
+    np.testing.assert_array_equal(x, y, err_msg=name)
+    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{name}: signed zeros differ"
+
+
+@pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
+@pytest.mark.parametrize("mask", PADDED_KINDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padding_holds_anything(dtype, causal, mask, junk):
+    """Junk in the padding of q, k, v: o (and the outgoing state) bit for bit those of zeros
+    there, o = +0 at padded positions (causal with a state in and out)."""
+    case = make_case(np.random.default_rng(8), 3, 2, 21, 5, 6, dtype, mask=mask, state=causal,
+                     junk=junk)
+    assert not case.mask.all()
+    got = _run_attention(case, causal=causal, state=causal)
+    expected = _run_attention(_zeros_in_padding(case), causal=causal, state=causal)
+    for name, x, y in zip(("o", "kv", "count"), got, expected, strict=False):  # o alone if bidir.
+        _assert_same_bits(x, y, name)
+    assert_padding_zero(got[0], case.mask, "o")
+    ref = reference_forward(case, causal)
+    assert_close(got[0], ref[0], dtype, "o")
+    if causal:
+        assert_close(got[1], ref[1], np.float32, "kv")
+        np.testing.assert_array_equal(got[2], ref[2])
+
+
+@pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
+@pytest.mark.parametrize("mask", PADDED_KINDS)
+def test_step_graph_padding_holds_anything(mask, junk):
+    """Junk in a masked row's token: the step leaves kv (signed zeros included) and count bit for
+    bit as they were and gives o = +0; the real rows go on as with zeros there."""
+    B, H, S, Dk, Dv = 3, 2, 9, 4, 5
+    case = make_case(np.random.default_rng(9), B, H, S, Dk, Dv, "float32", mask=mask,
+                     state=True, junk=junk)
+    assert not case.mask.all()
+    for kv0 in (case.kv0, case.f64["kv0"]):  # -0.0 + 0.0 is +0.0: a masked row must skip the write
+        kv0[..., ::2] = -0.0
+    step = _step(H, Dk, Dv, "float32", True)
+
+    def run(c: Case):
+        kv, count = c.kv0, c.count0
+        outs = []
+        for t in range(S):
+            o, kv_next, count_next = step.run(None, {
+                "q": c.q[:, :, t], "k": c.k[:, :, t], "v": c.v[:, :, t], "m": c.m,
+                "mask": c.mask[:, t], "kv": kv, "count": count})
+            padded = ~c.mask[:, t]
+            _assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
+            _assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
+            outs.append(o)
+            kv, count = kv_next, count_next
+        return np.stack(outs, axis=2), kv, count
+
+    got = run(case)
+    for name, x, y in zip(("o", "kv", "count"), got, run(_zeros_in_padding(case)), strict=True):
+        _assert_same_bits(x, y, name)
+    assert_padding_zero(got[0], case.mask, "o")
+    o_ref, kv_ref, count_ref = reference_forward(case)
+    assert_close(got[0], o_ref, np.float32, "o")
+    assert_close(got[1], kv_ref, np.float32, "kv")
+    np.testing.assert_array_equal(got[2], count_ref)
 
 
 def test_dynamic_batch_and_length():

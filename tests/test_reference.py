@@ -5,7 +5,7 @@ import pytest
 
 from cosattn import reference
 
-from helpers import make_mask
+from helpers import JUNK, MASK_KINDS, assert_padding_zero, make_mask
 
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 7, 4, 5), (2, 2, 9, 3, 3)]
 
@@ -99,3 +99,83 @@ def test_gradients_match_finite_differences(causal, with_dstate, mask_kind):
             x[name][idx] = saved
             numeric[idx] = (up - down) / (2 * h)
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+
+
+# docs/spec.md, "Bad input": padding holds anything. The junk values (helpers.JUNK but None, which
+# means zeros), and the mask kinds that have padding to hold them.
+JUNK_VALUES = [j for j in JUNK if j is not None]
+PADDED_KINDS = [kind for kind in MASK_KINDS if kind != "none"]
+
+
+def _fill_padding(x, mask, value):
+    """``x`` (B, H, S, D) with ``value`` at every padded position."""
+    return np.where(mask[:, None, :, None], x, value)
+
+
+def _assert_same_bits(x, y, name):
+    """``x`` and ``y`` are the same array, bit for bit (NaN payloads and signed zeros too)."""
+    np.testing.assert_array_equal(x, y, err_msg=name)
+    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{name}: signed zeros differ"
+
+
+@pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
+@pytest.mark.parametrize("mask_kind", PADDED_KINDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_padding_holds_anything(causal, mask_kind, junk):
+    """Junk in the padding of q, k, v, do: every result is the one on zeros there, bit for bit,
+    and o, dq, dk, dv are +0 at padded positions (with a state, dstate and m when causal)."""
+    rng = np.random.default_rng(5)
+    B, H, S, Dk, Dv = 3, 2, 9, 3, 4
+    x = _inputs(rng, B, H, S, Dk, Dv, mask_kind)
+    mask = x["mask"]
+    assert not mask.all()
+    do = rng.standard_normal((B, H, S, Dv))
+    state = dict(kv0=x["kv0"], count0=x["count0"]) if causal else {}
+    dkv = rng.standard_normal((B, H, Dv, Dk)) if causal else None
+
+    def run(fill):
+        q, k, v, d = (_fill_padding(a, mask, fill) for a in (x["q"], x["k"], x["v"], do))
+        o, kv, count = reference.forward(q, k, v, x["m"], causal=causal, mask=mask, **state)
+        dq, dk, dv, dm, dkv0 = reference.backward(d, q, k, v, x["m"], causal=causal, mask=mask,
+                                                  dkv=dkv, **state)
+        return dict(o=o, kv=kv, count=count, dq=dq, dk=dk, dv=dv, dm=dm, dkv0=dkv0)
+
+    got = run(junk)
+    expected = run(0.0)
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, name
+        else:
+            _assert_same_bits(got[name], value, name)
+    for name in ("o", "dq", "dk", "dv"):
+        assert_padding_zero(got[name], mask, name)
+
+
+@pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
+@pytest.mark.parametrize("mask_kind", PADDED_KINDS)
+def test_rnn_padding_holds_anything(mask_kind, junk):
+    """The recurrent form on junk in padding: o, kv, count of zeros there, bit for bit; a masked
+    step leaves kv (signed zeros included) and count as they were, and gives o = +0."""
+    rng = np.random.default_rng(6)
+    B, H, S, Dk, Dv = 3, 2, 9, 3, 4
+    x = _inputs(rng, B, H, S, Dk, Dv, mask_kind)
+    mask = x["mask"]
+    assert not mask.all()
+    x["kv0"][..., ::2] = -0.0  # -0.0 + 0.0 is +0.0: a masked step must skip the write
+    q, k, v = (_fill_padding(x[n], mask, junk) for n in "qkv")
+    o, kv, count = reference.forward_rnn(q, k, v, x["m"], mask=mask, kv0=x["kv0"],
+                                         count0=x["count0"])
+    zeros = [_fill_padding(x[n], mask, 0.0) for n in "qkv"]
+    expected = reference.forward_rnn(*zeros, x["m"], mask=mask, kv0=x["kv0"], count0=x["count0"])
+    for name, got, value in zip(("o", "kv", "count"), (o, kv, count), expected, strict=True):
+        _assert_same_bits(got, value, name)
+    assert_padding_zero(o, mask, "o")
+    kv, count = x["kv0"], x["count0"]
+    for t in range(S):
+        token = (a[:, :, t:t + 1] for a in (q, k, v))
+        _, kv_next, count_next = reference.forward_rnn(*token, x["m"], mask=mask[:, t:t + 1],
+                                                       kv0=kv, count0=count)
+        padded = ~mask[:, t]
+        _assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
+        _assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
+        kv, count = kv_next, count_next
