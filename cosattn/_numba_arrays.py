@@ -1,6 +1,6 @@
 """Numba device arrays as cosattn's native CUDA arrays, for machines where CuPy cannot run.
 
-:func:`cosattn._interop.namespace` hands this module out as the array namespace of a CUDA device
+:func:`cosattn._device.namespace` hands this module out as the array namespace of a CUDA device
 when CuPy is missing or sees no GPU, and always under the Numba CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``). It offers the few array-API functions the validation and
 allocation code uses (``empty``, ``zeros``, ``astype``, ``copy``, ``permute_dims``), plus the

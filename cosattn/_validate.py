@@ -1,72 +1,84 @@
-"""The one validation layer every backend goes through (SPEC.md, "Bad input").
+"""The one validation layer (docs/spec.md, "Bad input"): every argument checked once.
 
-It imports the caller's arrays as native ones, checks ranks, sizes, dtypes and devices, and
-describes the call as a :class:`Problem`. Backends receive only what passed these checks, always
-in the canonical ``(B, H, S, D)`` order (as views: nothing is copied here except ``m``).
+:func:`forward_call`, :func:`backward_call` and :func:`step_call` import the caller's arrays as
+native ones, check flags, ranks, sizes, dtypes, devices and (where asked) values, allocate the
+outputs, choose the backend, and describe the call (:mod:`cosattn._call`). Nothing here writes
+the caller's arrays; a call that fails here changes nothing.
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from ._interop import FLOAT_DTYPES, Device, Imported, import_array
+from ._call import BackwardCall, Call, ForwardCall, Problem, StepCall
+from ._device import Device, namespace, on_device
+from ._dtypes import INPUT_DTYPES, STATE_DTYPES, accumulation, is_float
+from ._interop import Imported, import_array
+from .backends import Backend, select
 
 LAYOUTS = ("bhsd", "bshd")
+VALIDATE_ENV_VAR = "COSATTN_VALIDATE"
+
+C = TypeVar("C", bound=Call)
 
 
 @dataclass(frozen=True)
-class Problem:
-    """Sizes and settings of one call, as the backends see it.
+class Prepared(Generic[C]):
+    """A checked call: its description, the backend to run it, the caller's framework, and the
+    outputs as the caller will receive them (in the caller's layout, before export)."""
 
-    ``dtype`` is the dtype of q, k, v (and do); ``acc`` the accumulation dtype (float64 for float64
-    inputs, else float32); ``state_dtype`` the dtype of the recurrent state's ``kv`` (``acc`` when
-    no state is given). ``stream`` is the caller's raw CUDA stream handle, None on the CPU.
-    """
-
-    B: int
-    H: int
-    S: int
-    Dk: int
-    Dv: int
-    dtype: np.dtype
-    acc: np.dtype
-    state_dtype: np.dtype
-    causal: bool
-    eps: float
-    device: Device
-    stream: int | None
+    call: C
+    backend: Backend
+    framework: str
+    results: dict[str, Any]
 
 
 def _describe(arrays: dict[str, Any]) -> str:
     return ", ".join(f"{n}{tuple(a.shape)}" for n, a in arrays.items())
 
 
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+def check_flag(value: Any, name: str) -> bool:
+    """A bool flag (Python or NumPy bool); anything else is a ``TypeError`` naming it."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
-def check_eps(eps: float) -> float:
+def check_eps(eps: Any) -> float:
+    if isinstance(eps, bool | np.bool_) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
     eps = float(eps)
-    if not eps > 0.0:
-        raise ValueError(f"eps must be a positive number, got {eps}")
+    if not 0.0 < eps < np.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
     return eps
+
+
+def check_layout(layout: Any) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def values_checked(validate: Any, device: Device) -> bool:
+    """Whether value checks run: always on host arrays; on device arrays when asked."""
+    asked = check_flag(validate, "validate") or os.environ.get(VALIDATE_ENV_VAR) == "1"
+    return device.kind == "cpu" or asked
 
 
 def import_all(named: dict[str, Any]) -> dict[str, Imported]:
     """Import every non-None argument and require one framework family and one device."""
     imported = {n: import_array(x, n) for n, x in named.items() if x is not None}
-    devices = {str(i.device) for i in imported.values()}
-    if len(devices) > 1:
+    if len({str(i.device) for i in imported.values()}) > 1:
         where = ", ".join(f"{n} on {i.device} ({i.framework})" for n, i in imported.items())
         raise ValueError(
             f"arrays must be on one device; got {where}. Nothing is copied across devices"
         )
-    frameworks = {i.framework for i in imported.values()}
-    if len(frameworks) > 1:
+    if len({i.framework for i in imported.values()}) > 1:
         which = ", ".join(f"{n} ({i.framework})" for n, i in imported.items())
         raise ValueError(f"arrays must come from one framework; got {which}")
     return imported
@@ -75,7 +87,7 @@ def import_all(named: dict[str, Any]) -> dict[str, Imported]:
 def check_float_dtypes(arrays: dict[str, Any]) -> np.dtype:
     """One supported floating dtype shared by every array; returns it."""
     dtypes = {n: np.dtype(a.dtype) for n, a in arrays.items()}
-    bad = {n: d for n, d in dtypes.items() if d not in FLOAT_DTYPES}
+    bad = {n: d for n, d in dtypes.items() if d not in INPUT_DTYPES}
     if bad:
         got = ", ".join(f"{n} {d}" for n, d in bad.items())
         raise TypeError(
@@ -83,12 +95,8 @@ def check_float_dtypes(arrays: dict[str, Any]) -> np.dtype:
         )
     if len(set(dtypes.values())) > 1:
         got = ", ".join(f"{n} {d}" for n, d in dtypes.items())
-        raise TypeError(f"q, k, v (and do) must share one dtype; got {got}")
+        raise TypeError(f"{', '.join(dtypes)} must share one dtype; got {got}")
     return next(iter(dtypes.values()))
-
-
-def accumulation_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
 def to_bhsd(x: Any, layout: str, xp: Any) -> Any:
@@ -106,42 +114,42 @@ def check_qkv(arrays: dict[str, Any], layout: str) -> tuple[int, int, int, int, 
             )
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     B, H, S = q.shape[:3] if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1])
-    Dk, Dv = q.shape[3], v.shape[3]
-    head = q.shape[:3]
-    if k.shape != q.shape or v.shape[:3] != head:
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"q, k and v must agree on {letters[:-4]}) and q, k on D: got {_describe(arrays)}"
         )
     if "do" in arrays and tuple(arrays["do"].shape) != tuple(v.shape):
         raise ValueError(f"do must have the shape of o (that of v): got {_describe(arrays)}")
-    return B, H, S, Dk, Dv
+    return B, H, S, q.shape[3], v.shape[3]
 
 
-def check_mask(mask: Any, shape: tuple[int, ...], letters: str) -> None:
+def check_mask(mask: Any, shape: tuple[int, ...], letters: str) -> Any:
     """``mask`` must be bool of ``shape`` (``letters`` spells it, e.g. "(B, S)")."""
     if mask.dtype != np.bool_:
         raise TypeError(f"mask must be bool (True where the token is real), got {mask.dtype}")
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must have shape {letters} = {shape}, got {tuple(mask.shape)}")
+    return mask
 
 
 def check_m(m: Any, H: int, acc: np.dtype, xp: Any) -> Any:
     """``m`` of shape (H,) and any float dtype; returned as a fresh array in ``acc``."""
     if m.ndim != 1 or m.shape[0] != H:
         raise ValueError(f"m must have shape (H,) = ({H},), got {tuple(m.shape)}")
-    if np.dtype(m.dtype).kind != "f" and np.dtype(m.dtype) != FLOAT_DTYPES[1]:
+    if not is_float(m.dtype):
         raise TypeError(f"m must be a float array, got {m.dtype}")
     return xp.astype(m, acc)
 
 
 def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype) -> None:
+    """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``."""
     if tuple(kv.shape) != (B, H, Dv, Dk):
         raise ValueError(
             f"state.kv must have shape (B, H, Dv, Dk) = {(B, H, Dv, Dk)}, got {tuple(kv.shape)}"
         )
     if tuple(count.shape) != (B,):
         raise ValueError(f"state.count must have shape (B,) = ({B},), got {tuple(count.shape)}")
-    if kv.dtype not in (np.float32, np.float64):
+    if np.dtype(kv.dtype) not in STATE_DTYPES:
         raise TypeError(f"state.kv must be float32 or float64, got {kv.dtype}")
     if acc == np.float64 and kv.dtype != np.float64:
         raise TypeError(
@@ -150,3 +158,181 @@ def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.d
         )
     if count.dtype not in (np.int64, np.int32):
         raise TypeError(f"state.count must be int64 (or int32, as JAX keeps it), got {count.dtype}")
+
+
+def check_count_values(count: Any, xp: Any) -> None:
+    """A state's counts are never negative (a device→host copy on CUDA)."""
+    if count.shape[0] and bool(xp.any(count < 0)):
+        raise ValueError(f"state.count must be non-negative, got {count}")
+
+
+def _writable(x: Any, name: str) -> None:
+    """Arrays a call writes in place must be writable (NumPy's flag; device arrays always are)."""
+    flags = getattr(x, "flags", None)
+    if isinstance(x, np.ndarray) and flags is not None and not flags.writeable:
+        raise ValueError(f"{name} is read-only, but this call writes it in place")
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What forward and backward share once their arrays are checked."""
+
+    p: Problem
+    xp: Any
+    arrays: dict[str, Any]  # the named inputs in the caller's layout
+    m: Any
+    mask: Any
+    kv0: Any
+    count0: Any
+    framework: str
+    backend: Backend
+
+    def bhsd(self, name: str, layout: str) -> Any:
+        return to_bhsd(self.arrays[name], layout, self.xp)
+
+    def output(self, like: str, layout: str) -> tuple[Any, Any]:
+        """A new output shaped like input ``like`` in the caller's layout, and its bhsd view."""
+        out = self.xp.empty(self.arrays[like].shape, dtype=self.p.dtype)
+        return out, to_bhsd(out, layout, self.xp)
+
+
+def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
+            eps: Any, layout: Any, backend: Any, validate: Any,
+            extra: dict[str, Any] | None = None) -> tuple[_Inputs, dict[str, Imported]]:
+    causal = check_flag(causal, "causal")
+    layout = check_layout(layout)
+    eps = check_eps(eps)
+    if state is not None and not causal:
+        raise ValueError("a recurrent state exists for the causal form only (causal=False given)")
+    everything = dict(named, m=m, mask=mask, **(extra or {}))
+    if state is not None:
+        everything.update({"state.kv": state[0], "state.count": state[1]})
+    imported = import_all(everything)
+    raw = {n: imported[n].array for n in named}
+    dtype = check_float_dtypes(raw)
+    B, H, S, Dk, Dv = check_qkv(raw, layout)
+    acc = accumulation(dtype)
+    first = imported["q"]
+    xp = namespace(first.device)
+    native_mask = None if mask is None else check_mask(imported["mask"].array, (B, S), "(B, S)")
+    kv0 = count0 = None
+    state_dtype = acc
+    if state is not None:
+        kv0, count0 = imported["state.kv"].array, imported["state.count"].array
+        check_state(kv0, count0, B, H, Dk, Dv, acc)
+        state_dtype = np.dtype(kv0.dtype)
+    chosen = select(backend, first.device)
+    with on_device(first.device):
+        native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
+        if count0 is not None:
+            if values_checked(validate, first.device):
+                check_count_values(count0, xp)
+            count0 = xp.astype(count0, np.int64, copy=False)
+    p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
+    return _Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
+                   chosen), imported
+
+
+def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
+                 state: tuple[Any, Any] | None,
+                 return_state: Any, eps: Any, layout: Any, backend: Any,
+                 validate: Any) -> Prepared[ForwardCall]:
+    if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
+        raise ValueError("return_state=True needs the causal form (causal=False given)")
+    x, _ = _inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
+                   validate)
+    with on_device(x.p.device):
+        o, o_bhsd = x.output("v", layout)
+    call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
+                       v=x.bhsd("v", layout), m=x.m, mask=x.mask, kv0=x.kv0, count0=x.count0,
+                       o=o_bhsd, want_state=bool(return_state))
+    return Prepared(call, x.backend, x.framework, {"o": o})
+
+
+def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
+                  state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
+                  validate: Any) -> Prepared[BackwardCall]:
+    if dstate is not None and not check_flag(causal, "causal"):
+        raise ValueError("dstate needs the causal form (causal=False given)")
+    x, imported = _inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
+                          layout, backend, validate, extra={"dstate": dstate})
+    p = x.p
+    dkv = None
+    if dstate is not None:
+        dkv = imported["dstate"].array
+        if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
+            raise ValueError(
+                f"dstate must have the shape of state.kv (B, H, Dv, Dk) = "
+                f"{(p.B, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
+            )
+        if np.dtype(dkv.dtype) not in STATE_DTYPES:
+            raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+    with on_device(p.device):
+        (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (x.output(n, layout) for n in "qkv")
+    call = BackwardCall(p=p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
+                        v=x.bhsd("v", layout), m=x.m, mask=x.mask, do=x.bhsd("do", layout),
+                        kv0=x.kv0, count0=x.count0, dkv=dkv, dq=dq_bhsd, dk=dk_bhsd,
+                        dv=dv_bhsd)
+    return Prepared(call, x.backend, x.framework, {"dq": dq, "dk": dk, "dv": dv})
+
+
+def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask: Any,
+              eps: Any, out: Any, backend: Any, validate: Any) -> Prepared[StepCall]:
+    """Check a step on the state ``(kv, count)``. The call holds the state's own arrays, to be
+    updated in place, except for JAX, whose arrays are immutable: copies (count in int64) that
+    the caller makes the new state."""
+    eps = check_eps(eps)
+    imported = import_all({"q_t": q_t, "k_t": k_t, "v_t": v_t, "m": m, "mask": mask,
+                           "out": out, "state.kv": kv, "state.count": count})
+    raw = {n: imported[n].array for n in ("q_t", "k_t", "v_t")}
+    dtype = check_float_dtypes(raw)
+    for n, a in raw.items():
+        if a.ndim != 3:
+            raise ValueError(f"{n} must have rank 3 (B, H, D), got shape {tuple(a.shape)}")
+    q, k, v = raw["q_t"], raw["k_t"], raw["v_t"]
+    if k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"q_t, k_t and v_t must agree on (B, H) and q_t, k_t on D: got {_describe(raw)}"
+        )
+    B, H, Dk = q.shape
+    Dv = v.shape[2]
+    acc = accumulation(dtype)
+    native_kv, native_count = imported["state.kv"].array, imported["state.count"].array
+    check_state(native_kv, native_count, B, H, Dk, Dv, acc)
+    first = imported["q_t"]
+    framework, xp = first.framework, namespace(first.device)
+    native_mask = None if mask is None else check_mask(imported["mask"].array, (B,), "(B,)")
+    immutable = framework == "jax"
+    if immutable and out is not None:
+        raise ValueError("out= cannot be written for JAX arrays, which are immutable")
+    if not immutable:
+        if native_count.dtype != np.int64:
+            raise TypeError(
+                f"state.count must be int64 to be updated in place, got {native_count.dtype}"
+            )
+        _writable(native_kv, "state.kv")
+        _writable(native_count, "state.count")
+    native_out = None
+    if out is not None:
+        native_out = imported["out"].array
+        if tuple(native_out.shape) != (B, H, Dv):
+            raise ValueError(
+                f"out must have shape (B, H, Dv) = {(B, H, Dv)}, got {tuple(native_out.shape)}"
+            )
+        if native_out.dtype != dtype:
+            raise TypeError(f"out must have the dtype of v_t, {dtype}, got {native_out.dtype}")
+        _writable(native_out, "out")
+    chosen = select(backend, first.device)
+    with on_device(first.device):
+        native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
+        if values_checked(validate, first.device):
+            check_count_values(native_count, xp)
+        if immutable:
+            native_kv = xp.astype(native_kv, native_kv.dtype, copy=True)
+            native_count = xp.astype(native_count, np.int64, copy=True)
+        o = xp.empty((B, H, Dv), dtype=dtype) if native_out is None else native_out
+    p = Problem(B, H, 1, Dk, Dv, dtype, np.dtype(native_kv.dtype), True, eps, first.device,
+                first.stream)
+    call = StepCall(p=p, q=q, k=k, v=v, m=native_m, mask=native_mask, kv=native_kv,
+                    count=native_count, o=o)
+    return Prepared(call, chosen, framework, {"o": o})

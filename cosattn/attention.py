@@ -2,81 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import _validate as val
-from ._interop import Imported, export_array, namespace, on_device
-from .backends import select
+from ._device import on_device
+from ._interop import export_array
 from .recurrent import RecurrentState
 
 
-@dataclass
-class _Call:
-    """One validated call: the problem, native bhsd views and where results go."""
-
-    p: val.Problem
-    arrays: dict[str, Any]
-    m: Any
-    mask: Any
-    kv0: Any
-    count0: Any
-    framework: str
-    xp: Any
-    backend: Any
-    shapes: dict[str, tuple[int, ...]]
-
-    def empty(self, like: str, layout: str) -> tuple[Any, Any]:
-        """An output shaped like argument ``like`` in the caller's layout, and its bhsd view."""
-        out = self.xp.empty(self.shapes[like], dtype=self.p.dtype)
-        return out, val.to_bhsd(out, layout, self.xp)
-
-
-def _prepare(named: dict[str, Any], m: Any, mask: Any, state: RecurrentState | None,
-             causal: bool, eps: float, layout: str, backend: str | None,
-             extra: dict[str, Any] | None = None) -> tuple[_Call, dict[str, Imported]]:
-    val.check_layout(layout)
-    eps = val.check_eps(eps)
-    if state is not None and not causal:
-        raise ValueError("a recurrent state exists for the causal form only (causal=False given)")
-    if state is not None and not isinstance(state, RecurrentState):
+def _state_arrays(state: Any) -> tuple[Any, Any] | None:
+    if state is None:
+        return None
+    if not isinstance(state, RecurrentState):
         raise TypeError(f"state must be a cosattn.RecurrentState, got {type(state).__name__}")
-    everything = dict(named, m=m, mask=mask, **(extra or {}))
-    if state is not None:
-        everything.update({"state.kv": state.kv, "state.count": state.count})
-    imported = val.import_all(everything)
-    raw = {n: imported[n].array for n in named}
-    dtype = val.check_float_dtypes(raw)
-    B, H, S, Dk, Dv = val.check_qkv(raw, layout)
-    acc = val.accumulation_dtype(dtype)
-    first = imported["q"]
-    xp = namespace(first.device)
-    native_mask = None
-    if mask is not None:
-        native_mask = imported["mask"].array
-        val.check_mask(native_mask, (B, S), "(B, S)")
-    kv0 = count0 = None
-    state_dtype = acc
-    if state is not None:
-        kv0, count0 = imported["state.kv"].array, imported["state.count"].array
-        val.check_state(kv0, count0, B, H, Dk, Dv, acc)
-        count0 = xp.astype(count0, np.int64, copy=False)
-        state_dtype = np.dtype(kv0.dtype)
-    with on_device(first.device):
-        native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)
-    p = val.Problem(B, H, S, Dk, Dv, dtype, acc, state_dtype, causal, eps, first.device,
-                    first.stream)
-    call = _Call(p, {n: val.to_bhsd(a, layout, xp) for n, a in raw.items()}, native_m, native_mask,
-                 kv0, count0, first.framework, xp, select(backend, first.device),
-                 {n: tuple(a.shape) for n, a in raw.items()})
-    return call, imported
+    return state.kv, state.count
 
 
 def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask: Any = None,
             state: RecurrentState | None = None, return_state: bool = False, eps: float = 1e-12,
-            layout: str = "bhsd", backend: str | None = None) -> Any:
+            layout: str = "bhsd", backend: str | None = None, validate: bool = False) -> Any:
     """Cottention forward: cosine attention with the learned length stabiliser.
 
     Parameters
@@ -101,6 +45,9 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
         Order of the axes of q, k, v and o.
     backend : {"numpy", "cupy", "numba"}, optional
         Override the choice made from where the data lives.
+    validate : bool
+        Also check values that need a device→host copy on CUDA (a state's counts); host
+        arrays are always checked. ``COSATTN_VALIDATE=1`` turns it on everywhere.
 
     Returns
     -------
@@ -114,30 +61,29 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     >>> o.shape, state.kv.shape
     ((1, 2, 5, 4), (1, 2, 4, 4))
     """
-    if return_state and not causal:
-        raise ValueError("return_state=True needs the causal form (causal=False given)")
-    call, _ = _prepare({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend)
-    p, a = call.p, call.arrays
-    o, o_view = call.empty("v", layout)
-    with on_device(p.device):
-        kv, count = call.backend.forward(p, a["q"], a["k"], a["v"], call.m, call.mask, call.kv0,
-                                         call.count0, o_view, want_state=return_state)
-    o = export_array(o, call.framework)
-    if not return_state:
+    prepared = val.forward_call(q, k, v, m, causal=causal, mask=mask, state=_state_arrays(state),
+                                return_state=return_state, eps=eps, layout=layout,
+                                backend=backend, validate=validate)
+    with on_device(prepared.call.p.device):
+        new_state = prepared.backend.forward(prepared.call)
+    o = export_array(prepared.results["o"], prepared.framework)
+    if new_state is None:
         return o
-    return o, RecurrentState(export_array(kv, call.framework), export_array(count, call.framework))
+    kv, count = (export_array(x, prepared.framework) for x in new_state)
+    return o, RecurrentState(kv, count)
 
 
 def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True,
              mask: Any = None, state: RecurrentState | None = None, dstate: Any = None,
-             eps: float = 1e-12, layout: str = "bhsd", backend: str | None = None) -> tuple:
+             eps: float = 1e-12, layout: str = "bhsd", backend: str | None = None,
+             validate: bool = False) -> tuple:
     """Gradients of :func:`forward` with respect to q, k, v, m (and the incoming state).
 
     Parameters
     ----------
     do : array like v
         Gradient arriving at ``o``, same dtype as q, k, v.
-    q, k, v, m, causal, mask, state, eps, layout, backend
+    q, k, v, m, causal, mask, state, eps, layout, backend, validate
         As given to :func:`forward`.
     dstate : array (B, H, Dv, Dk), optional
         Gradient arriving at the outgoing state's ``kv`` (causal only).
@@ -152,29 +98,13 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     --------
     >>> dq, dk, dv, dm = cosattn.backward(np.ones_like(v), q, k, v, np.zeros(2))
     """
-    if dstate is not None and not causal:
-        raise ValueError("dstate needs the causal form (causal=False given)")
-    call, imported = _prepare({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
-                              layout, backend, extra={"dstate": dstate})
-    p, a = call.p, call.arrays
-    dkv = None
-    if dstate is not None:
-        dkv = imported["dstate"].array
-        if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
-            raise ValueError(
-                f"dstate must have the shape of state.kv (B, H, Dv, Dk) = "
-                f"{(p.B, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
-            )
-        if np.dtype(dkv.dtype) not in (np.float32, np.float64):
-            raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
-    dq, dq_view = call.empty("q", layout)
-    dk, dk_view = call.empty("k", layout)
-    dv, dv_view = call.empty("v", layout)
-    with on_device(p.device):
-        dm, dkv0 = call.backend.backward(p, a["do"], a["q"], a["k"], a["v"], call.m, call.mask,
-                                         call.kv0, call.count0, dkv, dq_view, dk_view, dv_view)
-    grads = [export_array(g, call.framework) for g in (dq, dk, dv)]
-    grads.append(None if dm is None else export_array(dm, call.framework))
+    prepared = val.backward_call(do, q, k, v, m, causal=causal, mask=mask,
+                                 state=_state_arrays(state), dstate=dstate, eps=eps,
+                                 layout=layout, backend=backend, validate=validate)
+    with on_device(prepared.call.p.device):
+        dm, dkv0 = prepared.backend.backward(prepared.call)
+    grads = [export_array(prepared.results[n], prepared.framework) for n in ("dq", "dk", "dv")]
+    grads.append(None if dm is None else export_array(dm, prepared.framework))
     if state is not None:
-        grads.append(export_array(dkv0, call.framework))
+        grads.append(export_array(dkv0, prepared.framework))
     return tuple(grads)

@@ -1,4 +1,4 @@
-"""The recurrent form: a fixed-size state and one token per step (SPEC.md, "The RNN form")."""
+"""The recurrent form: a fixed-size state and one token per step (docs/spec.md, "The RNN form")."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from . import _validate as val
-from ._interop import export_array, import_array, namespace, on_device
-from .backends import select
+from ._device import CPU, namespace, on_device
+from ._dtypes import FLOAT32, FLOAT64, STATE_DTYPES
+from ._interop import export_array, import_array
 
 
 class RecurrentState:
@@ -28,14 +29,18 @@ class RecurrentState:
     1
     """
 
-    def __init__(self, kv: Any, count: Any) -> None:
-        ikv, icount = import_array(kv, "state.kv"), import_array(count, "state.count")
+    def __init__(self, kv: Any, count: Any, *, validate: bool = False) -> None:
+        imported = val.import_all({"state.kv": kv, "state.count": count})
+        ikv, icount = imported["state.kv"], imported["state.count"]
         if ikv.array.ndim != 4:
             raise ValueError(
                 f"state.kv must have rank 4 (B, H, Dv, Dk), got {tuple(ikv.array.shape)}"
             )
         B, H, Dv, Dk = ikv.array.shape
-        val.check_state(ikv.array, icount.array, B, H, Dk, Dv, np.dtype(np.float32))
+        val.check_state(ikv.array, icount.array, B, H, Dk, Dv, FLOAT32)
+        if val.values_checked(validate, ikv.device):
+            with on_device(ikv.device):
+                val.check_count_values(icount.array, namespace(ikv.device))
         self.kv = kv
         self.count = count
 
@@ -47,20 +52,20 @@ class RecurrentState:
         ``like``: an array whose framework and device the state takes (NumPy when None).
         ``dtype``: float32 or float64; by default float64 when ``like`` is float64, else float32.
         """
-        if like is None:
-            framework, device = "numpy", val.Device("cpu")
-            like_dtype = None
-        else:
+        framework, device, like_dtype = "numpy", CPU, FLOAT32
+        if like is not None:
             imported = import_array(like, "like")
             framework, device = imported.framework, imported.device
-            like_dtype = imported.array.dtype
+            like_dtype = np.dtype(imported.array.dtype)
         if dtype is None:
-            dtype = np.float64 if like_dtype == np.float64 else np.float32
+            dtype = FLOAT64 if like_dtype == FLOAT64 else FLOAT32
         dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
+        if dtype not in STATE_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         for name, size in {"B": B, "H": H, "Dk": Dk, "Dv": Dv}.items():
-            if int(size) < 0:
+            if not isinstance(size, int | np.integer) or isinstance(size, bool):
+                raise TypeError(f"{name} must be an int, got {type(size).__name__} {size!r}")
+            if size < 0:
                 raise ValueError(f"{name} must be non-negative, got {size}")
         xp = namespace(device)
         with on_device(device):
@@ -87,7 +92,8 @@ class RecurrentState:
         return f"RecurrentState(B={B}, H={H}, Dk={Dk}, Dv={Dv}, dtype={self.kv.dtype})"
 
     def step(self, q_t: Any, k_t: Any, v_t: Any, m: Any = None, *, mask: Any = None,
-             eps: float = 1e-12, out: Any = None, backend: str | None = None) -> Any:
+             eps: float = 1e-12, out: Any = None, backend: str | None = None,
+             validate: bool = False) -> Any:
         """Absorb one token per batch row and return its output, updating the state in place.
 
         Parameters
@@ -101,58 +107,20 @@ class RecurrentState:
             False for rows whose token is padding: they output zeros and leave the state alone.
         out : array (B, H, Dv), optional
             Where to write the output (same dtype as v_t), so a decode loop reuses one buffer.
+        eps, backend, validate
+            As given to :func:`cosattn.forward`.
 
         Returns
         -------
         o_t : array (B, H, Dv) in the dtype and framework of the inputs (``out`` when given).
         """
-        eps = val.check_eps(eps)
-        imported = val.import_all({"q_t": q_t, "k_t": k_t, "v_t": v_t, "m": m, "mask": mask,
-                                   "out": out, "state.kv": self.kv, "state.count": self.count})
-        raw = {n: imported[n].array for n in ("q_t", "k_t", "v_t")}
-        dtype = val.check_float_dtypes(raw)
-        for n, a in raw.items():
-            if a.ndim != 3:
-                raise ValueError(f"{n} must have rank 3 (B, H, D), got shape {tuple(a.shape)}")
-        q, k, v = raw["q_t"], raw["k_t"], raw["v_t"]
-        if k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-            raise ValueError(
-                "q_t, k_t and v_t must agree on (B, H) and q_t, k_t on D: got "
-                + ", ".join(f"{n}{tuple(a.shape)}" for n, a in raw.items())
-            )
-        B, H, Dk = q.shape
-        Dv = v.shape[2]
-        acc = val.accumulation_dtype(dtype)
-        kv, count = imported["state.kv"].array, imported["state.count"].array
-        val.check_state(kv, count, B, H, Dk, Dv, acc)
-        first = imported["q_t"]
-        framework, xp = first.framework, namespace(first.device)
-        native_mask = None
-        if mask is not None:
-            native_mask = imported["mask"].array
-            val.check_mask(native_mask, (B,), "(B,)")
-        immutable = framework == "jax"
-        if immutable:
-            if out is not None:
-                raise ValueError("out= cannot be written for JAX arrays, which are immutable")
-            kv = np.array(kv)
-        counts = xp.astype(count, np.int64, copy=immutable)
-        with on_device(first.device):
-            native_m = None if m is None else val.check_m(imported["m"].array, H, acc, xp)
-            if out is None:
-                o = xp.empty((B, H, Dv), dtype=dtype)
-            else:
-                o = imported["out"].array
-                if tuple(o.shape) != (B, H, Dv) or o.dtype != dtype:
-                    raise ValueError(
-                        f"out must have shape (B, H, Dv) = {(B, H, Dv)} and dtype {dtype}, "
-                        f"got {tuple(o.shape)} {o.dtype}"
-                    )
-            p = val.Problem(B, H, 1, Dk, Dv, dtype, acc, np.dtype(kv.dtype), True, eps,
-                            first.device, first.stream)
-            select(backend, first.device).step(p, kv, counts, q, k, v, native_m, native_mask, o)
-            if counts is not count and not immutable:
-                count[...] = counts
-        if immutable:
-            self.kv, self.count = export_array(kv, framework), export_array(counts, framework)
-        return out if out is not None else export_array(o, framework)
+        prepared = val.step_call(self.kv, self.count, q_t, k_t, v_t, m, mask=mask, eps=eps,
+                                 out=out, backend=backend, validate=validate)
+        call = prepared.call
+        with on_device(call.p.device):
+            prepared.backend.step(call)
+        if prepared.framework == "jax":  # immutable arrays: the state is new arrays
+            self.kv = export_array(call.kv, prepared.framework)
+            self.count = export_array(call.count, prepared.framework)
+        return out if out is not None else export_array(prepared.results["o"],
+                                                        prepared.framework)

@@ -108,7 +108,7 @@ def test_state_only_for_causal(case):
 def test_bad_layout_and_eps(case):
     with pytest.raises(ValueError, match=r"layout must be one of \('bhsd', 'bshd'\), got 'bsdh'"):
         cosattn.forward(*qkv(case), layout="bsdh")
-    with pytest.raises(ValueError, match=r"eps must be a positive number, got 0\.0"):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite number, got 0\.0"):
         cosattn.forward(*qkv(case), eps=0)
 
 

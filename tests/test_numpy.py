@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import cosattn
-from cosattn._validate import Problem
+from cosattn._call import Problem
+from cosattn._device import CPU
 from cosattn.backends import _numpy
 
 from helpers import (
@@ -178,13 +179,13 @@ def test_zero_vectors_use_eps_floor():
                                                       (16, 4, 256, 2), (1, 1, 70000, 2)])
 def test_parts_tile_every_row_and_head_once(B, H, S, workers, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: workers)
-    p = Problem(B, H, S, 64, 64, np.dtype(np.float32), np.dtype(np.float32),
-                np.dtype(np.float32), True, 1e-12, "cpu", None)
+    p = Problem(B, H, S, 64, 64, np.dtype(np.float32), np.dtype(np.float32), True, 1e-12, CPU,
+                None)
     parts = _numpy._parts(p)
     cover = np.zeros((B, H), int)
-    for t in parts:
-        cover[t.b, t.h] += 1
-        heads, rows = len(range(H)[t.h]), len(range(B)[t.b])
+    for b, h in parts:
+        cover[b, h] += 1
+        heads, rows = len(range(H)[h]), len(range(B)[b])
         assert rows == 1 or heads == H  # a block of heads of one row, or whole rows
         assert rows * heads == 1 or rows * heads * S * 128 <= _numpy.PART_ELEMENTS
     np.testing.assert_array_equal(cover, 1)

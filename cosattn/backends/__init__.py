@@ -1,37 +1,50 @@
-"""Backend registry and selection.
+"""The backend protocol, the registry and the choice of a backend.
 
-A backend is a module with:
-
-- ``DEVICE``: ``"cpu"`` or ``"cuda"``, the kind of arrays it runs on;
-- ``unavailable() -> str | None``: why it cannot run here (None when it can);
-- ``forward(p, q, k, v, m, mask, kv0, count0, o, *, want_state) -> (kv, count) | (None, None)``;
-- ``backward(p, do, q, k, v, m, mask, kv0, count0, dkv, dq, dk, dv) -> (dm, dkv0)``;
-- ``step(p, kv, count, q, k, v, m, mask, o) -> None``.
-
-Arguments are native arrays (NumPy or CuPy) that passed :mod:`cosattn._validate`, in the
-``(B, H, S, D)`` order as possibly strided views; ``p`` is the :class:`~cosattn._validate.Problem`.
-``m`` is None or an ``(H,)`` array in ``p.acc``; ``mask`` None or ``(B, S)`` bool; ``kv0``,
-``count0`` and ``dkv`` may be None (a zero state). Outputs ``o``, ``dq``, ``dk``, ``dv`` are
-preallocated in the input dtype and written by the backend; a backend never writes its inputs.
-``step`` updates ``kv`` (B, H, Dv, Dk) and ``count`` (B,) in place and writes ``o`` (B, H, Dv).
+A backend is a module that satisfies :class:`Backend`. It is given a call description of
+:mod:`cosattn._call` whose every argument passed :mod:`cosattn._validate`; it writes the call's
+preallocated outputs (``o``; ``dq``, ``dk``, ``dv``) and never its inputs; only a step changes
+the state it is given, in place.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
+from typing import Any, Protocol, cast
 
-from .._interop import Device
+from .._call import BackwardCall, ForwardCall, StepCall
+from .._device import Device
+
+
+class Backend(Protocol):
+    DEVICE: str  # "cpu" or "cuda": the kind of arrays it runs on
+
+    def unavailable(self) -> str | None:
+        """Why it cannot run here; None when it can."""
+
+    def forward(self, call: ForwardCall) -> tuple[Any, Any] | None:
+        """Write ``call.o``; return the outgoing ``(kv, count)`` when ``call.want_state``."""
+
+    def backward(self, call: BackwardCall) -> tuple[Any, Any]:
+        """Write ``call.dq``, ``call.dk``, ``call.dv``; return ``(dm, dkv0)``."""
+
+    def step(self, call: StepCall) -> None:
+        """Update ``call.kv`` and ``call.count`` in place and write ``call.o``."""
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``a / b`` rounded up, for non-negative integers."""
+    return -(-a // b)
+
 
 NAMES = ("numpy", "cupy", "numba")
 ENV_VAR = "COSATTN_BACKEND"
 
 
-def load(name: str) -> ModuleType:
+def load(name: str) -> Backend:
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")
-    return importlib.import_module(f"{__name__}._{name}")
+    return cast(Backend, importlib.import_module(f"{__name__}._{name}"))
 
 
 def _reason(name: str) -> str | None:
@@ -53,9 +66,15 @@ def available_backends() -> dict[str, str | None]:
     return {name: _reason(name) for name in NAMES}
 
 
-def select(name: str | None, device: Device) -> ModuleType:
-    """The backend for arrays on ``device``: ``name``, else ``$COSATTN_BACKEND``, else a default."""
-    name = name or os.environ.get(ENV_VAR) or None
+def select(name: Any, device: Device) -> Backend:
+    """The backend for arrays on ``device``: ``name``, else ``$COSATTN_BACKEND``, else a default.
+
+    An unknown name is a ``ValueError`` naming where it came from; a backend that cannot run
+    here is a ``RuntimeError`` saying why (never a silent fallback).
+    """
+    given_by = "backend="
+    if name is None and os.environ.get(ENV_VAR):
+        name, given_by = os.environ[ENV_VAR], f"the environment variable {ENV_VAR}"
     if name is None:
         if device.kind == "cpu":
             return load("numpy")
@@ -66,13 +85,17 @@ def select(name: str | None, device: Device) -> ModuleType:
                 return load(candidate)
         why = "; ".join(f"{n}: {r}" for n, r in reasons.items())
         raise RuntimeError(f"no GPU backend can run the arrays on {device} ({why})")
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be None or one of {NAMES}, got {type(name).__name__}")
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r} given by {given_by}; choose one of {NAMES}")
     reason = _reason(name)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} is unavailable: {reason}")
-    module = load(name)
-    if module.DEVICE != device.kind:
+        raise RuntimeError(f"backend {name!r} ({given_by}) cannot run here: {reason}")
+    backend = load(name)
+    if backend.DEVICE != device.kind:
         raise ValueError(
-            f"backend {name!r} runs on {module.DEVICE} arrays but the inputs are on {device}; "
+            f"backend {name!r} runs on {backend.DEVICE} arrays but the inputs are on {device}; "
             "nothing is copied across devices"
         )
-    return module
+    return backend

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .._interop import BFLOAT16, namespace
-from .._validate import Problem
+from .._call import BackwardCall, ForwardCall, Problem, StepCall
+from .._device import namespace
+from .._dtypes import INPUT_DTYPES, STATE_DTYPES, accumulation
+from . import ceil_div
 
 DEVICE = "cuda"
 INSTALL_HINT = "pip install cosattn[cuda13]"
@@ -48,10 +50,7 @@ SPECIALISED = (16, 32, 64, 128, 256)
 GENERAL = 0
 HEADS = (*SPECIALISED, GENERAL)
 
-DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
-CTYPES = {np.dtype(np.float16): "__half", BFLOAT16: "__nv_bfloat16",
-          np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-STATE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+CTYPES = dict(zip(INPUT_DTYPES, ("__half", "__nv_bfloat16", "float", "double"), strict=True))
 
 # (chunk C, slice SL) per input itemsize and head: SL columns of the output per block, chunks
 # of C tokens; chosen so that _shared_bytes stays under ~100 KiB (every sm_80+ GPU) except for
@@ -79,8 +78,6 @@ def _ctype(dtype: Any) -> str:
     return CTYPES[np.dtype(dtype)]
 
 
-def _acc_ctype(dtype: Any) -> str:
-    return "double" if np.dtype(dtype) == np.float64 else "float"
 
 
 def head_of(Dk: int, Dv: int) -> int:
@@ -105,7 +102,7 @@ def forward_spec(dtype: Any, head: int) -> ModuleSpec:
 def backward_spec(dtype: Any, head: int) -> ModuleSpec:
     return ModuleSpec("backward.cu", (_instance("values_kernel", dtype, head),
                                       _instance("queries_keys_kernel", dtype, head),
-                                      f"cosattn::dm_kernel<{_acc_ctype(dtype)}>"))
+                                      f"cosattn::dm_kernel<{_ctype(accumulation(dtype))}>"))
 
 
 def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
@@ -116,8 +113,8 @@ def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
 def all_specs() -> list[ModuleSpec]:
     """Every module this backend can build (what the NVRTC test compiles)."""
     specs = [make(dtype, head) for make in (forward_spec, backward_spec)
-             for dtype in DTYPES for head in HEADS]
-    specs += [step_spec(dtype, state) for dtype in DTYPES for state in STATE_DTYPES
+             for dtype in INPUT_DTYPES for head in HEADS]
+    specs += [step_spec(dtype, state) for dtype in INPUT_DTYPES for state in STATE_DTYPES
               if not (dtype == np.float64 and state == np.float32)]
     return specs
 
@@ -196,38 +193,29 @@ def _capability(device: int) -> int:
 # ------------------------------------------------------------------------------------ build
 
 _lock = threading.Lock()
-_modules: dict[tuple[int, ModuleSpec], Any] = {}
-_kernels: dict[tuple[int, ModuleSpec, str], list] = {}  # [function, opted-in shared bytes]
+_modules: dict[ModuleSpec, Any] = {}
 
 
-def _function(spec: ModuleSpec, expression: str, device: int, shared: int) -> Any:
-    """The compiled kernel ``expression`` of ``spec`` on ``device``, allowed ``shared`` bytes."""
+def _kernel(spec: ModuleSpec, expression: str, device: int) -> Any:
+    """The compiled kernel ``expression`` of ``spec``, built under a lock on first use.
+
+    A ``cupy.RawModule`` compiles its source once (and keeps the binary in CuPy's disk cache);
+    CuPy loads it on each device that runs it.
+    """
     import cupy
 
+    if _capability(device) < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"the cupy backend needs compute capability {MIN_CAPABILITY // 10}."
+            f"{MIN_CAPABILITY % 10} or newer; cuda:{device} has {_capability(device)}"
+        )
     with _lock:
-        entry = _kernels.get((device, spec, expression))
-        if entry is None:
-            if _capability(device) < MIN_CAPABILITY:
-                raise RuntimeError(
-                    f"the cupy backend needs compute capability {MIN_CAPABILITY // 10}."
-                    f"{MIN_CAPABILITY % 10} or newer; cuda:{device} has {_capability(device)}"
-                )
-            module = _modules.get((device, spec))
-            if module is None:
-                module = cupy.RawModule(code=source_text(spec.source), options=compile_options(),
-                                        name_expressions=spec.expressions)
-                _modules[(device, spec)] = module
-            entry = _kernels[(device, spec, expression)] = [module.get_function(expression), 0]
-        if shared > max(entry[1], STATIC_SHARED_LIMIT):
-            limit = cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]
-            if shared > limit:
-                raise ValueError(
-                    f"{expression} needs {shared} bytes of shared memory per block for these head "
-                    f"sizes; cuda:{device} offers {limit}. Use the numpy backend for them"
-                )
-            entry[0].max_dynamic_shared_size_bytes = shared
-            entry[1] = shared
-        return entry[0]
+        module = _modules.get(spec)
+        if module is None:
+            module = _modules[spec] = cupy.RawModule(
+                code=source_text(spec.source), options=compile_options(),
+                name_expressions=spec.expressions)
+        return module.get_function(expression)
 
 
 def _launch(spec: ModuleSpec, expression: str, grid: int, shared: int, args: tuple,
@@ -235,7 +223,17 @@ def _launch(spec: ModuleSpec, expression: str, grid: int, shared: int, args: tup
     """Run ``expression`` on ``grid`` blocks of THREADS threads on the current stream."""
     if grid == 0:
         return
-    kernel = _function(spec, expression, p.device.index, shared)
+    kernel = _kernel(spec, expression, p.device.index)
+    if shared > STATIC_SHARED_LIMIT:
+        import cupy
+
+        limit = cupy.cuda.Device(p.device.index).attributes["MaxSharedMemoryPerBlockOptin"]
+        if shared > limit:
+            raise ValueError(
+                f"{expression} needs {shared} bytes of shared memory per block for these head "
+                f"sizes; cuda:{p.device.index} offers {limit}. Use the numpy backend for them"
+            )
+        kernel.max_dynamic_shared_size_bytes = shared
     kernel((grid,), (THREADS,), args, shared_mem=shared)
 
 
@@ -277,12 +275,8 @@ def _ints(*values: int) -> tuple[np.int64, ...]:
     return tuple(np.int64(v) for v in values)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _round16(n: int) -> int:
-    return _cdiv(n, 16) * 16
+    return ceil_div(n, 16) * 16
 
 
 def _shared_bytes(dtype: Any, DqP: int, C: int, SL: int) -> int:
@@ -299,7 +293,7 @@ def _shared_bytes(dtype: Any, DqP: int, C: int, SL: int) -> int:
                   C * (DqP + pad_t) * t, C * (DqP + pad_t) * t, C * (SL + pad_t) * t,
                   C * (C + pad_t) * t]
     sizes += [7 * C * a, 32 * a, 8 * a, 40 * 8]
-    return sum(_cdiv(s, 128) * 128 for s in sizes)
+    return sum(ceil_div(s, 128) * 128 for s in sizes)
 
 
 def _contiguous(xp: Any, x: Any, dtype: Any) -> Any:
@@ -313,57 +307,57 @@ def _mask_strides(mask: Any) -> tuple[np.int64, ...]:
 # ------------------------------------------------------------------------------- backend
 
 
-def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
-            o: Any, *, want_state: bool) -> tuple[Any, Any]:
+def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    p, kv0, mask = call.p, call.kv0, call.mask
     xp = namespace(p.device)
     with _stream(p):
         count = None
-        if want_state:
-            count = xp.zeros(p.B, dtype=np.int64) if count0 is None else count0.astype(np.int64)
+        if call.want_state:
+            count = xp.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0.copy()
             count += p.S if mask is None else mask.sum(axis=1, dtype=np.int64)
         if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
-            o[...] = 0
-            if not want_state:
-                return None, None
+            call.o[...] = 0
+            if not call.want_state:
+                return None
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
             return kv, count
         head = head_of(p.Dk, p.Dv)
         spec = forward_spec(p.dtype, head)
         C, SL = tiles(p.dtype, head)
-        kv0c = _contiguous(xp, kv0, p.acc)
-        count0c = _contiguous(xp, count0, np.int64)
-        kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if want_state else None
-        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(m), _ptr(mask), _ptr(kv0c),
-                _ptr(count0c), _ptr(kv_out), *_ints(p.B, p.H, p.S, p.Dk, p.Dv),
-                *_strides(q, 4), *_strides(k, 4), *_strides(v, 4), *_strides(o, 4),
+        kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
+        args = (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(call.m), _ptr(mask),
+                _ptr(_contiguous(xp, kv0, p.acc)), _ptr(_contiguous(xp, call.count0, np.int64)),
+                _ptr(kv_out), *_ints(p.B, p.H, p.S, p.Dk, p.Dv), *_strides(call.q, 4),
+                *_strides(call.k, 4), *_strides(call.v, 4), *_strides(call.o, 4),
                 *_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
-        _launch(spec, spec.expressions[0], p.B * p.H * _cdiv(p.Dv, SL),
+        _launch(spec, spec.expressions[0], p.B * p.H * ceil_div(p.Dv, SL),
                 _shared_bytes(p.dtype, _round16(p.Dk), C, SL), args, p)
-        if not want_state:
-            return None, None
+        if not call.want_state:
+            return None
         return kv_out.astype(p.state_dtype, copy=False), count
 
 
-def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
-             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
+def backward(call: BackwardCall) -> tuple[Any, Any]:
+    p, kv0, m, mask = call.p, call.kv0, call.m, call.mask
+    q, k, v, do, dq, dk, dv = call.q, call.k, call.v, call.do, call.dq, call.dk, call.dv
     xp = namespace(p.device)
     with _stream(p):
         if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
             dq[...] = 0
             dk[...] = 0
             dv[...] = 0
-            dm = None if m is None else xp.zeros(p.H, dtype=m.dtype)
+            dm = None if m is None else xp.zeros(p.H, dtype=p.acc)
             if kv0 is None:
                 return dm, None
-            return dm, xp.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
+            return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
         head = head_of(p.Dk, p.Dv)
         spec = backward_spec(p.dtype, head)
         values, queries_keys, dm_reduce = spec.expressions
         C, SL = tiles(p.dtype, head)
-        nsv, nsk = _cdiv(p.Dv, SL), _cdiv(p.Dk, SL)
+        nsv, nsk = ceil_div(p.Dv, SL), ceil_div(p.Dk, SL)
         kv0c = _contiguous(xp, kv0, p.acc)
-        dkvc = _contiguous(xp, dkv, p.acc)
-        count0c = _contiguous(xp, count0, np.int64)
+        dkvc = _contiguous(xp, call.dkv, p.acc)
+        count0c = _contiguous(xp, call.count0, np.int64)
         # Partial sums of q̂ · dq̂ and k̂ · dk̂ over slices of Dv, when a block of the second kernel
         # holds a slice of Dk only (see backward.cu).
         dq_part = dk_part = None
@@ -389,22 +383,22 @@ def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0
         dm = None
         if m is not None:
             dm = xp.empty(p.H, dtype=p.acc)
-            _launch(spec, dm_reduce, _cdiv(p.H, THREADS), 0,
+            _launch(spec, dm_reduce, ceil_div(p.H, THREADS), 0,
                     (_ptr(dm_part), _ptr(m), _ptr(dm), *_ints(p.B, p.H, nsv)), p)
         return dm, None if dkv0 is None else dkv0.astype(kv0.dtype, copy=False)
 
 
-def step(p: Problem, kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, mask: Any,
-         o: Any) -> None:
+def step(call: StepCall) -> None:
+    p, kv, count, mask = call.p, call.kv, call.count, call.mask
     state_dtype = np.dtype(kv.dtype)
     spec = step_spec(p.dtype, state_dtype)
     update, advance = spec.expressions
     with _stream(p):
-        _launch(spec, update, p.B * p.H * _cdiv(p.Dv, STEP_ROWS),
+        _launch(spec, update, p.B * p.H * ceil_div(p.Dv, STEP_ROWS),
                 (2 * p.Dk + THREADS // 32) * state_dtype.itemsize,
-                (_ptr(q), _ptr(k), _ptr(v), _ptr(o), _ptr(kv), _ptr(count), _ptr(m), _ptr(mask),
-                 *_ints(p.B, p.H, p.Dk, p.Dv), *_strides(q, 3), *_strides(k, 3),
-                 *_strides(v, 3), *_strides(o, 3), *_strides(kv, 4), *_strides(mask, 1),
-                 state_dtype.type(p.eps)), p)
-        _launch(spec, advance, _cdiv(p.B, THREADS), 0,
+                (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(kv), _ptr(count),
+                 _ptr(call.m), _ptr(mask), *_ints(p.B, p.H, p.Dk, p.Dv), *_strides(call.q, 3),
+                 *_strides(call.k, 3), *_strides(call.v, 3), *_strides(call.o, 3),
+                 *_strides(kv, 4), *_strides(mask, 1), state_dtype.type(p.eps)), p)
+        _launch(spec, advance, ceil_div(p.B, THREADS), 0,
                 (_ptr(count), _ptr(mask), np.int64(p.B), *_strides(mask, 1)), p)

@@ -22,14 +22,15 @@ or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._interop import BFLOAT16, namespace
-from .._validate import Problem
+from .._call import BackwardCall, Call, ForwardCall, StepCall
+from .._device import namespace
+from .._dtypes import BFLOAT16
+from . import ceil_div
 
 try:
     import numba
@@ -115,23 +116,22 @@ def _launch(kernel: Any, grid: tuple[int, ...], threads: int, stream: Any, share
         kernel.build()[grid, threads, stream, shared](*args)
 
 
-class _Call:
-    """The launches of one operation: its problem, stream, call-wide arrays and dummies.
+class _Launches:
+    """The launches of one call: its stream, call-wide arrays and stand-ins for absent ones."""
 
-    ``mask`` is (B, S), or (B,) for the step.
-    """
-
-    def __init__(self, p: Problem, m: Any, mask: Any, count0: Any, *, mask_ndim: int = 2) -> None:
-        self.p = p
+    def __init__(self, call: Call, count0: Any = None) -> None:
+        p = self.p = call.p
         self.xp = namespace(p.device)
         self.cfg = CONFIG
         self.stream = cuda.external_stream(p.stream) if p.stream else cuda.legacy_default_stream()
         self.acc = np.dtype(p.acc)
         self.eps = self.acc.type(p.eps)
         index = p.device.index
-        self.has_m, self.has_mask, self.has_count0 = (a is not None for a in (m, mask, count0))
-        self.m = _view(m) if self.has_m else _dummy(index, self.acc, 1)
-        self.mask = _view(mask) if self.has_mask else _dummy(index, np.bool_, mask_ndim)
+        self.has_m, self.has_mask, self.has_count0 = (
+            a is not None for a in (call.m, call.mask, count0))
+        self.m = _view(call.m) if self.has_m else _dummy(index, self.acc, 1)
+        mask_ndim = 1 if isinstance(call, StepCall) else 2
+        self.mask = _view(call.mask) if self.has_mask else _dummy(index, np.bool_, mask_ndim)
         self.count0 = _view(count0) if self.has_count0 else _dummy(index, np.int64, 1)
         self.state_dummy = _dummy(index, self.acc, 4)
         self.parts_dummy = _dummy(index, self.acc, 3)
@@ -151,7 +151,7 @@ class _Call:
         parts = self.parts_dummy if dm_part is None else _view(dm_part)
         has_count0 = self.has_count0 and p.causal
         s0_dtype, s_out_dtype = (self.acc if a is None else np.dtype(a.dtype) for a in (s0, s_out))
-        _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (math.ceil(Dz / spec.TZ), p.H, p.B),
+        _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (ceil_div(Dz, spec.TZ), p.H, p.B),
                 spec.NT,
                 self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
                 self.count0, v_view, parts, s0 is not None, s_out is not None, self.has_mask,
@@ -160,63 +160,66 @@ class _Call:
     def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
         p, threads = self.p, self.cfg.threads
         kernel = kernels.normalise_backward(np.dtype(p.dtype), threads, self.cfg.lanes)
-        _launch(kernel, (math.ceil(p.S / kernels.ROWS), p.H, p.B), threads, self.stream, 0,
+        _launch(kernel, (ceil_div(p.S, kernels.ROWS), p.H, p.B), threads, self.stream, 0,
                 _view(g), _view(x), _view(out), self.eps)
 
 
-def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
-            o: Any, *, want_state: bool) -> tuple[Any, Any]:
-    call = _Call(p, m, mask, count0)
+def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    p = call.p
+    run = _Launches(call, call.count0)
     kv = count = None
-    if want_state:
-        kv = call.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
-        count = call.xp.empty((p.B,), dtype=np.int64)
-    call.sweep(call.spec("o"), q, k, v, o, s0=kv0, s_out=kv)
-    if want_state:
-        threads = call.cfg.threads
-        _launch(kernels.count_total(threads), (p.B,), threads, call.stream, 0,
-                call.count0, call.mask, _view(count), p.S, call.has_count0, call.has_mask)
+    if call.want_state:
+        kv = run.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+        count = run.xp.empty((p.B,), dtype=np.int64)
+    run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
+    if not call.want_state:
+        return None
+    threads = run.cfg.threads
+    _launch(kernels.count_total(threads), (p.B,), threads, run.stream, 0, run.count0, run.mask,
+            _view(count), p.S, run.has_count0, run.has_mask)
     return kv, count
 
 
-def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
-             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
-    call = _Call(p, m, mask, count0)
-    xp = call.xp
+def backward(call: BackwardCall) -> tuple[Any, Any]:
+    p, kv0, dkv = call.p, call.kv0, call.dkv
+    run = _Launches(call, call.count0)
+    xp = run.xp
 
     def transposed(state: Any) -> Any:
         return None if state is None else xp.permute_dims(state, (0, 1, 3, 2))
 
     dq_hat = xp.empty((p.B, p.H, p.S, p.Dk), dtype=p.acc)
-    call.sweep(call.spec("dq"), do, v, k, dq_hat, s0=transposed(kv0))
-    call.normalise_backward(dq_hat, q, dq)
+    run.sweep(run.spec("dq"), call.do, call.v, call.k, dq_hat, s0=transposed(kv0))
+    run.normalise_backward(dq_hat, call.q, call.dq)
     dk_hat = dq_hat  # the same scratch: the launches are ordered on one stream
-    call.sweep(call.spec("dk"), v, do, q, dk_hat, s0=transposed(dkv))
-    call.normalise_backward(dk_hat, k, dk)
+    run.sweep(run.spec("dk"), call.v, call.do, call.q, dk_hat, s0=transposed(dkv))
+    run.normalise_backward(dk_hat, call.k, call.dk)
     dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
-    spec = call.spec("dv")
+    spec = run.spec("dv")
     dm_part = None
-    if m is not None:
-        dm_part = xp.empty((p.B, p.H, math.ceil(p.Dv / spec.TZ)), dtype=p.acc)
-    call.sweep(spec, k, q, do, dv, s0=dkv, s_out=dkv0, v=v, dm_part=dm_part)
+    if call.m is not None:
+        dm_part = xp.empty((p.B, p.H, ceil_div(p.Dv, spec.TZ)), dtype=p.acc)
+    run.sweep(spec, call.k, call.q, call.do, call.dv, s0=dkv, s_out=dkv0, v=call.v,
+              dm_part=dm_part)
     dm = None
-    if m is not None:
+    if call.m is not None:
         dm = xp.empty((p.H,), dtype=p.acc)
-        threads = call.cfg.threads
-        _launch(kernels.dm_finish(call.acc), (math.ceil(p.H / threads),), threads,
-                call.stream, 0, _view(dm_part), call.m, _view(dm))
+        threads = run.cfg.threads
+        _launch(kernels.dm_finish(run.acc), (ceil_div(p.H, threads),), threads, run.stream, 0,
+                _view(dm_part), run.m, _view(dm))
     return dm, dkv0
 
 
-def step(p: Problem, kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, mask: Any,
-         o: Any) -> None:
-    call = _Call(p, m, mask, None, mask_ndim=1)
-    threads = call.cfg.threads
-    acc = np.dtype(kv.dtype)
-    kernel = kernels.step(acc, np.dtype(p.dtype), threads, call.cfg.lanes)
-    count_view = _view(count)
-    _launch(kernel, (math.ceil(p.Dv / kernels.STEP_ROWS), p.H, p.B), threads, call.stream,
-            2 * p.Dk * acc.itemsize, _view(kv), count_view, _view(q), _view(k), _view(v),
-            _view(o), call.m, call.mask, call.has_m, call.has_mask, acc.type(p.eps))
-    _launch(kernels.COUNT_STEP, (math.ceil(p.B / threads),), threads, call.stream, 0,
-            count_view, call.mask, call.has_mask)
+def step(call: StepCall) -> None:
+    p = call.p
+    run = _Launches(call)
+    threads = run.cfg.threads
+    acc = np.dtype(call.kv.dtype)
+    kernel = kernels.step(acc, np.dtype(p.dtype), threads, run.cfg.lanes)
+    count_view = _view(call.count)
+    _launch(kernel, (ceil_div(p.Dv, kernels.STEP_ROWS), p.H, p.B), threads, run.stream,
+            2 * p.Dk * acc.itemsize, _view(call.kv), count_view, _view(call.q), _view(call.k),
+            _view(call.v), _view(call.o), run.m, run.mask, run.has_m, run.has_mask,
+            acc.type(p.eps))
+    _launch(kernels.COUNT_STEP, (ceil_div(p.B, threads),), threads, run.stream, 0, count_view,
+            run.mask, run.has_mask)

@@ -1,9 +1,13 @@
-"""The CPU backend: the chunked algorithm of DESIGN.md on batched BLAS matmuls.
+"""The CPU backend: the chunked algorithm of docs/design.md on batched BLAS matmuls.
 
 Sequences are cut into chunks of ``CHUNK`` tokens. Within a chunk the causal interaction is a
 small masked C x C product; across chunks it goes through per-chunk states (Dv x Dk) whose
 prefix sums are taken over the chunk axis. Nothing of size S x S or S x D x D is ever built.
 Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
+
+Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
+to zero as they are copied in, so nothing there reaches a sum, and padded outputs are set to +0
+at the end.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._validate import Problem
+from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
+from . import ceil_div
 
 DEVICE = "cpu"
 CHUNK = 64
@@ -33,34 +38,40 @@ def unavailable() -> str | None:
 
 @dataclass
 class _Prepared:
-    """Normalised, masked, scaled inputs, zero-padded to whole chunks (B, H, N*C, D)."""
+    """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
 
-    qh: Any  # real_i * q_i / max(|q_i|, eps)
-    kh: Any  # real_j * k_j / max(|k_j|, eps)
-    vt: Any  # real_j * w_j * v_j
+    qh: Any  # q_i / max(|q_i|, eps)
+    kh: Any  # k_j / max(|k_j|, eps)
+    vt: Any  # w_j * v_j
     q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S)
     k_inv: Any
-    real: Any  # (B, S) in acc, or None when nothing is masked
     c: Any  # token counts (B, S), int64
-    v_scale: Any  # real_j * w_j, (B, H, S) (B, 1, S without m), or None
+    w: Any  # the stabiliser w_j, (B, H, S), or None without m
 
 
-def _padded(x: Any, n: int, acc: np.dtype) -> Any:
-    """``x`` (B, H, S, D) cast into a fresh C-contiguous (B, H, n, D) buffer, zero past S."""
+def _padded(x: Any, n: int, acc: np.dtype, mask: Any) -> Any:
+    """``x`` (B, H, S, D) cast into a fresh C-contiguous (B, H, n, D) buffer, zero past S and
+    where ``mask`` (B, S) is False (selected, whatever the padding holds)."""
     B, H, S, D = x.shape
     buf = np.empty((B, H, n, D), dtype=acc)
     buf[:, :, :S] = x
     buf[:, :, S:] = 0
+    if mask is not None:
+        np.copyto(buf[:, :, :S], 0, where=~mask[:, None, :, None])
     return buf
 
 
-def _normalise(buf: Any, S: int, real: Any, eps: float) -> Any:
-    """Scale rows of ``buf`` in place to unit norm (times ``real``); return ``1/max(|x|, eps)``."""
+def _zero_padding(out: Any, mask: Any) -> None:
+    """Padded positions of an output (B, H, S, D) become +0."""
+    if mask is not None:
+        np.copyto(out, 0, where=~mask[:, None, :, None])
+
+
+def _normalise(buf: Any, S: int, eps: float) -> Any:
+    """Scale rows of ``buf`` in place to unit norm; return ``1/max(|x|, eps)``."""
     rows = buf[:, :, :S]
     norm = np.maximum(np.sqrt(np.einsum("bhsd,bhsd->bhs", rows, rows)), eps)
-    rows /= norm[..., None]  # a division, as in SPEC.md: for D = 1 it gives exactly +-1
-    if real is not None:
-        rows *= real[:, None, :, None]
+    rows /= norm[..., None]  # a division, as in docs/spec.md: for D = 1 it gives exactly +-1
     return 1.0 / norm
 
 
@@ -77,25 +88,26 @@ def _counts(p: Problem, mask: Any, count0: Any) -> Any:
     return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
 
 
+def _sigmoid(m: Any) -> Any:
+    return 1.0 / (1.0 + np.exp(-m))
+
+
 def _weights(m: Any, c: Any) -> Any:
-    """``max(1, c) ** -sigmoid(m)`` as (B, H, S), in the dtype of ``m``."""
-    sig = 1.0 / (1.0 + np.exp(-m))
-    return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-sig)[None, :, None]
+    """``max(1, c) ** -sigmoid(m)`` as (B, H, S) for counts ``c`` (B, S), in the dtype of ``m``."""
+    return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-def _prepare(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, count0: Any) -> _Prepared:
-    n = -(-p.S // CHUNK) * CHUNK
-    real = None if mask is None else mask.astype(p.acc)
-    qh, kh, vt = _padded(q, n, p.acc), _padded(k, n, p.acc), _padded(v, n, p.acc)
-    q_inv = _normalise(qh, p.S, real, p.eps)
-    k_inv = _normalise(kh, p.S, real, p.eps)
-    c = _counts(p, mask, count0)
-    v_scale = None if m is None else _weights(m, c)
-    if real is not None:
-        v_scale = real[:, None, :] if v_scale is None else v_scale * real[:, None, :]
-    if v_scale is not None:
-        vt[:, :, : p.S] *= v_scale[..., None]
-    return _Prepared(qh, kh, vt, q_inv, k_inv, real, c, v_scale)
+def _prepare(call: ForwardCall | BackwardCall) -> _Prepared:
+    p, mask = call.p, call.mask
+    n = ceil_div(p.S, CHUNK) * CHUNK
+    qh, kh, vt = (_padded(x, n, p.acc, mask) for x in (call.q, call.k, call.v))
+    q_inv = _normalise(qh, p.S, p.eps)
+    k_inv = _normalise(kh, p.S, p.eps)
+    c = _counts(p, mask, call.count0)
+    w = None if call.m is None else _weights(call.m, c)
+    if w is not None:
+        vt[:, :, : p.S] *= w[..., None]
+    return _Prepared(qh, kh, vt, q_inv, k_inv, c, w)
 
 
 def _chunks(x: Any) -> Any:
@@ -142,128 +154,101 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
-def _forward_part(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
-                  o: Any, want_state: bool) -> tuple[Any, Any]:
-    count = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
-    count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
-    if p.S == 0:
-        if not want_state:
-            return None, None
+def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
+    p, mask, kv0 = call.p, call.mask, call.kv0
+    state = None
+    if call.want_state:
+        count = np.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0
+        count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
         kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
-        return kv, count
-    x = _prepare(p, q, k, v, m, mask, count0)
+        state = kv, count
+    if p.S == 0:
+        return state
+    x = _prepare(call)
     if not p.causal:
         kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
-        return None, None
+        call.o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
+        _zero_padding(call.o, mask)
+        return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
     sums = _chunk_sums(x.kh, x.vt, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
     _add_other_chunks(out, x.qh, sums, reverse=False)
     if kv0 is not None:
         out += x.qh @ kv0.astype(p.acc, copy=False).swapaxes(-1, -2)
-    o[...] = out[:, :, : p.S]
-    if not want_state:
-        return None, None
-    delta = sums[:, :, -1].swapaxes(-1, -2)
-    kv = delta if kv0 is None else kv0 + delta
-    return kv.astype(p.state_dtype), count
-
-
-@dataclass(frozen=True)
-class _Part:
-    """A block of batch rows ``b`` and heads ``h``: parts of one call are independent."""
-
-    b: slice
-    h: slice
-
-    def problem(self, p: Problem) -> Problem:
-        return replace(p, B=len(range(p.B)[self.b]), H=len(range(p.H)[self.h]))
-
-    def rows(self, x: Any) -> Any:  # arrays indexed (B, ...)
-        return None if x is None else x[self.b]
-
-    def heads(self, x: Any) -> Any:  # arrays indexed (H,)
-        return None if x is None else x[self.h]
-
-    def block(self, x: Any) -> Any:  # arrays indexed (B, H, ...)
-        return None if x is None else x[self.b, self.h]
+    call.o[...] = out[:, :, : p.S]
+    _zero_padding(call.o, mask)
+    if state is None:
+        return None
+    kv, count = state
+    kv += sums[:, :, -1].swapaxes(-1, -2)
+    return kv, count
 
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _parts(p: Problem) -> list[_Part]:
-    """Cut a call into blocks of heads of one batch row (or of whole batch rows, when a row is
-    small), about ``PART_ELEMENTS`` input elements each and at least one per core.
+def _parts(p: Problem) -> list[tuple[slice, slice]]:
+    """Cut a call into blocks ``(rows, heads)``: heads of one batch row (or whole batch rows,
+    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per core.
 
     NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core,
-    on temporaries a fraction of the size of the whole call's.
+    on temporaries a fraction of the size of the whole call's. Parts are independent.
     """
     workers = os.cpu_count() or 1
     per_head = p.S * (p.Dk + p.Dv)
     if workers <= 1 or p.B * p.H * per_head < PARALLEL_MIN_ELEMENTS:
-        return [_Part(slice(None), slice(None))]
+        return [(slice(None), slice(None))]
     heads = min(p.H, max(1, PART_ELEMENTS // max(per_head, 1)))
     rows = 1 if heads < p.H else min(p.B, max(1, PART_ELEMENTS // (p.H * per_head)))
-    while -(-p.B // rows) * -(-p.H // heads) < workers and (rows > 1 or heads > 1):
+    while ceil_div(p.B, rows) * ceil_div(p.H, heads) < workers and (rows > 1 or heads > 1):
         if rows > 1:
-            rows = -(-rows // 2)
+            rows = ceil_div(rows, 2)
         else:
-            heads = -(-heads // 2)
-    return [_Part(slice(b, min(b + rows, p.B)), slice(h, min(h + heads, p.H)))
+            heads = ceil_div(heads, 2)
+    return [(slice(b, min(b + rows, p.B)), slice(h, min(h + heads, p.H)))
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
-def _run(tasks: list[Any]) -> list[Any]:
-    """Run zero-argument callables, in parallel when there are several."""
+def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
+    """``part(block)`` for every block of :func:`_parts`, in parallel when there are several;
+    returns each block's ``(rows, heads)`` with its result, in a fixed order."""
     global _pool
-    if len(tasks) == 1:
-        return [tasks[0]()]
+    blocks = _parts(call.p)
+    if len(blocks) == 1:
+        return [(blocks[0], part(call))]
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
-    return [f.result() for f in [_pool.submit(t) for t in tasks]]
+    futures = [_pool.submit(part, call.block(*b)) for b in blocks]
+    return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
-def forward(p: Problem, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any, count0: Any,
-            o: Any, *, want_state: bool) -> tuple[Any, Any]:
-    parts = _parts(p)
-    results = _run([
-        lambda t=t: _forward_part(t.problem(p), t.block(q), t.block(k), t.block(v), t.heads(m),
-                                  t.rows(mask), t.block(kv0), t.rows(count0), t.block(o),
-                                  want_state)
-        for t in parts
-    ])
-    if len(results) == 1 or not want_state:
-        return results[0]
-    kv = np.empty((p.B, p.H, p.Dv, p.Dk), dtype=results[0][0].dtype)
+def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    results = _run(call, _forward_part)
+    if len(results) == 1 or not call.want_state:
+        return results[0][1]
+    p = call.p
+    kv = np.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
     count = np.empty(p.B, dtype=np.int64)
-    for t, (kv_part, count_part) in zip(parts, results, strict=True):
-        kv[t.b, t.h] = kv_part
-        count[t.b] = count_part
+    for (rows, heads), (kv_part, count_part) in results:
+        kv[rows, heads] = kv_part
+        count[rows] = count_part
     return kv, count
 
 
-def backward(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
-             count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
-    parts = _parts(p)
-    results = _run([
-        lambda t=t: _backward_part(t.problem(p), t.block(do), t.block(q), t.block(k),
-                                   t.block(v), t.heads(m), t.rows(mask), t.block(kv0),
-                                   t.rows(count0), t.block(dkv), t.block(dq), t.block(dk),
-                                   t.block(dv))
-        for t in parts
-    ])
+def backward(call: BackwardCall) -> tuple[Any, Any]:
+    results = _run(call, _backward_part)
     if len(results) == 1:
-        return results[0]
-    dm = None if m is None else np.zeros(p.H, dtype=results[0][0].dtype)
-    dkv0 = None if kv0 is None else np.empty_like(kv0)
-    for t, (dm_part, dkv0_part) in zip(parts, results, strict=True):  # in order: fixed sums
+        return results[0][1]
+    p = call.p
+    dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
+    dkv0 = None if call.kv0 is None else np.empty_like(call.kv0)
+    for (rows, heads), (dm_part, dkv0_part) in results:  # in order: fixed sums
         if dm is not None:
-            dm[t.h] += dm_part
+            dm[heads] += dm_part
         if dkv0 is not None:
-            dkv0[t.b, t.h] = dkv0_part
+            dkv0[rows, heads] = dkv0_part
     return dm, dkv0
 
 
@@ -276,18 +261,16 @@ def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
     return dxh
 
 
-def _backward_part(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, kv0: Any,
-                   count0: Any, dkv: Any, dq: Any, dk: Any, dv: Any) -> tuple[Any, Any]:
+def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
+    p, kv0, dkv = call.p, call.kv0, call.dkv
     S = p.S
     if S == 0:
-        dm = None if m is None else np.zeros(p.H, dtype=m.dtype)
+        dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
         if kv0 is None:
             return dm, None
-        dkv0 = np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
-        return dm, dkv0
-    x = _prepare(p, q, k, v, m, mask, count0)
-    n = x.qh.shape[2]
-    dof = _padded(do, n, p.acc)
+        return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
+    x = _prepare(call)
+    dof = _padded(call.do, x.qh.shape[2], p.acc, call.mask)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
         # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
@@ -316,45 +299,47 @@ def _backward_part(p: Problem, do: Any, q: Any, k: Any, v: Any, m: Any, mask: An
         dkh = x.vt @ g
         dvt = x.kh @ g.swapaxes(-1, -2)
         dkv0 = None
+    # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
     dqh, dkh, dvt = dqh[:, :, :S], dkh[:, :, :S], dvt[:, :, :S]
-    if x.real is not None:
-        dqh *= x.real[:, None, :, None]
-    dq[...] = _normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps)
-    dk[...] = _normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps)
+    call.dq[...] = _normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps)
+    call.dk[...] = _normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps)
     dm = None
-    if m is not None:
-        sig = 1.0 / (1.0 + np.exp(-m))
+    if call.m is not None:
+        sig = _sigmoid(call.m)
         per = np.einsum("bhsd,bhsd->bhs", dvt, x.vt[:, :, :S])
         per *= -np.log(np.maximum(1, x.c).astype(p.acc))[:, None, :]
         dm = per.sum(axis=(0, 2)) * sig * (1.0 - sig)
-    if x.v_scale is not None:
-        dvt *= x.v_scale[..., None]
-    dv[...] = dvt
+        dvt *= x.w[..., None]
+    call.dv[...] = dvt
+    for out in (call.dq, call.dk, call.dv):
+        _zero_padding(out, call.mask)
     if kv0 is None:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
 
 
-def step(p: Problem, kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, mask: Any,
-         o: Any) -> None:
+def step(call: StepCall) -> None:
+    """Everything is computed before the state is written; a padded row's state is not
+    written at all, so it keeps its bits (docs/spec.md, "Bad input")."""
+    p, kv, count, real = call.p, call.kv, call.count, call.mask
     acc = kv.dtype
-    if mask is None:
-        count += 1
-        real = None
-    else:
-        count += mask
-        real = mask.astype(acc)
-    qh = q.astype(acc)
-    kh = k.astype(acc)
+    qh, kh, v = (x.astype(acc) for x in (call.q, call.k, call.v))
+    if real is not None:
+        for x in (qh, kh, v):
+            np.copyto(x, 0, where=~real[:, None, None])
     qh /= np.maximum(np.linalg.norm(qh, axis=-1, keepdims=True), p.eps)
     kh /= np.maximum(np.linalg.norm(kh, axis=-1, keepdims=True), p.eps)
-    scale = np.ones((p.B, p.H), dtype=acc) if m is None else (
-        np.maximum(1, count).astype(acc)[:, None] ** (-1.0 / (1.0 + np.exp(-m.astype(acc)))))
-    if real is not None:
-        scale = scale * real[:, None]
-    vs = v.astype(acc) * scale[..., None]
-    kv += vs[..., :, None] * kh[..., None, :]
+    new_count = count + (1 if real is None else real)
+    if call.m is not None:
+        w = np.maximum(1, new_count).astype(acc)[:, None] ** -_sigmoid(call.m.astype(acc))
+        v *= w[..., None]
+    update = v[..., :, None] * kh[..., None, :]
+    if real is None:
+        kv += update
+    else:
+        np.add(kv, update, out=kv, where=real[:, None, None, None])
+    count[...] = new_count
     out = (kv @ qh[..., None])[..., 0]
     if real is not None:
-        out *= real[:, None, None]
-    o[...] = out
+        np.copyto(out, 0, where=~real[:, None, None])
+    call.o[...] = out
