@@ -1,6 +1,6 @@
 """The CUDA kernels of cuda/, run on the CPU through a host emulation of CUDA (tests/cuda_host).
 
-g++ compiles the kernel sources of ``cosattn.cuda`` with stand-ins for the CUDA headers (a block
+g++ compiles the kernel sources of ``cuda/`` with stand-ins for the CUDA headers (a block
 runs as threads with barriers; wmma, half and bfloat16 are emulated), and the cupy backend's own
 Python code (shapes, strides, temporaries, launch geometry, shared memory sizes) drives them:
 ``_cupy._launch`` is replaced by the emulator, everything else is the real path through
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.resources
 import os
 import shutil
 import subprocess
@@ -27,12 +26,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cosattn
+from cosattn import reference
 from cosattn.backends import _cupy
 
 from helpers import (
     BFLOAT16,
+    JUNK,
     MASK_KINDS,
     assert_close,
+    assert_padding_zero,
     check_backward,
     check_forward,
     make_case,
@@ -48,6 +50,11 @@ DTYPES = (F16, BFLOAT16, F32, F64)
 # multi-slice specialised tilings D = 64 (tensor cores) and D = 128 (FMA loops).
 INSTANCES = [(d, h) for d in DTYPES for h in (16, _cupy.GENERAL)] + [(F16, 64), (F32, 128)]
 STEPS = [(F32, F32), (F16, F32), (BFLOAT16, F64), (F64, F64)]
+
+
+def _instance_id(instance: tuple[np.dtype, int]) -> str:
+    dtype, head = instance
+    return f"{dtype}-{'general' if head == _cupy.GENERAL else f'D{head}'}"
 
 
 def _specs() -> list[_cupy.ModuleSpec]:
@@ -93,7 +100,7 @@ ENTRY = ('  {{"{e}", [](unsigned g, unsigned b, std::size_t s, void** a) {{ '
 def _build(cache: Path) -> Path:
     expressions = sorted({e for spec in _specs() for e in spec.expressions})
     source = REGISTRY.format(entries="\n".join(ENTRY.format(e=e) for e in expressions))
-    kernels = Path(str(importlib.resources.files("cosattn.cuda")))
+    kernels = _cupy.source_folder()
     flags = ["-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fPIC", "-shared", "-w",
              *os.environ.get("CXXFLAGS", "").split(),
              "-include", str(HOST / "emulation.h"), f"-I{HOST}", f"-I{kernels}"]
@@ -168,19 +175,22 @@ class Problem:
     dstate: bool
     causal: bool
     layout: str
+    junk: float | None
     seed: int
 
     def case(self):
         rng = np.random.default_rng(self.seed)
         return make_case(rng, self.B, self.H, self.S, self.Dk, self.Dv, self.dtype,
-                         mask=self.mask, m=self.m, state=self.state, dstate=self.dstate)
+                         mask=self.mask, m=self.m, state=self.state, dstate=self.dstate,
+                         junk=self.junk)
 
 
 @st.composite
-def problems(draw):
-    """A problem for one of the built instances: odd sizes, S across chunk boundaries, masks, m,
-    states and layouts."""
-    dtype, head = draw(st.sampled_from(INSTANCES))
+def problems(draw, instance):
+    """A problem for the built ``instance`` (dtype, head): odd sizes, S across chunk boundaries,
+    masks, m, states, layouts, and padding that holds NaN, Inf or 1e30 (docs/spec.md, "Bad
+    input")."""
+    dtype, head = instance
     if head == _cupy.GENERAL:
         Dk, Dv = draw(st.sampled_from([(1, 1), (5, 7), (20, 40), (33, 16), (48, 48), (16, 17)]))
     else:
@@ -191,25 +201,29 @@ def problems(draw):
                    draw(st.sampled_from([1, 2, 15, 16, 17, 31, 33, 64, 65, 100])), Dk, Dv,
                    draw(st.sampled_from(MASK_KINDS)), draw(st.booleans()), state,
                    state and draw(st.booleans()), causal, draw(st.sampled_from(["bhsd", "bshd"])),
-                   draw(st.integers(0, 2**32 - 1)))
+                   draw(st.sampled_from(JUNK)), draw(st.integers(0, 2**32 - 1)))
 
 
+@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problem=problems())
-def test_forward_matches_the_reference(problem, cupy_on_host):
+@given(data=st.data())
+def test_forward_matches_the_reference(instance, data, cupy_on_host):
+    problem = data.draw(problems(instance), label="problem")
     check_forward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
 
 
+@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(problem=problems())
-def test_backward_matches_the_reference(problem, cupy_on_host):
+@given(data=st.data())
+def test_backward_matches_the_reference(instance, data, cupy_on_host):
+    problem = data.draw(problems(instance), label="problem")
     check_backward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_entries_zero_rows_and_long_sequences(dtype, cupy_on_host):
-    """Entries at the SPEC bound (1e2 in 16-bit, 1e3 otherwise), a row of padding only, and
-    enough chunks for the state to grow: 16-bit tiles see a scaled state. Rows of zeros
+    """Entries at the bound of docs/spec.md (1e2 in 16-bit, 1e3 otherwise), a row of padding
+    only, and enough chunks for the state to grow: 16-bit tiles see a scaled state. Rows of zeros
     (|x| < eps) too, except in float16, where their gradient dx̂ / eps overflows."""
     rng = np.random.default_rng(1)
     case = make_case(rng, 2, 1, 300, 16, 16, dtype, mask="right", state=True, dstate=True,
@@ -247,6 +261,39 @@ def test_step_matches_the_forward(cupy_on_host):
         assert_close(np.stack(outs, axis=2), o_ref, dtype, f"step o {dtype} {state_dtype}")
         assert_close(state.kv, kv_ref, dtype, f"step kv {dtype} {state_dtype}")
         assert state.kv.dtype == state_dtype
+        np.testing.assert_array_equal(state.count, count_ref)
+
+
+@pytest.mark.parametrize(("dtype", "state_dtype"), STEPS,
+                         ids=[f"{d}-state-{s}" for d, s in STEPS])
+def test_masked_steps_leave_the_state_bit_for_bit(dtype, state_dtype, cupy_on_host):
+    """A masked row's q_t, k_t, v_t may hold anything (NaN, Inf, 1e30): its kv (-0.0 entries
+    included) and count keep their bytes, its output is +0, and the real rows are what they would
+    be with zeros there (docs/spec.md, "Bad input")."""
+    B, H, Dk, Dv = 4, 2, 16, 20  # Dv over two groups of rows of the step kernel
+    mask = np.array([True, False, True, False])
+    for junk in JUNK[1:]:
+        rng = np.random.default_rng(17)
+        q, k = (rng.standard_normal((B, H, Dk)).astype(dtype) for _ in range(2))
+        v = rng.standard_normal((B, H, Dv)).astype(dtype)
+        m = rng.uniform(-2, 2, size=H).astype(np.float32)
+        kv0 = rng.standard_normal((B, H, Dv, Dk)).astype(state_dtype)
+        kv0[..., ::3] = -0.0
+        count0 = rng.integers(0, 50, size=B).astype(np.int64)
+        o_ref, kv_ref, count_ref = reference.forward(
+            *(np.array(x, np.float64)[:, :, None] for x in (q, k, v)), m.astype(np.float64),
+            mask=mask[:, None], kv0=kv0.astype(np.float64), count0=count0)
+        with np.errstate(over="ignore"):  # 1e30 is Inf in float16
+            for x in (q, k, v):
+                x[~mask] = junk
+        state = cosattn.RecurrentState(kv0.copy(), count0.copy())
+        o = state.step(q, k, v, m, mask=mask, backend="cupy")
+        what = f"step {dtype} {state_dtype} junk {junk}"
+        assert state.kv[~mask].tobytes() == kv0[~mask].tobytes(), what
+        assert state.count[~mask].tobytes() == count0[~mask].tobytes(), what
+        assert_padding_zero(o[:, :, None], mask[:, None], what)
+        assert_close(o[mask], o_ref[mask, :, 0], dtype, f"o: {what}")
+        assert_close(state.kv[mask], kv_ref[mask], dtype, f"kv: {what}")
         np.testing.assert_array_equal(state.count, count_ref)
 
 

@@ -22,6 +22,7 @@ import importlib.resources
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,10 +120,19 @@ def all_specs() -> list[ModuleSpec]:
     return specs
 
 
+def source_folder() -> Path:
+    """The folder of the CUDA sources: ``cosattn/cuda`` in an installed wheel (package data),
+    the top-level ``cuda/`` beside the package in a checkout or an editable install."""
+    package = Path(str(importlib.resources.files("cosattn")))
+    installed = package / "cuda"
+    return installed if installed.is_dir() else package.parent / "cuda"
+
+
 @functools.cache
 def source_text(name: str) -> str:
-    """Source ``name`` of ``cosattn.cuda`` with common.cuh pasted in place of its ``#include``."""
-    folder = importlib.resources.files("cosattn.cuda")
+    """Source ``name`` of :func:`source_folder` with common.cuh pasted in place of its
+    ``#include``."""
+    folder = source_folder()
     header = folder.joinpath(HEADER).read_text(encoding="utf-8")
     text = folder.joinpath(name).read_text(encoding="utf-8")
     include = f'#include "{HEADER}"'
