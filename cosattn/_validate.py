@@ -70,8 +70,12 @@ def values_checked(validate: Any, device: Device) -> bool:
     return device.kind == "cpu" or asked
 
 
-def import_all(named: dict[str, Any]) -> dict[str, Imported]:
-    """Import every non-None argument and require one framework family and one device."""
+def import_all(named: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Imported]:
+    """Import every non-None argument (the ``required`` ones must be there) and require one
+    framework family and one device."""
+    for n in required:
+        if named[n] is None:
+            raise TypeError(f"{n} must be an array, got None")
     imported = {n: import_array(x, n) for n, x in named.items() if x is not None}
     if len({str(i.device) for i in imported.values()}) > 1:
         where = ", ".join(f"{n} on {i.device} ({i.framework})" for n, i in imported.items())
@@ -207,7 +211,7 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
     everything = dict(named, m=m, mask=mask, **(extra or {}))
     if state is not None:
         everything.update({"state.kv": state[0], "state.count": state[1]})
-    imported = import_all(everything)
+    imported = import_all(everything, required=tuple(named))
     raw = {n: imported[n].array for n in named}
     dtype = check_float_dtypes(raw)
     B, H, S, Dk, Dv = check_qkv(raw, layout)
@@ -221,11 +225,12 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
         kv0, count0 = imported["state.kv"].array, imported["state.count"].array
         check_state(kv0, count0, B, H, Dk, Dv, acc)
         state_dtype = np.dtype(kv0.dtype)
+    checked = values_checked(validate, first.device)
     chosen = select(backend, first.device)
     with on_device(first.device):
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
         if count0 is not None:
-            if values_checked(validate, first.device):
+            if checked:
                 check_count_values(count0, xp)
             count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
@@ -283,7 +288,8 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
     the caller makes the new state."""
     eps = check_eps(eps)
     imported = import_all({"q_t": q_t, "k_t": k_t, "v_t": v_t, "m": m, "mask": mask,
-                           "out": out, "state.kv": kv, "state.count": count})
+                           "out": out, "state.kv": kv, "state.count": count},
+                          required=("q_t", "k_t", "v_t", "state.kv", "state.count"))
     raw = {n: imported[n].array for n in ("q_t", "k_t", "v_t")}
     dtype = check_float_dtypes(raw)
     for n, a in raw.items():

@@ -91,8 +91,9 @@ def make_case(rng, B, H, S, Dk, Dv, dtype, *, mask="none", m=True, state=False, 
                 for n, a in dict(q=q, k=k, v=v, do=do, m=mvec, kv0=kv0, dkv=dkv).items()}
     if junk is not None and case.mask is not None:
         with np.errstate(over="ignore"):  # 1e30 is Inf in float16
-            for x in (q, k, v, do):
+            for name, x in dict(q=q, k=k, v=v, do=do).items():
                 x.transpose(0, 2, 1, 3)[~case.mask] = junk
+                case.f64[name].transpose(0, 2, 1, 3)[~case.mask] = 0
     return case
 
 
@@ -207,3 +208,46 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
                      dm_scale(case, causal, ref[2]))
     if state is not None:
         assert_close(to_host(grads[4]), ref[4], case.dtype, "dkv0")
+
+
+
+def _read_only(x):
+    x.flags.writeable = False
+    return x
+
+
+def failing_steps(B=2, H=3, Dk=4, Dv=5):
+    """``(name, call, error, pattern)`` for steps that must raise and change nothing (docs/
+    spec.md, "Bad input"): each ``call(state, q, k, v, **kwargs)`` gets a NumPy state and
+    float32 q, k (B, H, Dk), v (B, H, Dv), and makes one thing wrong."""
+    f32 = np.float32
+
+    def read_only(name):
+        def call(state, q, k, v, **kw):
+            _read_only(getattr(state, name))
+            state.step(q, k, v, **kw)
+        return call
+
+    def with_out(out):
+        return lambda s, q, k, v, **kw: s.step(q, k, v, out=out, **kw)
+
+    return [
+        ("read-only kv", read_only("kv"), ValueError, "state.kv is read-only"),
+        ("read-only count", read_only("count"), ValueError, "state.count is read-only"),
+        ("out of the wrong shape", with_out(np.empty((B, H, Dk), f32)), ValueError,
+         r"out must have shape \(B, H, Dv\)"),
+        ("out of the wrong dtype", with_out(np.empty((B, H, Dv))), TypeError,
+         "out must have the dtype of v_t"),
+        ("read-only out", with_out(_read_only(np.empty((B, H, Dv), f32))), ValueError,
+         "out is read-only"),
+        ("mixed dtypes", lambda s, q, k, v, **kw: s.step(q, k.astype(np.float64), v, **kw),
+         TypeError, "must share one dtype"),
+        ("integer inputs", lambda s, q, k, v, **kw: s.step(q.astype(np.int32), k, v, **kw),
+         TypeError, "unsupported dtype"),
+        ("bad mask", lambda s, q, k, v, **kw: s.step(q, k, v, mask=np.ones(B + 1, bool), **kw),
+         ValueError, r"mask must have shape"),
+        ("bad m", lambda s, q, k, v, **kw: s.step(q, k, v, np.zeros(H + 1, f32), **kw),
+         ValueError, r"m must have shape"),
+        ("bad eps", lambda s, q, k, v, **kw: s.step(q, k, v, eps="a", **kw), TypeError,
+         "eps must be a real number"),
+    ]

@@ -12,6 +12,7 @@ from cosattn.backends import _numpy
 
 from helpers import (
     DTYPES,
+    JUNK,
     MASK_KINDS,
     assert_close,
     case_id,
@@ -35,7 +36,8 @@ def cases(draw):
     causal = draw(st.booleans())
     case = make_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), B, H, S, Dk, Dv,
                      dtype, mask=draw(st.sampled_from(MASK_KINDS)), m=draw(st.booleans()),
-                     state=causal and draw(st.booleans()), dstate=causal and draw(st.booleans()))
+                     state=causal and draw(st.booleans()), dstate=causal and draw(st.booleans()),
+                     junk=draw(st.sampled_from(JUNK)))
     return case, causal, draw(st.sampled_from(["bhsd", "bshd"]))
 
 
