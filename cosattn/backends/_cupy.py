@@ -49,11 +49,11 @@ STATIC_SHARED_LIMIT = 48 * 1024  # beyond it a kernel must opt in
 # written with head size 0.
 SPECIALISED = (16, 32, 64, 128, 256)
 GENERAL = 0
-HEADS = (*SPECIALISED, GENERAL)
+HEAD_SIZES = (*SPECIALISED, GENERAL)
 
 CTYPES = dict(zip(INPUT_DTYPES, ("__half", "__nv_bfloat16", "float", "double"), strict=True))
 
-# (chunk C, slice SL) per input itemsize and head: SL columns of the output per block, chunks
+# (chunk C, slice SL) per input itemsize and head size: SL columns of the output per block, chunks
 # of C tokens; chosen so that _shared_bytes stays under ~100 KiB (every sm_80+ GPU) except for
 # float64 at D = 256 (104 KiB: A100, H100) and large general sizes.
 TILES = {
@@ -79,30 +79,28 @@ def _ctype(dtype: Any) -> str:
     return CTYPES[np.dtype(dtype)]
 
 
-
-
-def head_of(Dk: int, Dv: int) -> int:
+def head_size(Dk: int, Dv: int) -> int:
     """The head-size template argument for ``(Dk, Dv)``: D when specialised, else GENERAL."""
     return Dk if Dk == Dv and Dk in SPECIALISED else GENERAL
 
 
-def tiles(dtype: Any, head: int) -> tuple[int, int]:
+def tiles(dtype: Any, D: int) -> tuple[int, int]:
     """``(C, SL)``: the chunk length and the output columns per block."""
-    return TILES[np.dtype(dtype).itemsize][head]
+    return TILES[np.dtype(dtype).itemsize][D]
 
 
-def _instance(name: str, dtype: Any, head: int) -> str:
-    C, SL = tiles(dtype, head)
-    return f"cosattn::{name}<{_ctype(dtype)}, {head}, {head}, {C}, {SL}>"
+def _instance(name: str, dtype: Any, D: int) -> str:
+    C, SL = tiles(dtype, D)
+    return f"cosattn::{name}<{_ctype(dtype)}, {D}, {D}, {C}, {SL}>"
 
 
-def forward_spec(dtype: Any, head: int) -> ModuleSpec:
-    return ModuleSpec("forward.cu", (_instance("forward_kernel", dtype, head),))
+def forward_spec(dtype: Any, D: int) -> ModuleSpec:
+    return ModuleSpec("forward.cu", (_instance("forward_kernel", dtype, D),))
 
 
-def backward_spec(dtype: Any, head: int) -> ModuleSpec:
-    return ModuleSpec("backward.cu", (_instance("values_kernel", dtype, head),
-                                      _instance("queries_keys_kernel", dtype, head),
+def backward_spec(dtype: Any, D: int) -> ModuleSpec:
+    return ModuleSpec("backward.cu", (_instance("values_kernel", dtype, D),
+                                      _instance("queries_keys_kernel", dtype, D),
                                       f"cosattn::dm_kernel<{_ctype(accumulation(dtype))}>"))
 
 
@@ -113,8 +111,8 @@ def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
 
 def all_specs() -> list[ModuleSpec]:
     """Every module this backend can build (what the NVRTC test compiles)."""
-    specs = [make(dtype, head) for make in (forward_spec, backward_spec)
-             for dtype in INPUT_DTYPES for head in HEADS]
+    specs = [make(dtype, head_size) for make in (forward_spec, backward_spec)
+             for dtype in INPUT_DTYPES for head_size in HEAD_SIZES]
     specs += [step_spec(dtype, state) for dtype in INPUT_DTYPES for state in STATE_DTYPES
               if not (dtype == np.float64 and state == np.float32)]
     return specs
@@ -331,9 +329,9 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
                 return None
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
             return kv, count
-        head = head_of(p.Dk, p.Dv)
-        spec = forward_spec(p.dtype, head)
-        C, SL = tiles(p.dtype, head)
+        D = head_size(p.Dk, p.Dv)
+        spec = forward_spec(p.dtype, D)
+        C, SL = tiles(p.dtype, D)
         kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
         args = (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(call.m), _ptr(mask),
                 _ptr(_contiguous(xp, kv0, p.acc)), _ptr(_contiguous(xp, call.count0, np.int64)),
@@ -360,10 +358,10 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             if kv0 is None:
                 return dm, None
             return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
-        head = head_of(p.Dk, p.Dv)
-        spec = backward_spec(p.dtype, head)
+        D = head_size(p.Dk, p.Dv)
+        spec = backward_spec(p.dtype, D)
         values, queries_keys, dm_reduce = spec.expressions
-        C, SL = tiles(p.dtype, head)
+        C, SL = tiles(p.dtype, D)
         nsv, nsk = ceil_div(p.Dv, SL), ceil_div(p.Dk, SL)
         kv0c = _contiguous(xp, kv0, p.acc)
         dkvc = _contiguous(xp, call.dkv, p.acc)
