@@ -1,4 +1,4 @@
-"""The parallel operation: :func:`forward` and :func:`backward` (SPEC.md)."""
+"""The parallel operation: :func:`forward` and :func:`backward` (docs/spec.md)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def unavailable() -> str | None:
 
 
 @dataclass
-class _Prepared:
+class _Normalised:
     """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
 
     qh: Any  # q_i / max(|q_i|, eps)
@@ -97,7 +97,7 @@ def _weights(m: Any, c: Any) -> Any:
     return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-def _prepare(call: ForwardCall | BackwardCall) -> _Prepared:
+def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
     p, mask = call.p, call.mask
     n = ceil_div(p.S, CHUNK) * CHUNK
     qh, kh, vt = (_padded(x, n, p.acc, mask) for x in (call.q, call.k, call.v))
@@ -107,7 +107,7 @@ def _prepare(call: ForwardCall | BackwardCall) -> _Prepared:
     w = None if call.m is None else _weights(call.m, c)
     if w is not None:
         vt[:, :, : p.S] *= w[..., None]
-    return _Prepared(qh, kh, vt, q_inv, k_inv, c, w)
+    return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
 
 
 def _chunks(x: Any) -> Any:
@@ -164,7 +164,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
         state = kv, count
     if p.S == 0:
         return state
-    x = _prepare(call)
+    x = _normalised_inputs(call)
     if not p.causal:
         kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
         call.o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
@@ -269,7 +269,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         if kv0 is None:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
-    x = _prepare(call)
+    x = _normalised_inputs(call)
     dof = _padded(call.do, x.qh.shape[2], p.acc, call.mask)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
