@@ -66,8 +66,8 @@ def check_layout(layout: Any) -> str:
 
 def values_checked(validate: Any, device: Device) -> bool:
     """Whether value checks run: always on host arrays; on device arrays when asked."""
-    asked = check_flag(validate, "validate") or os.environ.get(VALIDATE_ENV_VAR) == "1"
-    return device.kind == "cpu" or asked
+    asked = check_flag(validate, "validate")
+    return device.kind == "cpu" or asked or os.environ.get(VALIDATE_ENV_VAR) == "1"
 
 
 def import_all(named: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Imported]:
@@ -164,9 +164,11 @@ def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.d
         raise TypeError(f"state.count must be int64 (or int32, as JAX keeps it), got {count.dtype}")
 
 
-def check_count_values(count: Any, xp: Any) -> None:
+def check_count_values(count: Any) -> None:
     """A state's counts are never negative (a device→host copy on CUDA)."""
-    if count.shape[0] and bool(xp.any(count < 0)):
+    if hasattr(count, "copy_to_host"):  # a Numba device array
+        count = count.copy_to_host()
+    if count.shape[0] and bool((count < 0).any()):
         raise ValueError(f"state.count must be non-negative, got {count}")
 
 
@@ -231,7 +233,7 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
         if count0 is not None:
             if checked:
-                check_count_values(count0, xp)
+                check_count_values(count0)
             count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
     return _Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
@@ -332,7 +334,7 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
     with on_device(first.device):
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
         if values_checked(validate, first.device):
-            check_count_values(native_count, xp)
+            check_count_values(native_count)
         if immutable:
             native_kv = xp.astype(native_kv, native_kv.dtype, copy=True)
             native_count = xp.astype(native_count, np.int64, copy=True)

@@ -40,7 +40,7 @@ class RecurrentState:
         val.check_state(ikv.array, icount.array, B, H, Dk, Dv, FLOAT32)
         if val.values_checked(validate, ikv.device):
             with on_device(ikv.device):
-                val.check_count_values(icount.array, namespace(ikv.device))
+                val.check_count_values(icount.array)
         self.kv = kv
         self.count = count
 

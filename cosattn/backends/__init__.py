@@ -8,6 +8,7 @@ the state it is given, in place.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Any, Protocol, cast
@@ -41,6 +42,7 @@ NAMES = ("numpy", "cupy", "numba")
 ENV_VAR = "COSATTN_BACKEND"
 
 
+@functools.cache
 def load(name: str) -> Backend:
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")

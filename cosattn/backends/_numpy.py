@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
-from . import ceil_div
+from . import _cpu_kernels, ceil_div
 
 DEVICE = "cpu"
 CHUNK = 64
@@ -319,27 +319,18 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
 
 
 def step(call: StepCall) -> None:
-    """Everything is computed before the state is written; a padded row's state is not
+    """One fused pass over the state (:func:`._cpu_kernels.step`); a padded row's state is not
     written at all, so it keeps its bits (docs/spec.md, "Bad input")."""
-    p, kv, count, real = call.p, call.kv, call.count, call.mask
-    acc = kv.dtype
-    qh, kh, v = (x.astype(acc) for x in (call.q, call.k, call.v))
-    if real is not None:
-        for x in (qh, kh, v):
-            np.copyto(x, 0, where=~real[:, None, None])
-    qh /= np.maximum(np.linalg.norm(qh, axis=-1, keepdims=True), p.eps)
-    kh /= np.maximum(np.linalg.norm(kh, axis=-1, keepdims=True), p.eps)
-    new_count = count + (1 if real is None else real)
-    if call.m is not None:
-        w = np.maximum(1, new_count).astype(acc)[:, None] ** -_sigmoid(call.m.astype(acc))
-        v *= w[..., None]
-    update = v[..., :, None] * kh[..., None, :]
-    if real is None:
-        kv += update
-    else:
-        np.add(kv, update, out=kv, where=real[:, None, None, None])
-    count[...] = new_count
-    out = (kv @ qh[..., None])[..., 0]
-    if real is not None:
-        np.copyto(out, 0, where=~real[:, None, None])
-    call.o[...] = out
+    kv, acc = call.kv, call.kv.dtype
+    q, k, v = (np.ascontiguousarray(x, dtype=acc) for x in (call.q, call.k, call.v))
+    sig = _NONE if call.m is None else _sigmoid(call.m.astype(acc))
+    mask = _NO_MASK if call.mask is None else np.ascontiguousarray(call.mask)
+    direct = call.o.dtype == acc and call.o.flags.c_contiguous
+    o = call.o if direct else np.empty(call.o.shape, acc)
+    _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, o, call.p.eps)
+    if not direct:
+        call.o[...] = o
+
+
+_NONE = np.empty(0, np.float32)  # no stabiliser
+_NO_MASK = np.empty(0, np.bool_)  # every row real
