@@ -49,30 +49,26 @@ class _Normalised:
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
 
 
-def _padded(x: Any, n: int, acc: np.dtype, mask: Any) -> Any:
-    """``x`` (B, H, S, D) cast into a fresh C-contiguous (B, H, n, D) buffer, zero past S and
-    where ``mask`` (B, S) is False (selected, whatever the padding holds)."""
-    B, H, S, D = x.shape
-    buf = np.empty((B, H, n, D), dtype=acc)
-    buf[:, :, :S] = x
-    buf[:, :, S:] = 0
-    if mask is not None:
-        np.copyto(buf[:, :, :S], 0, where=~mask[:, None, :, None])
-    return buf
+def _readable(x: Any, acc: np.dtype) -> Any:
+    """``x`` as the CPU kernels read it: float32/float64 as it is (any strides), 16-bit cast."""
+    return x if x.dtype == acc else x.astype(acc)
 
 
-def _zero_padding(out: Any, mask: Any) -> None:
-    """Padded positions of an output (B, H, S, D) become +0."""
-    if mask is not None:
-        np.copyto(out, 0, where=~mask[:, None, :, None])
+def _no_mask(mask: Any) -> Any:
+    """``mask`` (B, S) as the CPU kernels take it: (0, 0) when every token is real."""
+    return _ALL_REAL if mask is None else mask
 
 
-def _normalise(buf: Any, S: int, eps: float) -> Any:
-    """Scale rows of ``buf`` in place to unit norm; return ``1/max(|x|, eps)``."""
-    rows = buf[:, :, :S]
-    norm = np.maximum(np.sqrt(np.einsum("bhsd,bhsd->bhs", rows, rows)), eps)
-    rows /= norm[..., None]  # a division, as in docs/spec.md: for D = 1 it gives exactly +-1
-    return 1.0 / norm
+def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
+    """Run an epilogue ``kernel(*args, target)`` writing ``out`` (B, H, S, D): straight into it
+    when it has the accumulation dtype, else into the first S rows of the padded buffer
+    ``buf`` (in place), then cast into ``out``."""
+    if out.dtype == buf.dtype:
+        kernel(*args, out)
+    else:
+        rows = buf[:, :, : out.shape[2]]
+        kernel(*args, rows)
+        out[...] = rows
 
 
 def _counts(p: Problem, mask: Any, count0: Any) -> Any:
@@ -98,16 +94,25 @@ def _weights(m: Any, c: Any) -> Any:
 
 
 def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
-    p, mask = call.p, call.mask
+    p, mask = call.p, _no_mask(call.mask)
     n = ceil_div(p.S, CHUNK) * CHUNK
-    qh, kh, vt = (_padded(x, n, p.acc, mask) for x in (call.q, call.k, call.v))
-    q_inv = _normalise(qh, p.S, p.eps)
-    k_inv = _normalise(kh, p.S, p.eps)
-    c = _counts(p, mask, call.count0)
+    qh, kh = (np.empty((p.B, p.H, n, D), p.acc) for D in (p.Dk, p.Dk))
+    q_inv, k_inv = (np.empty((p.B, p.H, p.S), p.acc) for _ in range(2))
+    _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
+    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv)
+    c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    if w is not None:
-        vt[:, :, : p.S] *= w[..., None]
+    vt = _scaled(call.v, n, p.acc, mask, w)
     return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
+
+
+def _scaled(x: Any, n: int, acc: np.dtype, mask: Any, w: Any = None) -> Any:
+    """``w x`` (B, H, S, D) in a padded buffer (B, H, n, D), zero past S and where padded."""
+    B, H, _, D = x.shape
+    out = np.empty((B, H, n, D), acc)
+    _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0, 0, 0), acc) if w is None
+                             else w, out)
+    return out
 
 
 def _chunks(x: Any) -> Any:
@@ -167,16 +172,15 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     x = _normalised_inputs(call)
     if not p.causal:
         kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        call.o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
-        _zero_padding(call.o, mask)
+        out = x.qh @ kv.swapaxes(-1, -2)
+        _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
         return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
     sums = _chunk_sums(x.kh, x.vt, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
     _add_other_chunks(out, x.qh, sums, reverse=False)
     if kv0 is not None:
         out += x.qh @ kv0.astype(p.acc, copy=False).swapaxes(-1, -2)
-    call.o[...] = out[:, :, : p.S]
-    _zero_padding(call.o, mask)
+    _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
     if state is None:
         return None
     kv, count = state
@@ -252,15 +256,6 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     return dm, dkv0
 
 
-def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
-    """``(dxh - xh (xh . dxh)) / |x|`` where ``|x| > eps``, else ``dxh / eps`` (in place)."""
-    inner = np.einsum("bhsd,bhsd->bhs", xh, dxh)
-    inner *= inv < 1.0 / eps
-    dxh -= xh * inner[..., None]
-    dxh *= inv[..., None]
-    return dxh
-
-
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
     S = p.S
@@ -270,7 +265,8 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     x = _normalised_inputs(call)
-    dof = _padded(call.do, x.qh.shape[2], p.acc, call.mask)
+    mask = _no_mask(call.mask)
+    dof = _scaled(call.do, x.qh.shape[2], p.acc, mask)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
         # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
@@ -300,19 +296,18 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         dvt = x.kh @ g.swapaxes(-1, -2)
         dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
-    dqh, dkh, dvt = dqh[:, :, :S], dkh[:, :, :S], dvt[:, :, :S]
-    call.dq[...] = _normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps)
-    call.dk[...] = _normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps)
+    _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps)
+    _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps)
     dm = None
+    if call.m is None:
+        w, log_c = np.empty((0, 0, 0), p.acc), np.empty((0, 0), p.acc)
+    else:
+        w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
+    terms = np.empty((p.B, p.H), p.acc)
+    _into(call.dv, dvt, _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask, terms)
     if call.m is not None:
         sig = _sigmoid(call.m)
-        per = np.einsum("bhsd,bhsd->bhs", dvt, x.vt[:, :, :S])
-        per *= -np.log(np.maximum(1, x.c).astype(p.acc))[:, None, :]
-        dm = per.sum(axis=(0, 2)) * sig * (1.0 - sig)
-        dvt *= x.w[..., None]
-    call.dv[...] = dvt
-    for out in (call.dq, call.dk, call.dv):
-        _zero_padding(out, call.mask)
+        dm = -terms.sum(axis=0) * sig * (1.0 - sig)
     if kv0 is None:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
@@ -324,7 +319,7 @@ def step(call: StepCall) -> None:
     kv, acc = call.kv, call.kv.dtype
     q, k, v = (np.ascontiguousarray(x, dtype=acc) for x in (call.q, call.k, call.v))
     sig = _NONE if call.m is None else _sigmoid(call.m.astype(acc))
-    mask = _NO_MASK if call.mask is None else np.ascontiguousarray(call.mask)
+    mask = _ALL_REAL_ROWS if call.mask is None else np.ascontiguousarray(call.mask)
     direct = call.o.dtype == acc and call.o.flags.c_contiguous
     o = call.o if direct else np.empty(call.o.shape, acc)
     _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, o, call.p.eps)
@@ -333,4 +328,5 @@ def step(call: StepCall) -> None:
 
 
 _NONE = np.empty(0, np.float32)  # no stabiliser
-_NO_MASK = np.empty(0, np.bool_)  # every row real
+_ALL_REAL = np.empty((0, 0), np.bool_)  # no mask, as the CPU kernels take it
+_ALL_REAL_ROWS = np.empty(0, np.bool_)  # no step mask
