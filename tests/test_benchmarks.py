@@ -93,7 +93,7 @@ def test_gpu_case_over_the_free_memory_is_skipped_with_its_need():
 def test_cpu_bench_quick_writes_its_results(tmp_path):
     B, H, D, sizes = 1, 2, 16, (128, 192)
     assert cpu_bench.main(["--quick", "--S", *map(str, sizes), "--H", str(H), "--D", str(D),
-                           "--repeats", "2", "--out", str(tmp_path)]) == 0
+                           "--repeats", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_bench_quick.json").read_text())
     assert data["command"].startswith("python -m benchmarks.cpu_bench --quick")
     for key in ("cpu", "cpu_count", "numpy", "blas", "python", "load_average"):
@@ -114,8 +114,13 @@ def test_cpu_bench_quick_writes_its_results(tmp_path):
         if impl.startswith("appendix"):  # ... and the cumulative sum, (B, H, S, D, D) float32
             assert r["peak_extra_bytes"] >= B * H * S * D * D * 4
     assert not data["targets"]["evaluated"]
+    margin = data["margin"]
+    assert {c["name"] for c in margin["checks"]} == set(cpu_bench.MARGIN_TARGETS)
+    assert all(c["value"] > 0 for c in margin["checks"])
+    assert set(margin["dtype_seconds"]) == {f"{d} {m}" for d in cpu_bench.MARGIN_DTYPES
+                                            for m in ("fwd", "fwdbwd")}
     md = (tmp_path / "cpu_bench_quick.md").read_text()
-    assert data["command"] in md and "## forward + backward" in md
+    assert data["command"] in md and "## forward + backward" in md and "## Margin rows" in md
     assert (tmp_path / "cpu_bench_quick.png").stat().st_size > 0
 
 
