@@ -1,19 +1,21 @@
-// Cottention backward (SPEC.md, "Backward") as four sweeps of common.cuh, in two kernels.
+// Cottention backward (docs/spec.md, "Backward") as four sweeps of common.cuh, in two kernels.
 //
 // Each gradient is a sweep with other roles (causal modes shown; bidirectional runs the same
 // roles through the global mode and has no states):
 //   1. o    = fwd(Q = q̂', K = k̂', V = ṽ,  from kv0)    -> δq_i = do_i · o_i        (= q̂_i · dq̂_i)
 //   2. dṽ   = rev(Q = k̂', K = q̂', V = do, from dkv)   -> dv, δk_j = ṽ_j · dṽ_j   (= k̂_j · dk̂_j),
 //                                                         dm, dkv0 (the final state)
-//   3. dq̂   = fwd(Q = do, K = ṽ,  V = k̂', from kv0ᵀ)  -> dq = (real dq̂ - q̂ δq [|q| > eps]) / max(|q|, eps)
-//   4. dk̂   = rev(Q = ṽ,  K = do, V = q̂', from dkvᵀ)  -> dk = (real dk̂ - k̂ δk [|k| > eps]) / max(|k|, eps)
+//   3. dq̂   = fwd(Q = do, K = ṽ,  V = k̂', from kv0ᵀ)  -> dq = (dq̂ - q̂ δq [|q| > eps]) / max(|q|, eps)
+//   4. dk̂   = rev(Q = ṽ,  K = do, V = q̂', from dkvᵀ)  -> dk = (dk̂ - k̂ δk [|k| > eps]) / max(|k|, eps)
 // The normalisation needs each row's inner product q̂_i · dq̂_i. When one block of
 // queries_keys_kernel (sweeps 3 and 4, a block per (b, h, slice of Dk)) holds all of Dk, it sums
 // it from its own tile. Otherwise the identity q̂_i · dq̂_i = do_i · o_i (and k̂_j · dk̂_j = ṽ_j ·
 // dṽ_j) lets values_kernel (sweeps 1 and 2, a block per (b, h, slice of Dv)) compute it from
 // slices of Dv: it writes per-slice partial sums, which queries_keys_kernel adds up in a fixed
 // order. values_kernel also writes per-slice partial sums of dm, which dm_kernel adds up. No
-// atomics: the gradients are the same bits from run to run.
+// atomics: the gradients are the same bits from run to run. The epilogues select padded rows
+// away: dq, dk and dv are +0 there, and their partial sums of δq, δk and dm are 0, whatever q, k,
+// v or do hold at those rows (docs/spec.md, "Bad input").
 #include "common.cuh"
 
 namespace cosattn {
@@ -62,12 +64,14 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
   const Smem& sm = block.sm;
   const int lane = lane_id();
 
-  // Sweep 1: o, then δq_i over this slice = Σ_a do_ia o_ia.
+  // Sweep 1: o, then δq_i over this slice = Σ_a do_ia o_ia (0 on padded rows).
   auto delta_q = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
       A sum = 0;
-      for (int c = lane; c < cols; c += kWarp) {
-        sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out[r * Smem::kLdO + c];
+      if (sm.real[r] != A(0)) {
+        for (int c = lane; c < cols; c += kWarp) {
+          sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out[r * Smem::kLdO + c];
+        }
       }
       sum = warp_sum(sum);
       if (lane == 0) dq_part[part_offset + t0 + r] = sum;
@@ -79,20 +83,26 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
               kv0 == nullptr ? nullptr : kv0 + state_offset, false, nullptr, true, true, delta_q);
   }
 
-  // Sweep 2: dṽ; dv = real w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm.
+  // Sweep 2: dṽ; dv = w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm (+0, 0 and nothing on
+  // padded rows).
   A dm = 0;  // this warp's rows; summed over the warps in order at the end
   auto values = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
+      const bool real = sm.real[r] != A(0);
       const A w = sm.w[r];
       A sum = 0;
       for (int c = lane; c < cols; c += kWarp) {
-        const A g = sm.out[r * Smem::kLdO + c];
-        sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
-        dvrows(t0 + r, c0 + c) = Num<T>::store(w * g);
+        A dvx = 0;
+        if (real) {
+          const A g = sm.out[r * Smem::kLdO + c];
+          sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
+          dvx = w * g;
+        }
+        dvrows(t0 + r, c0 + c) = Num<T>::store(dvx);
       }
       sum = warp_sum(sum);
       if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
-      dm -= sum * sm.lnc[r];
+      if (real) dm -= sum * sm.lnc[r];
     }
   };
   block.run(reverse, Operand<T>{seq.k, dk, Scale::kKey}, Operand<T>{seq.q, dk, Scale::kQuery},
@@ -154,16 +164,21 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
   const Smem& sm = block.sm;
   const int lane = lane_id();
 
-  // dx = (real dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps), with x̂ · dx̂ summed over this
-  // tile (part null: the block holds all of Dk) or over values_kernel's partials.
+  // dx = (dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps) on real rows, with x̂ · dx̂ summed over
+  // this tile (part null: the block holds all of Dk) or over values_kernel's partials; +0 on
+  // padded rows, whose x is not read.
   auto normalise = [&](const Rows<const T>& x, const Rows<T>& dx, const A* part, const A* den,
                        const A* big, index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
-      const A d = den[r], real = sm.real[r];
+      if (sm.real[r] == A(0)) {
+        for (int c = lane; c < cols; c += kWarp) dx(t0 + r, c0 + c) = Num<T>::store(A(0));
+        continue;
+      }
+      const A d = den[r];
       A inner = 0;
       if (part == nullptr) {
         for (int c = lane; c < cols; c += kWarp) {
-          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * (real * sm.out[r * Smem::kLdO + c]);
+          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * sm.out[r * Smem::kLdO + c];
         }
         inner = warp_sum(inner);
       } else {
@@ -172,8 +187,7 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
       inner *= big[r];
       for (int c = lane; c < cols; c += kWarp) {
         const A xh = Num<T>::load(x(t0 + r, c0 + c)) / d;
-        const A g = real * sm.out[r * Smem::kLdO + c];
-        dx(t0 + r, c0 + c) = Num<T>::store((g - xh * inner) / d);
+        dx(t0 + r, c0 + c) = Num<T>::store((sm.out[r * Smem::kLdO + c] - xh * inner) / d);
       }
     }
   };

@@ -1,10 +1,15 @@
 // Device code shared by the cosattn kernels (forward.cu, backward.cu, step.cu).
 //
-// Notation of SPEC.md: B, H, S, Dk, Dv; q̂ = q / max(|q|, eps); counts c_j; stabiliser
-// w_j = max(1, c_j)^(-sigmoid(m_h)); ṽ_j = real_j w_j v_j; a primed vector is multiplied by real
-// (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
+// Notation of docs/spec.md: B, H, S, Dk, Dv; q̂ = q / max(|q|, eps); counts c_j; stabiliser
+// w_j = max(1, c_j)^(-sigmoid(m_h)); ṽ_j = real_j w_j v_j; a primed vector is zero at padded
+// positions (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
 //
-// Every kernel is made of *sweeps* of the chunked algorithm (DESIGN.md). A sweep has three
+// Padding holds anything (docs/spec.md, "Bad input"): NaN, Inf or uninitialised memory at a
+// padded position of q, k, v or do reaches no result. Padded rows are never read: their norms
+// are not taken, their tile rows are selected to zero (before any 16-bit split), and the
+// epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+//
+// Every kernel is made of *sweeps* of the chunked algorithm (docs/design.md). A sweep has three
 // operands, Q and K (C x Dq tiles: the contraction runs over Dq) and V (a C x SL tile: this
 // block's slice of the output columns), and a state (SL x Dq, fp32; fp64 for double):
 //
@@ -17,14 +22,15 @@
 // state slice in shared memory and hands each chunk's Out tile to an epilogue.
 //
 // Per chunk the prologue reads the mask (a running count carried by the block gives c_j), the
-// stabiliser w_j and the row norms of q and k; the tile loads apply them, so q, k and v are
-// never normalised or copied outside the kernel. Products of half and bfloat16 tiles run on
-// tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split into a high
-// and a low 16-bit part, scaled by a power of two so that float16 cannot overflow. The tiles
-// computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way, and each
-// product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy. SPEC.md's
-// bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state or dm that is a
-// short sum whose terms cancel would miss them. Inputs taken as they are (do) have no low part.
+// stabiliser w_j and the row norms of q and k (of the real rows); the tile loads apply them, so
+// q, k and v are never normalised or copied outside the kernel. Products of half and bfloat16
+// tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
+// into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
+// The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
+// and each product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy.
+// docs/spec.md's bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state
+// or dm that is a short sum whose terms cancel would miss them. Inputs taken as they are (do)
+// have no low part.
 // float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed
 // order, so a result is the same bits from run to run.
 //
@@ -169,8 +175,8 @@ __device__ Rows<T> rows_of(T* base, index_t sb, index_t sh, index_t ss, index_t 
   return Rows<T>{base + b * sb + h * sh, ss, sd};
 }
 
-// Which row scale a tile takes while it is loaded.
-enum class Scale { kNone, kQuery, kKey, kValue };  // 1, real/|q|, real/|k|, real w
+// Which row scale a tile takes while it is loaded (padded rows are zero whatever the scale).
+enum class Scale { kNone, kQuery, kKey, kValue };  // 1, 1/max(|q|, eps), 1/max(|k|, eps), w
 
 template <typename T>
 struct Operand {
@@ -191,6 +197,8 @@ struct Sequence {
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
+
+  __device__ bool real(index_t t) const { return mask == nullptr || mask[t * mask_ss]; }
 };
 
 // Sequence (b, h): q and k are its rows, mask (B, S), count0 (B,) and m (H,) may be null.
@@ -395,9 +403,7 @@ struct Block {
     index_t n = seq.S;
     if (seq.mask != nullptr) {
       n = 0;
-      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) {
-        n += seq.mask[t * seq.mask_ss] ? 1 : 0;
-      }
+      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) n += seq.real(t) ? 1 : 0;
       n = block_sum(n, sm.ints + 8);
     }
     if (threadIdx.x == 0) sm.ints[1] = n;
@@ -414,7 +420,7 @@ struct Block {
     for (int i = 0; i < R; ++i) {
       const int r = lane * R + i;
       int f = 0;
-      if (r < rows) f = seq.mask == nullptr ? 1 : int(seq.mask[(t0 + r) * seq.mask_ss]);
+      if (r < rows) f = seq.real(t0 + r) ? 1 : 0;
       flag[i] = f;
       sum += f;
     }
@@ -445,12 +451,13 @@ struct Block {
   }
 
   // max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row. Rows are
-  // divided by the first, as SPEC.md writes it (so a row of one entry becomes exactly ±1).
+  // divided by the first, as docs/spec.md writes it (so a row of one entry becomes exactly ±1).
+  // Padded rows are not read (their norm could be NaN or Inf): they get eps and 0, never used.
   __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
                                      A* big) {
     for (int r = warp_id(); r < C; r += kWarps) {
       A sum = 0;
-      if (r < rows) {
+      if (r < rows && seq.real(t0 + r)) {
         for (int d = lane_id(); d < seq.Dk; d += kWarp) {
           const A e = Num<T>::load(x(t0 + r, d));
           sum += e * e;
@@ -474,21 +481,21 @@ struct Block {
   }
 
   // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, scaled per row, into a
-  // C x width tile (zero outside); with a low tile, the rounding error of the scaled values goes
-  // there. Returns whether it did (operands taken as they are have none).
+  // C x width tile; zero outside them and on padded rows, which are not read. With a low tile,
+  // the rounding error of the scaled values goes there. Returns whether it did (operands taken
+  // as they are have none).
   __device__ __noinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
                                     int rows, int col0, int ncols, int width) {
     const bool normed = op.scale == Scale::kQuery || op.scale == Scale::kKey;
     const A* den = op.scale == Scale::kQuery ? sm.qden : sm.kden;
-    const A* scale = normed ? sm.real : op.scale == Scale::kValue ? sm.w : nullptr;
-    const bool split = low != nullptr && scale != nullptr;
+    const bool split = low != nullptr && op.scale != Scale::kNone;
     for (int idx = int(threadIdx.x); idx < C * width; idx += kThreads) {
       const int r = idx / width, c = idx % width;
       A x = 0;
-      if (r < rows && c < ncols) {
+      if (r < rows && c < ncols && sm.real[r] != A(0)) {
         x = Num<T>::load(op.x(t0 + r, col0 + c));
         if (normed) x /= den[r];
-        if (scale != nullptr) x *= scale[r];
+        if (op.scale == Scale::kValue) x *= sm.w[r];
       }
       const T hi = Num<T>::store(x);
       dst[r * ld + c] = hi;

@@ -1,10 +1,10 @@
-// Cottention forward (SPEC.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
+// Cottention forward (docs/spec.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
 //
 // One block per (b, h, slice of SL columns of Dv); the grid is B * H * ceil(Dv / SL) blocks of
 // kThreads threads, with the dynamic shared memory of Shared<T, C, SL> for DqP = Dk rounded up
 // to 16. Causal: one sweep over the chunks from the incoming state kv0 (or zero), the outgoing
 // state written to kv_out when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first,
-// then o = Q̂' Stateᵀ).
+// then o = Q̂' Stateᵀ). Padded rows of o are +0.
 #include "common.cuh"
 
 namespace cosattn {
@@ -44,10 +44,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 
   const int c0 = block.c0, cols = block.cols;
   const A* tile = block.sm.out;
+  const A* real = block.sm.real;
   auto write = [&](index_t t0, int rows) {
     for (int idx = int(threadIdx.x); idx < rows * SL; idx += kThreads) {
       const int r = idx / SL, c = idx % SL;
-      if (c < cols) out(t0 + r, c0 + c) = Num<T>::store(tile[r * Shared<T, C, SL>::kLdO + c]);
+      if (c < cols) {
+        const A x = real[r] != A(0) ? tile[r * Shared<T, C, SL>::kLdO + c] : A(0);
+        out(t0 + r, c0 + c) = Num<T>::store(x);
+      }
     }
   };
   block.run(causal ? Mode::kForward : Mode::kGlobal, Q, K, V,

@@ -1,9 +1,12 @@
-// The recurrent step (SPEC.md, "The RNN form"), one token per batch row:
+// The recurrent step (docs/spec.md, "The RNN form"), one token per batch row:
 //   count += real;  kv += real w(count) v k̂ᵀ;  o = real kv q̂
 // step_kernel updates kv in place and writes o; step_count_kernel then adds real to count. The
 // count is shared by the H heads of a row, so it changes in a second launch, after every block
-// of the first has read it. Neither kernel allocates or synchronises with the host: a decode loop
-// of them can be captured in a CUDA graph. The state is read and written once per step.
+// of the first has read it. Neither kernel allocates or synchronises with the host: a decode
+// loop of them can be captured in a CUDA graph. The state is read and written once per step.
+// A padded row (mask false) is skipped, not multiplied by 0: its q, k and v are not read, its o
+// is +0, and its kv and count are not written, so they keep their bits (-0.0 + 0.0 would be
+// +0.0; docs/spec.md, "Bad input").
 #include "common.cuh"
 
 namespace cosattn {
@@ -31,6 +34,14 @@ __global__ void __launch_bounds__(kThreads) step_kernel(
   const index_t bh = index_t(blockIdx.x) / groups;
   const index_t h = bh % H, b = bh / H;
 
+  if (mask != nullptr && !mask[b * mask_sb]) {  // the whole block: before any barrier
+    for (int i = int(threadIdx.x); i < kStepRows; i += kThreads) {
+      const index_t a = group * kStepRows + i;
+      if (a < Dv) o[b * o_sb + h * o_sh + a * o_sd] = Num<T>::store(acc_t<T>(0));
+    }
+    return;
+  }
+
   St qq = 0, kk = 0;
   for (index_t d = threadIdx.x; d < Dk; d += kThreads) {
     const St x = St(Num<T>::load(q[b * q_sb + h * q_sh + d * q_sd]));
@@ -50,10 +61,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(
   }
   __syncthreads();
 
-  const bool real = mask == nullptr || mask[b * mask_sb];
-  const index_t c = count[b] + (real ? 1 : 0);
-  St w = 0;
-  if (real) w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(c));
+  const St w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(count[b] + 1));
 
   const int lane = lane_id();
   for (int i = warp_id(); i < kStepRows; i += kWarps) {
@@ -63,26 +71,21 @@ __global__ void __launch_bounds__(kThreads) step_kernel(
     St* row = kv + b * kv_sb + h * kv_sh + a * kv_sv;
     St sum = 0;
     for (index_t d = lane; d < Dk; d += kWarp) {
-      St x = row[d * kv_sd];
-      if (real) {
-        x += va * kh[d];
-        row[d * kv_sd] = x;
-      }
+      const St x = row[d * kv_sd] + va * kh[d];
+      row[d * kv_sd] = x;
       sum += x * qh[d];
     }
     sum = warp_sum(sum);
-    if (lane == 0) {
-      o[b * o_sb + h * o_sh + a * o_sd] = Num<T>::store(acc_t<T>(sum * St(real ? 1 : 0)));
-    }
+    if (lane == 0) o[b * o_sb + h * o_sh + a * o_sd] = Num<T>::store(acc_t<T>(sum));
   }
 }
 
-// count[b] += real_b, after step_kernel.
+// count[b] += 1 where the token is real, after step_kernel; padded rows are not written.
 __global__ void __launch_bounds__(kThreads) step_count_kernel(index_t* __restrict__ count,
                                                               const bool* __restrict__ mask,
                                                               index_t B, index_t mask_sb) {
   const index_t b = index_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (b < B) count[b] += (mask == nullptr || mask[b * mask_sb]) ? 1 : 0;
+  if (b < B && (mask == nullptr || mask[b * mask_sb])) count[b] += 1;
 }
 
 }  // namespace cosattn
