@@ -15,7 +15,8 @@ dk̂          ṽ      do     q̂'     dstateᵀ         i ≥ j      1
 dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (dv), dm
 ==========  =====  =====  =====  ==============  =========  ======================
 
-(q̂' is q̂ times the mask; bidirectional sweeps sum over every position and carry no state.)
+(Scales are those of real tokens: every operand and output is zero at padded positions, so q̂'
+is q̂ there. Bidirectional sweeps sum over every position and carry no state.)
 Native arrays are CuPy arrays (seen by Numba through ``__cuda_array_interface__``, no copy)
 or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in the same kind.
 """
@@ -78,10 +79,10 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     ``dtype``; ``Dx``, ``Dz`` are the sizes of its x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
-        "o": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
-        "dq": ((K.RAW, K.VALUE, K.NORM, K.MASKED), False, True),
-        "dk": ((K.VALUE, K.RAW, K.NORM_MASKED, K.RAW), True, True),
-        "dv": ((K.NORM, K.NORM_MASKED, K.RAW, K.VALUE), True, False),
+        "o": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "dq": ((K.RAW, K.VALUE, K.NORM, K.RAW), False, True),
+        "dk": ((K.VALUE, K.RAW, K.NORM, K.RAW), True, True),
+        "dv": ((K.NORM, K.NORM, K.RAW, K.VALUE), True, False),
     }[output]
     direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
     dtype = np.dtype(dtype)
@@ -161,7 +162,7 @@ class _Launches:
         p, threads = self.p, self.cfg.threads
         kernel = kernels.normalise_backward(np.dtype(p.dtype), threads, self.cfg.lanes)
         _launch(kernel, (ceil_div(p.S, kernels.ROWS), p.H, p.B), threads, self.stream, 0,
-                _view(g), _view(x), _view(out), self.eps)
+                _view(g), _view(x), _view(out), self.mask, self.has_mask, self.eps)
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:

@@ -25,11 +25,9 @@ these:
 Padding holds anything (docs/spec.md, "Bad input"): a padded token's row of an input is never
 read, whatever it holds (NaN, Inf, uninitialised memory). The sweep selects zero for it in
 every operand (never a multiplication by 0: NaN · 0 is NaN, and 0 times a negative is -0) and
-writes +0 at padded positions of its output, except that an accumulation-dtype output (the
-``g`` that ``normalise_backward`` reads) marks a padded row with -0.0 in every entry, a value
-the sweep never writes at a real position; ``normalise_backward`` writes +0 for a marked row.
-The step reads nothing of a padded token and skips its writes to the state, so ``kv`` keeps
-its bits.
+writes +0 at padded positions of its output; ``normalise_backward`` reads the mask too and
+writes +0 there without reading ``x``. The step reads nothing of a padded token and skips its
+writes to the state, so ``kv`` keeps its bits.
 
 Reductions go through shared memory (no warp shuffles, so the Numba simulator runs the same
 code) and always in a fixed order (no atomics): results are deterministic. bfloat16 arrays
@@ -53,8 +51,7 @@ from .._dtypes import BFLOAT16
 # Operand and output scales: what a real token's row is multiplied by (1, 1 / |row|, w).
 RAW, NORM, VALUE = range(3)
 # A padded token's row is zero in every operand and output, so the mask needs no scale of its
-# own: the masked names (q̂' = real q̂ in docs/spec.md) are the plain scales.
-NORM_MASKED, MASKED = NORM, RAW
+# own (q̂' of docs/spec.md is q̂ here).
 # Which positions j a sweep's output i sums over.
 FORWARD, REVERSE, ALL = range(3)
 
@@ -125,12 +122,6 @@ def _f32_to_bits(value: Any) -> Any:
     if (u & 0x7FFFFFFF) > 0x7F800000:
         return np.uint16((u >> 16) | 0x40)
     return np.uint16(((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
-
-
-@cuda.jit(device=True)
-def _marks_padding(value: Any) -> Any:
-    """Whether an entry of the sweep's accumulation-dtype output is -0.0, its padded-row mark."""
-    return value == 0 and math.copysign(1.0, value) < 0
 
 
 def _converters(acc: type, bf16: bool) -> tuple[Any, Any]:
@@ -224,8 +215,8 @@ class SweepSpec:
 
     ``direction`` is FORWARD, REVERSE or ALL; ``x``, ``y``, ``z`` the scales of the operands
     and ``out`` the output's (RAW, NORM or VALUE, at real tokens: padded ones are zero);
-    ``out_acc`` whether the output is an accumulation-dtype scratch array, which marks padded
-    rows with -0.0 for :func:`normalise_backward` (else it has the input dtype and +0 there);
+    ``out_acc`` whether the output is an accumulation-dtype scratch array (else it has the
+    input dtype);
     ``dm`` whether the block also reduces its share of the stabiliser gradient (when the call
     has ``m``); ``dtype`` the
     input dtype; ``C`` the chunk length, ``NT`` the threads of a block (a power of two, at
@@ -282,7 +273,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
     C, NT, TD, TZ = spec.C, spec.NT, spec.TD, spec.TZ
     NA, NO = _ceil_div(C * C, NT), _ceil_div(C * TZ, NT)
     C_TD, C_TZ, C_C = C * TD, C * TZ, C * C  # array sizes must be constants, not expressions
-    XK, YK, ZK, OK = spec.x, spec.y, spec.z, spec.out
+    X_SCALE, Y_SCALE, Z_SCALE, OUT_SCALE = spec.x, spec.y, spec.z, spec.out
     FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
     OUT_ACC, DM = spec.out_acc, spec.dm
     load, store = _converters(acc, spec.dtype == BFLOAT16)
@@ -365,10 +356,10 @@ def _sweep_function(spec: SweepSpec) -> Any:
                     if real[tid]:
                         count = acc(max(np.int64(1), cnt[tid]))
                         w = math.pow(count, -sig) if has_m else acc(1)
-                        sx[tid] = scale(XK, x, b, h, s, w, eps)
-                        sy[tid] = scale(YK, y, b, h, s, w, eps)
-                        sz[tid] = scale(ZK, z, b, h, s, w, eps)
-                        so[tid] = scale(OK, z, b, h, s, w, eps)
+                        sx[tid] = scale(X_SCALE, x, b, h, s, w, eps)
+                        sy[tid] = scale(Y_SCALE, y, b, h, s, w, eps)
+                        sz[tid] = scale(Z_SCALE, z, b, h, s, w, eps)
+                        so[tid] = scale(OUT_SCALE, z, b, h, s, w, eps)
                         lc[tid] = -math.log(count)
                 cuda.syncthreads()
                 if update:
@@ -443,12 +434,11 @@ def _sweep_function(spec: SweepSpec) -> Any:
                             s = base + i
                             if s < S and t < tz:
                                 if real[i]:
-                                    # + 0 turns -0.0 into +0.0: -0.0 marks padded rows
-                                    value = value * so[i] + acc(0)
+                                    value = value * so[i]
                                     if DM and has_m:
                                         dm_acc += value * load(v, (b, h, s, z0 + t)) * lc[i]
                                 else:
-                                    value = acc(-0.0) if OUT_ACC else acc(0)
+                                    value = acc(0)
                                 if OUT_ACC:
                                     out[b, h, s, z0 + t] = value
                                 else:
@@ -470,11 +460,12 @@ def _sweep_function(spec: SweepSpec) -> Any:
 @functools.cache
 def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     """``out_i = (g_i - x̂_i (x̂_i · g_i)) / |x_i|`` where ``|x_i| > eps``, else ``g_i / eps``;
-    +0 where the sweep marked row i of ``g`` as padded (-0.0), and then ``x_i`` is not read.
+    +0 where token i is padding (``has_mask`` and not ``mask[b, i]``), and then ``x_i`` is not
+    read.
 
     ``g`` (B, H, S, D) in acc, as the sweep wrote it; ``x`` and ``out`` (B, H, S, D) in the
-    input dtype ``dtype``, ``eps`` in acc. Grid ``(ceil(S / ROWS), H, B)``, ``threads``
-    threads: ``lanes`` of them share a row.
+    input dtype ``dtype``, ``mask`` (B, S) bool, ``eps`` in acc. Grid ``(ceil(S / ROWS), H,
+    B)``, ``threads`` threads: ``lanes`` of them share a row.
     """
     dt = accumulation(dtype)
     acc = dt.type
@@ -482,7 +473,8 @@ def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     lane_sums = _lane_sums_fn(lanes)
     rows = threads // lanes
 
-    def normalise_backward(g: Any, x: Any, out: Any, eps: Any) -> None:
+    def normalise_backward(g: Any, x: Any, out: Any, mask: Any, has_mask: Any,
+                           eps: Any) -> None:
         tid = cuda.threadIdx.x
         lane = tid % lanes
         first = tid - lane
@@ -492,7 +484,7 @@ def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
         s0 = cuda.blockIdx.x * ROWS
         for r0 in range(0, min(ROWS, S - s0), rows):  # the same count for the whole block
             s = s0 + r0 + tid // lanes
-            real = s < S and not (D > 0 and _marks_padding(g[b, h, s, 0]))
+            real = s < S and (not has_mask or mask[b, s])
             part = acc(0)
             if real:
                 for d in range(lane, D, lanes):
@@ -521,7 +513,8 @@ def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
             cuda.syncthreads()
 
     io = bits(dtype)
-    return Kernel(normalise_backward, (_array(dt, 4), _array(io, 4), _array(io, 4), _scalar(dt)))
+    return Kernel(normalise_backward, (_array(dt, 4), _array(io, 4), _array(io, 4),
+                                       _array(_BOOL, 2), _FLAG, _scalar(dt)))
 
 
 @functools.cache
