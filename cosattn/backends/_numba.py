@@ -30,7 +30,7 @@ import numpy as np
 
 from .._call import BackwardCall, Call, ForwardCall, StepCall
 from .._device import namespace
-from .._dtypes import BFLOAT16
+from .._dtypes import BFLOAT16, accumulation
 from . import ceil_div
 
 try:
@@ -87,7 +87,7 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
     dtype = np.dtype(dtype)
     cfg = config or CONFIG
-    TD, TZ = K.tiles(K.accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
+    TD, TZ = K.tiles(accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
     return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
                        cfg.threads, TD, TZ)
 

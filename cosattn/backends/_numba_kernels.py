@@ -46,7 +46,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._dtypes import BFLOAT16
+from .._dtypes import BFLOAT16, accumulation
+from . import ceil_div
 
 # Operand and output scales: what a real token's row is multiplied by (1, 1 / |row|, w).
 RAW, NORM, VALUE = range(3)
@@ -63,18 +64,15 @@ _U32, _F32, _I64 = np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.int64)
 _BOOL = np.dtype(np.bool_)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def accumulation(dtype: np.dtype) -> np.dtype:
-    """float64 for float64 inputs, else float32."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 def bits(dtype: np.dtype) -> np.dtype:
     """The dtype kernels see for an input dtype: bfloat16 arrays arrive as their uint16 bits."""
     return np.dtype(np.uint16) if dtype == BFLOAT16 else dtype
+
+
+@cuda.jit(device=True)
+def _sigmoid(x: Any, one: Any) -> Any:
+    """``1 / (1 + e^-x)`` in the type of ``one`` (the accumulation dtype's 1)."""
+    return one / (one + math.exp(-x))
 
 
 def _array(dtype: Any, ndim: int) -> Any:
@@ -271,7 +269,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
     dt = spec.acc
     acc = dt.type
     C, NT, TD, TZ = spec.C, spec.NT, spec.TD, spec.TZ
-    NA, NO = _ceil_div(C * C, NT), _ceil_div(C * TZ, NT)
+    NA, NO = ceil_div(C * C, NT), ceil_div(C * TZ, NT)
     C_TD, C_TZ, C_C = C * TD, C * TZ, C * C  # array sizes must be constants, not expressions
     X_SCALE, Y_SCALE, Z_SCALE, OUT_SCALE = spec.x, spec.y, spec.z, spec.out
     FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
@@ -328,7 +326,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
             red[0, tid] = part
             total = block_sum(red, tid)
         n0 = count0[b] if has_count0 else np.int64(0)
-        sig = acc(1) / (acc(1) + math.exp(-m[h])) if has_m else acc(0)
+        sig = _sigmoid(m[h], acc(1)) if has_m else acc(0)
         nchunks = (S + C - 1) // C
         dm_acc = acc(0)
         for npass in range(2 if BOTH else 1):
@@ -569,7 +567,7 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
                 vectors[Dk + d] = vectors[Dk + d] / k_den
         w = acc(1)
         if has_m:
-            sig = acc(1) / (acc(1) + math.exp(-m[h]))
+            sig = _sigmoid(m[h], acc(1))
             w = math.pow(acc(max(np.int64(1), count[b] + 1)), -sig)
         cuda.syncthreads()
         for r0 in range(0, min(STEP_ROWS, Dv - row0), rows):  # the same for the whole block
@@ -648,7 +646,7 @@ def dm_finish(dt: np.dtype) -> Kernel:
             for b in range(parts.shape[0]):
                 for t in range(parts.shape[2]):
                     total += parts[b, h, t]
-            sig = acc(1) / (acc(1) + math.exp(-m[h]))
+            sig = _sigmoid(m[h], acc(1))
             dm[h] = total * (sig * (acc(1) - sig))
 
     return Kernel(dm_finish, (_array(dt, 3), _array(dt, 1), _array(dt, 1)))
