@@ -265,7 +265,7 @@ def measure(workers: int = 2) -> dict[str, Any]:
                               "sass": sass_counts(code[lowered])})
     bf16 = np.dtype(ml_dtypes.bfloat16)
     targets = {name: [{"kernel": launch.expression, "blocks": launch.grid}
-                      for launch in (_cupy.forward_launches(bf16, B, H, S, D, D)
+                      for launch in (_cupy.forward_plan(bf16, B, H, S, D, D).launches
                                      + _cupy.backward_launches(bf16, B, H, S, D, D, True))]
                for name, (B, H, S, D) in TARGETS.items()}
     return derive({"instances": instances, "targets": targets})

@@ -25,7 +25,7 @@ namespace cosattn {
 // Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
 // incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dk = int(p.Dk);
@@ -60,33 +60,28 @@ __global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T
   auto delta_q = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
       A sum = 0;
-      if (sm.real[r] != A(0)) {
+      if (sm.real()[r] != A(0)) {
         for (int c = lane; c < cols; c += kWarp) {
-          sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out[r * Smem::kLdO + c];
+          sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out()[r * Smem::kLdO + c];
         }
       }
       sum = warp_sum(sum);
       if (lane == 0) dq_part[part_offset + t0 + r] = sum;
     }
   };
-  if (dq_part != nullptr) {
-    block.run(forward, Operand<T>{seq.q, dk, Scale::kQuery}, Operand<T>{seq.k, dk, Scale::kKey},
-              Operand<T>{vrows, dvn, Scale::kValue},
-              kv0 == nullptr ? nullptr : kv0 + state_offset, false, nullptr, true, true, delta_q);
-  }
 
   // Sweep 2: dṽ; dv = w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm (+0, 0 and nothing on
   // padded rows).
   A dm = 0;  // this warp's rows; summed over the warps in order at the end
   auto values = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
-      const bool real = sm.real[r] != A(0);
-      const A w = sm.w[r];
+      const bool real = sm.real()[r] != A(0);
+      const A w = sm.w()[r];
       A sum = 0;
       for (int c = lane; c < cols; c += kWarp) {
         A dvx = 0;
         if (real) {
-          const A g = sm.out[r * Smem::kLdO + c];
+          const A g = sm.out()[r * Smem::kLdO + c];
           sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
           dvx = w * g;
         }
@@ -94,15 +89,33 @@ __global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T
       }
       sum = warp_sum(sum);
       if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
-      if (real) dm -= sum * sm.lnc[r];
+      if (real) dm -= sum * sm.lnc()[r];
     }
   };
-  block.run(reverse, Operand<T>{seq.k, dk, Scale::kKey}, Operand<T>{seq.q, dk, Scale::kQuery},
-            Operand<T>{drows, dvn, Scale::kNone}, dkv == nullptr ? nullptr : dkv + state_offset,
-            false, dkv0 == nullptr ? nullptr : dkv0 + state_offset, true, true, values);
+
+  // One sweep body, run for sweep 1 (when dq_part is wanted) and sweep 2: the roles are chosen
+  // at run time, so the sweep is compiled once.
+#pragma unroll 1
+  for (int sweep = dq_part != nullptr ? 1 : 2; sweep <= 2; ++sweep) {
+    const bool first = sweep == 1;
+    block.run(first ? forward : reverse, Operand<T>{first ? seq.q : seq.k, dk,
+                                                    first ? Scale::kQuery : Scale::kKey},
+              Operand<T>{first ? seq.k : seq.q, dk, first ? Scale::kKey : Scale::kQuery},
+              Operand<T>{first ? vrows : drows, dvn, first ? Scale::kValue : Scale::kNone},
+              first ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
+                    : (dkv == nullptr ? nullptr : dkv + state_offset),
+              false, first || dkv0 == nullptr ? nullptr : dkv0 + state_offset, true, true,
+              [&](index_t t0, int rows) {
+                if (first) {
+                  delta_q(t0, rows);
+                } else {
+                  values(t0, rows);
+                }
+              });
+  }
 
   if (dm_part != nullptr) {
-    A* scratch = block.sm.red;
+    A* scratch = block.sm.red();
     if (lane == 0) scratch[warp_id()] = dm;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -116,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T
 // dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
 // a block owns a slice of Dk; nsv is the number of slices of Dv values_kernel used.
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads) queries_keys_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dkn = int(p.Dk);
@@ -148,45 +161,51 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(const BackwardPa
   // dx = (dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps) on real rows, with x̂ · dx̂ summed over
   // this tile (part null: the block holds all of Dk) or over values_kernel's partials; +0 on
   // padded rows, whose x is not read.
-  auto normalise = [&](const Rows<const T>& x, const Rows<T>& dx, const A* part, const A* den,
-                       const A* big, index_t t0, int rows) {
+  auto normalise = [&](const Rows<const T> x, const Rows<T> dx, const A* part, const A* den,
+                       const A* inv, const A* big, index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
-      if (sm.real[r] == A(0)) {
+      if (sm.real()[r] == A(0)) {
         for (int c = lane; c < cols; c += kWarp) dx(t0 + r, c0 + c) = Num<T>::store(A(0));
         continue;
       }
-      const A d = den[r];
+      const A d = den[r], rd = inv[r];  // max(|x|, eps) and its reciprocal
       A inner = 0;
       if (part == nullptr) {
         for (int c = lane; c < cols; c += kWarp) {
-          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * sm.out[r * Smem::kLdO + c];
+          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * sm.out()[r * Smem::kLdO + c];
         }
         inner = warp_sum(inner);
       } else {
-        for (index_t s = 0; s < nsv; ++s) inner += part[s * part_stride + part_offset + t0 + r];
+        const A* row_part = part + part_offset + t0 + r;
+        for (index_t s = 0; s < nsv; ++s) inner += __ldg(row_part + s * part_stride);
       }
       inner *= big[r];
       for (int c = lane; c < cols; c += kWarp) {
         const A xh = Num<T>::load(x(t0 + r, c0 + c)) / d;
-        dx(t0 + r, c0 + c) = Num<T>::store((sm.out[r * Smem::kLdO + c] - xh * inner) / d);
+        dx(t0 + r, c0 + c) = Num<T>::store((sm.out()[r * Smem::kLdO + c] - xh * inner) * rd);
       }
     }
   };
   const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
   const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
 
-  // Sweep 3: dq̂.
-  block.run(forward, Operand<T>{drows, dvn, Scale::kNone}, Operand<T>{vrows, dvn, Scale::kValue},
-            Operand<T>{seq.k, dkn, Scale::kKey}, kv0 == nullptr ? nullptr : kv0 + state_offset,
-            true, nullptr, true, true, [&](index_t t0, int rows) {
-              normalise(seq.q, dqrows, dq_part, sm.qden, sm.qbig, t0, rows);
-            });
-  // Sweep 4: dk̂.
-  block.run(reverse, Operand<T>{vrows, dvn, Scale::kValue}, Operand<T>{drows, dvn, Scale::kNone},
-            Operand<T>{seq.q, dkn, Scale::kQuery}, dkv == nullptr ? nullptr : dkv + state_offset,
-            true, nullptr, true, true, [&](index_t t0, int rows) {
-              normalise(seq.k, dkrows, dk_part, sm.kden, sm.kbig, t0, rows);
-            });
+  // Sweep 3 (dq̂) and sweep 4 (dk̂): one sweep body with the roles chosen at run time.
+#pragma unroll 1
+  for (int sweep = 3; sweep <= 4; ++sweep) {
+    const bool third = sweep == 3;
+    block.run(third ? forward : reverse,
+              Operand<T>{third ? drows : vrows, dvn, third ? Scale::kNone : Scale::kValue},
+              Operand<T>{third ? vrows : drows, dvn, third ? Scale::kValue : Scale::kNone},
+              Operand<T>{third ? seq.k : seq.q, dkn, third ? Scale::kKey : Scale::kQuery},
+              third ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
+                    : (dkv == nullptr ? nullptr : dkv + state_offset),
+              true, nullptr, true, true, [&](index_t t0, int rows) {
+                normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
+                          third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
+                          third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,
+                          rows);
+              });
+  }
 }
 
 // dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_b Σ_slice dm_part[b, h, slice], in that order.

@@ -34,8 +34,9 @@
 // float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed
 // order, so a result is the same bits from run to run.
 //
-// The helpers of Block and gemm are __noinline__: each is compiled once per Block type instead of
-// once per call site, which keeps NVRTC's time per template instance near one second.
+// Every helper is inlined into its kernel (docs/design.md, "Reading the compiled code"): a
+// function that is called takes the block's structs through the stack (local memory), and
+// pointers it receives lose their address space (generic loads instead of LDS/LDG).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -55,6 +56,9 @@ constexpr int kWarp = 32;
 constexpr int kThreads = COSATTN_THREADS;
 constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kAllLanes = 0xffffffffu;
+// Resident blocks per SM the sweep and step kernels are compiled for (__launch_bounds__): it caps
+// their registers at 65536 / (kMinBlocks kThreads), and keeps ptxas from spilling below that.
+constexpr int kMinBlocks = 2;
 static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32 of them");
 
 // ---------------------------------------------------------------------------- parameters
@@ -66,8 +70,11 @@ static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32
 // tests/test_cuda_emulated.py compares offsetof and sizeof with the dtype. Strides are in
 // elements, in the order of the canonical axes (B, H, S, D) or (B, H, D) of a step.
 
-// forward_kernel: q, k (B, H, S, Dk), v, o (B, H, S, Dv) strided; m (H,), mask (B, S), kv0 and
-// kv_out (contiguous (B, H, Dv, Dk), accumulation type), count0 (B,): null when absent.
+// forward_kernel and the sequence split (forward.cu): q, k (B, H, S, Dk), v, o (B, H, S, Dv)
+// strided; m (H,), mask (B, S), kv0 and kv_out (contiguous (B, H, Dv, Dk), accumulation type),
+// count0 (B,): null when absent. The sequence is cut into `segments` segments of
+// `segment_chunks` chunks; with more than one, segment_states (B, H, segments, Dv, Dk) holds
+// their states, which forward_kernel forms when states_only is 1.
 template <typename T>
 struct ForwardParams {
   const T* q;
@@ -79,7 +86,9 @@ struct ForwardParams {
   const void* kv0;
   const index_t* count0;
   void* kv_out;
+  void* segment_states;
   index_t B, H, S, Dk, Dv;
+  index_t segments, segment_chunks, states_only;
   index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
   index_t mask_stride[2];
   double eps;
@@ -220,7 +229,7 @@ __device__ __forceinline__ X warp_max(X x) {
 
 // Sum over the block (every thread must call it); `scratch` holds kWarps values.
 template <typename X>
-__device__ X block_sum(X x, X* scratch) {
+__device__ __forceinline__ X block_sum(X x, X* scratch) {
   x = warp_sum(x);
   if (lane_id() == 0) scratch[warp_id()] = x;
   __syncthreads();
@@ -231,7 +240,7 @@ __device__ X block_sum(X x, X* scratch) {
 }
 
 template <typename X>
-__device__ X block_max(X x, X* scratch) {
+__device__ __forceinline__ X block_max(X x, X* scratch) {
   x = warp_max(x);
   if (lane_id() == 0) scratch[warp_id()] = x;
   __syncthreads();
@@ -249,12 +258,25 @@ template <typename T>
 struct Rows {
   T* ptr;
   index_t ss, sd;
-  __device__ T& operator()(index_t s, index_t d) const { return ptr[s * ss + d * sd]; }
+  __device__ __forceinline__ T* at(index_t s, index_t d) const { return ptr + s * ss + d * sd; }
+  __device__ __forceinline__ T& operator()(index_t s, index_t d) const { return *at(s, d); }
+};
+
+// The rows of an input: read through the read-only data cache (__ldg), which also tells the
+// compiler the data is global, wherever the pointer came from.
+template <typename T>
+struct Rows<const T> {
+  const T* ptr;
+  index_t ss, sd;
+  __device__ __forceinline__ const T* at(index_t s, index_t d) const {
+    return ptr + s * ss + d * sd;
+  }
+  __device__ __forceinline__ T operator()(index_t s, index_t d) const { return __ldg(at(s, d)); }
 };
 
 // The rows of (b, h) of a strided (B, H, S, D) array with element strides stride[0..3].
 template <typename T>
-__device__ Rows<T> rows_of(T* base, const index_t* stride, index_t b, index_t h) {
+__device__ __forceinline__ Rows<T> rows_of(T* base, const index_t* stride, index_t b, index_t h) {
   return Rows<T>{base + b * stride[0] + h * stride[1], stride[2], stride[3]};
 }
 
@@ -343,53 +365,56 @@ struct Shared {
   static constexpr size_t kVLo = kKLo + (kMma ? kTileX : 0);
   static constexpr size_t kPLo = kVLo + (kMma ? kTileV : 0);
   static constexpr size_t kRows = kPLo + kTileP;
-  static constexpr size_t kRed = kRows + piece(size_t(7) * C * sizeof(A));
+  static constexpr size_t kRed = kRows + piece(size_t(9) * C * sizeof(A));
   static constexpr size_t kScalars = kRed + piece(32 * sizeof(A));
   static constexpr size_t kInts = kScalars + piece(8 * sizeof(A));
   static constexpr size_t kBytes = kInts + piece(40 * sizeof(index_t));
 
-  T *q, *k, *v, *p, *state_hi, *state_lo;
-  T *q_lo, *k_lo, *v_lo, *p_lo;
-  A *scores, *out, *state;
-  A *real, *w, *lnc, *qden, *kden, *qbig, *kbig;  // per row of the chunk
-  A* red;         // block reductions
-  A* scalars;     // [0]: 1 / scale of the split state
-  index_t* ints;  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
-
+  // The pieces: addresses known at compile time, relative to the block's shared memory (no
+  // pointer is kept in a register); the 16-bit pieces are null for float and double. The row arrays hold, per row of the chunk: real_r, w_r,
+  // ln max(1, c_r), 1 / max(|q_r|, eps), 1 / max(|k_r|, eps), [|q_r| > eps], [|k_r| > eps],
+  // max(|q_r|, eps), max(|k_r|, eps).
   template <typename X>
-  static __device__ X* at(unsigned char* base, size_t offset) {
-    return reinterpret_cast<X*>(base + offset);
-  }
+  static __device__ __forceinline__ X* at(size_t offset);
 
-  explicit __device__ Shared(unsigned char* base)
-      : q(at<T>(base, kQ)),
-        k(at<T>(base, kK)),
-        v(at<T>(base, kV)),
-        p(kMma ? at<T>(base, kP) : nullptr),
-        state_hi(kMma ? at<T>(base, kStateHi) : nullptr),
-        state_lo(kMma ? at<T>(base, kStateLo) : nullptr),
-        q_lo(kMma ? at<T>(base, kQLo) : nullptr),
-        k_lo(kMma ? at<T>(base, kKLo) : nullptr),
-        v_lo(kMma ? at<T>(base, kVLo) : nullptr),
-        p_lo(kMma ? at<T>(base, kPLo) : nullptr),
-        scores(at<A>(base, kScores)),
-        out(at<A>(base, kOut)),
-        state(at<A>(base, kState)),
-        real(at<A>(base, kRows)),
-        w(real + C),
-        lnc(real + 2 * C),
-        qden(real + 3 * C),
-        kden(real + 4 * C),
-        qbig(real + 5 * C),
-        kbig(real + 6 * C),
-        red(at<A>(base, kRed)),
-        scalars(at<A>(base, kScalars)),
-        ints(at<index_t>(base, kInts)) {}
+  static __device__ __forceinline__ T* q() { return at<T>(kQ); }
+  static __device__ __forceinline__ T* k() { return at<T>(kK); }
+  static __device__ __forceinline__ T* v() { return at<T>(kV); }
+  static __device__ __forceinline__ T* p() { return kMma ? at<T>(kP) : nullptr; }
+  static __device__ __forceinline__ T* state_hi() { return kMma ? at<T>(kStateHi) : nullptr; }
+  static __device__ __forceinline__ T* state_lo() { return kMma ? at<T>(kStateLo) : nullptr; }
+  static __device__ __forceinline__ T* q_lo() { return kMma ? at<T>(kQLo) : nullptr; }
+  static __device__ __forceinline__ T* k_lo() { return kMma ? at<T>(kKLo) : nullptr; }
+  static __device__ __forceinline__ T* v_lo() { return kMma ? at<T>(kVLo) : nullptr; }
+  static __device__ __forceinline__ T* p_lo() { return kMma ? at<T>(kPLo) : nullptr; }
+  static __device__ __forceinline__ A* scores() { return at<A>(kScores); }
+  static __device__ __forceinline__ A* out() { return at<A>(kOut); }
+  static __device__ __forceinline__ A* state() { return at<A>(kState); }
+  static __device__ __forceinline__ A* real() { return at<A>(kRows); }
+  static __device__ __forceinline__ A* w() { return at<A>(kRows) + C; }
+  static __device__ __forceinline__ A* lnc() { return at<A>(kRows) + 2 * C; }
+  static __device__ __forceinline__ A* qinv() { return at<A>(kRows) + 3 * C; }
+  static __device__ __forceinline__ A* kinv() { return at<A>(kRows) + 4 * C; }
+  static __device__ __forceinline__ A* qbig() { return at<A>(kRows) + 5 * C; }
+  static __device__ __forceinline__ A* kbig() { return at<A>(kRows) + 6 * C; }
+  static __device__ __forceinline__ A* qden() { return at<A>(kRows) + 7 * C; }
+  static __device__ __forceinline__ A* kden() { return at<A>(kRows) + 8 * C; }
+  static __device__ __forceinline__ A* red() { return at<A>(kRed); }  // block reductions
+  // [0]: 1 / scale of the split state
+  static __device__ __forceinline__ A* scalars() { return at<A>(kScalars); }
+  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
+  static __device__ __forceinline__ index_t* ints() { return at<index_t>(kInts); }
 };
 
 __device__ __forceinline__ unsigned char* dynamic_shared() {
   extern __shared__ __align__(128) unsigned char cosattn_shared[];
   return cosattn_shared;
+}
+
+template <typename T, int W, int C, int SL>
+template <typename X>
+__device__ __forceinline__ X* Shared<T, W, C, SL>::at(size_t offset) {
+  return reinterpret_cast<X*>(dynamic_shared() + offset);
 }
 
 // ------------------------------------------------------------------------------- products
@@ -415,7 +440,7 @@ struct Same {  // keeps a parameter out of template argument deduction (nullptr 
 };
 
 template <bool AT, bool BT, typename X, typename A>
-__device__ __noinline__ void gemm(A* c, int ldc, const X* a, const typename Same<X>::type* a_lo,
+__device__ __forceinline__ void gemm(A* c, int ldc, const X* a, const typename Same<X>::type* a_lo,
                                   int lda, const X* b, const typename Same<X>::type* b_lo,
                                   int ldb, int M, int N, int K, A alpha, bool accumulate) {
   if constexpr (Num<X>::mma) {
@@ -428,6 +453,7 @@ __device__ __noinline__ void gemm(A* c, int ldc, const X* a, const typename Same
       const int i0 = t / tiles_n * 16, j0 = t % tiles_n * 16;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> prod, result;
       wmma::fill_fragment(prod, 0.0f);
+#pragma unroll 2
       for (int k0 = 0; k0 < K; k0 += 16) {
         const int at = AT ? k0 * lda + i0 : i0 * lda + k0;
         const int bt = BT ? j0 * ldb + k0 : k0 * ldb + j0;
@@ -460,6 +486,7 @@ __device__ __noinline__ void gemm(A* c, int ldc, const X* a, const typename Same
     for (int idx = int(threadIdx.x); idx < M * N; idx += kThreads) {
       const int i = idx / N, j = idx % N;
       A sum = 0;
+#pragma unroll 8
       for (int kk = 0; kk < K; ++kk) {
         sum += A(a[AT ? kk * lda + i : i * lda + kk]) * A(b[BT ? j * ldb + kk : kk * ldb + j]);
       }
@@ -491,28 +518,31 @@ struct Block {
   bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are loaded
 
   __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout)
-      : sm(dynamic_shared()),
-        seq(sequence),
+      : seq(sequence),
         Dq(dq),
         c0(col0),
         Dout(dout),
         cols(dout - col0 < SL ? dout - col0 : SL) {}
 
-  // Count the real tokens of the row (the bidirectional c_j, and where a reverse sweep starts).
-  __device__ void begin() {
-    index_t n = seq.S;
-    if (seq.mask != nullptr) {
-      n = 0;
-      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) n += seq.real(t) ? 1 : 0;
-      n = block_sum(n, sm.ints + 8);
-    }
-    if (threadIdx.x == 0) sm.ints[1] = n;
+  // Count the real tokens of the row (the bidirectional c_j, and where a reverse sweep starts)
+  // into sm.ints()[1].
+  __device__ __forceinline__ void begin() {
+    const index_t n = real_before(seq.S);
+    if (threadIdx.x == 0) sm.ints()[1] = n;
     __syncthreads();
   }
 
+  // The real tokens of the row before position t (every thread gets the number).
+  __device__ __forceinline__ index_t real_before(index_t t) {
+    if (seq.mask == nullptr) return t;
+    index_t n = 0;
+    for (index_t i = threadIdx.x; i < t; i += kThreads) n += seq.real(i) ? 1 : 0;
+    return block_sum(n, sm.ints() + 8);
+  }
+
   // Warp 0: real_j, c_j, w_j and ln max(1, c_j) for the rows of the chunk at t0, carrying the
-  // running count in sm.ints[0] (the count before the chunk going forward, after it in reverse).
-  __device__ __noinline__ void counts(Mode mode, index_t t0, int rows) {
+  // running count in sm.ints()[0] (the count before the chunk going forward, after it in reverse).
+  __device__ __forceinline__ void counts(Mode mode, index_t t0, int rows) {
     constexpr int R = (C + kWarp - 1) / kWarp;
     const int lane = lane_id();
     int flag[R];
@@ -530,31 +560,33 @@ struct Block {
       if (lane >= offset) inclusive += y;
     }
     const int total = __shfl_sync(kAllLanes, inclusive, kWarp - 1);
-    const index_t running = sm.ints[0];
+    const index_t running = sm.ints()[0];
     const index_t before = mode == Mode::kReverse ? running - total : running;
     int upto = inclusive - sum;
     for (int i = 0; i < R; ++i) {
       const int r = lane * R + i;
       if (r < C) {
         upto += flag[i];
-        const index_t c = mode == Mode::kGlobal ? sm.ints[1] : before + upto;
+        const index_t c = mode == Mode::kGlobal ? sm.ints()[1] : before + upto;
         const A lnc = log_count<A>(c);
-        sm.real[r] = A(flag[i]);
-        sm.lnc[r] = lnc;
-        sm.w[r] = flag[i] == 0 ? A(0) : (seq.has_m ? exp_(-seq.sig * lnc) : A(1));
+        sm.real()[r] = A(flag[i]);
+        sm.lnc()[r] = lnc;
+        sm.w()[r] = flag[i] == 0 ? A(0) : (seq.has_m ? exp_(-seq.sig * lnc) : A(1));
       }
     }
     __syncwarp();
     if (lane == 0 && mode != Mode::kGlobal) {
-      sm.ints[0] = mode == Mode::kForward ? running + total : before;
+      sm.ints()[0] = mode == Mode::kForward ? running + total : before;
     }
   }
 
-  // max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row. Rows are
-  // divided by the first, as docs/spec.md writes it (so a row of one entry becomes exactly ±1).
-  // Padded rows are not read (their norm could be NaN or Inf): they get eps and 0, never used.
-  __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
-                                     A* big) {
+  // max(|x_r|, eps), its reciprocal and [|x_r| > eps] for the rows of the chunk, one warp per
+  // row. Tiles are multiplied by the reciprocal; the normalisation backward divides by the
+  // first, as docs/spec.md writes it (so that a row of one entry is exactly ±1 there and its
+  // gradient exactly 0). Padded rows are not read (their norm could be NaN or Inf): they get
+  // eps, 1 / eps and 0, never used.
+  __device__ __forceinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
+                                        A* inv, A* big) {
     for (int r = warp_id(); r < C; r += kWarps) {
       A sum = 0;
       if (r < rows && seq.real(t0 + r)) {
@@ -567,162 +599,200 @@ struct Block {
       if (lane_id() == 0) {
         const A n = sqrt_(sum);
         den[r] = max_(n, seq.eps);
+        inv[r] = A(1) / den[r];
         big[r] = n > seq.eps ? A(1) : A(0);
       }
     }
   }
 
-  __device__ __noinline__ void prologue(Mode mode, index_t t0, int rows, bool need_q,
-                                        bool need_k) {
+  __device__ __forceinline__ void prologue(Mode mode, index_t t0, int rows, bool need_q,
+                                           bool need_k) {
     if (warp_id() == 0) counts(mode, t0, rows);
-    if (need_q) norms(seq.q, t0, rows, sm.qden, sm.qbig);
-    if (need_k) norms(seq.k, t0, rows, sm.kden, sm.kbig);
+    if (need_q) norms(seq.q, t0, rows, sm.qden(), sm.qinv(), sm.qbig());
+    if (need_k) norms(seq.k, t0, rows, sm.kden(), sm.kinv(), sm.kbig());
     __syncthreads();
   }
 
-  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, scaled per row, into a
-  // C x width tile; zero outside them and on padded rows, which are not read. With a low tile,
-  // the rounding error of the scaled values goes there. Returns whether it did (operands taken
-  // as they are have none).
-  __device__ __noinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
-                                    int rows, int col0, int ncols, int width) {
-    const bool normed = op.scale == Scale::kQuery || op.scale == Scale::kKey;
-    const A* den = op.scale == Scale::kQuery ? sm.qden : sm.kden;
-    const bool split = low != nullptr && op.scale != Scale::kNone;
-    for (int idx = int(threadIdx.x); idx < C * width; idx += kThreads) {
-      const int r = idx / width, c = idx % width;
-      A x = 0;
-      if (r < rows && c < ncols && sm.real[r] != A(0)) {
-        x = Num<T>::load(op.x(t0 + r, col0 + c));
-        if (normed) x /= den[r];
-        if (op.scale == Scale::kValue) x *= sm.w[r];
+  // Elements of T in one 16-byte access.
+  static constexpr int kVec = 16 / int(sizeof(T));
+
+  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, times a factor per row
+  // (none when factor is null), into a C x Width tile; zero outside them and on padded rows,
+  // which are not read. With a low tile, the rounding error of the scaled values goes there.
+  // N elements are read per access: 16 bytes (kVec) when the rows are contiguous and aligned.
+  template <int N, int Width>
+  __device__ __forceinline__ void tile(const Rows<const T>& x, const A* factor, T* dst, T* low,
+                                       int ld, index_t t0, int rows, int col0, int ncols) {
+    static_assert(Width % N == 0, "whole accesses per row");
+    constexpr int kPer = Width / N;
+    for (int idx = int(threadIdx.x); idx < C * kPer; idx += kThreads) {
+      const int r = idx / kPer, c = idx % kPer * N;
+      const bool read = r < rows && c < ncols && sm.real()[r] != A(0);
+      T e[N];
+      if (read) {
+        if constexpr (N > 1) {
+          const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x.at(t0 + r, col0 + c)));
+          memcpy(e, &bits, sizeof(bits));
+        } else {
+          e[0] = x(t0 + r, col0 + c);
+        }
       }
-      const T hi = Num<T>::store(x);
-      dst[r * ld + c] = hi;
-      if (split) low[r * ld + c] = Num<T>::store(x - Num<T>::load(hi));
+      const A f = read && factor != nullptr ? factor[r] : A(1);
+      for (int i = 0; i < N; ++i) {
+        const A value = read ? Num<T>::load(e[i]) * f : A(0);
+        const T hi = Num<T>::store(value);
+        dst[r * ld + c + i] = hi;
+        if (low != nullptr) low[r * ld + c + i] = Num<T>::store(value - Num<T>::load(hi));
+      }
     }
-    return split;
   }
 
-  __device__ void load_q(const Operand<T>& op, index_t t0, int rows) {
-    q_low = load(op, sm.q, sm.q_lo, Smem::kLdX, t0, rows, 0, Dq, W);
+  // An operand's tile (see tile), 16 bytes per access where strides and alignment allow. Returns
+  // whether it wrote a low part (operands taken as they are have none).
+  template <int Width>
+  __device__ __forceinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
+                                       int rows, int col0, int ncols) {
+    const A* factor = op.scale == Scale::kQuery ? sm.qinv()
+                      : op.scale == Scale::kKey ? sm.kinv()
+                      : op.scale == Scale::kValue ? sm.w() : nullptr;
+    T* split = op.scale == Scale::kNone ? nullptr : low;
+    const bool packed = op.x.sd == 1 && op.x.ss % kVec == 0 && col0 % kVec == 0 &&
+                        ncols % kVec == 0 &&
+                        reinterpret_cast<unsigned long long>(op.x.ptr) % 16 == 0;
+    if (packed) {
+      tile<kVec, Width>(op.x, factor, dst, split, ld, t0, rows, col0, ncols);
+    } else {
+      tile<1, Width>(op.x, factor, dst, split, ld, t0, rows, col0, ncols);
+    }
+    return split != nullptr;
   }
-  __device__ void load_k(const Operand<T>& op, index_t t0, int rows) {
-    k_low = load(op, sm.k, sm.k_lo, Smem::kLdX, t0, rows, 0, Dq, W);
+
+  __device__ __forceinline__ void load_q(const Operand<T>& op, index_t t0, int rows) {
+    q_low = load<W>(op, sm.q(), sm.q_lo(), Smem::kLdX, t0, rows, 0, Dq);
   }
-  __device__ void load_v(const Operand<T>& op, index_t t0, int rows) {
-    v_low = load(op, sm.v, sm.v_lo, Smem::kLdV, t0, rows, c0, cols, SL);
+  __device__ __forceinline__ void load_k(const Operand<T>& op, index_t t0, int rows) {
+    k_low = load<W>(op, sm.k(), sm.k_lo(), Smem::kLdX, t0, rows, 0, Dq);
+  }
+  __device__ __forceinline__ void load_v(const Operand<T>& op, index_t t0, int rows) {
+    v_low = load<SL>(op, sm.v(), sm.v_lo(), Smem::kLdV, t0, rows, c0, cols);
   }
 
   // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
   // when there is none.
-  __device__ __noinline__ void load_state(const A* state0, bool transposed) {
+  __device__ __forceinline__ void load_state(const A* state0, bool transposed) {
     for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
       const int r = idx / W, c = idx % W;
       A x = 0;
       if (state0 != nullptr && r < cols && c < Dq) {
         x = transposed ? state0[index_t(c) * Dout + c0 + r] : state0[index_t(c0 + r) * Dq + c];
       }
-      sm.state[r * Smem::kLdSt + c] = x;
+      sm.state()[r * Smem::kLdSt + c] = x;
     }
     __syncthreads();
   }
 
-  __device__ __noinline__ void store_state(A* out) {
+  __device__ __forceinline__ void store_state(A* out) {
     for (int idx = int(threadIdx.x); idx < cols * Dq; idx += kThreads) {
       const int r = idx / Dq, c = idx % Dq;
-      out[index_t(c0 + r) * Dq + c] = sm.state[r * Smem::kLdSt + c];
+      out[index_t(c0 + r) * Dq + c] = sm.state()[r * Smem::kLdSt + c];
     }
   }
 
   // The 16-bit copies of the state the tensor cores read: state * 2^s = hi + lo, with 2^s
-  // putting the largest entry just below 2^14; sm.scalars[0] = 2^-s undoes it.
-  __device__ __noinline__ void split_state() {
+  // putting the largest entry just below 2^14; sm.scalars()[0] = 2^-s undoes it.
+  __device__ __forceinline__ void split_state() {
     if constexpr (kMma) {
       float big = 0.0f;
       for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
-        big = fmaxf(big, fabsf(sm.state[idx / W * Smem::kLdSt + idx % W]));
+        big = fmaxf(big, fabsf(sm.state()[idx / W * Smem::kLdSt + idx % W]));
       }
-      big = block_max(big, sm.red);
+      big = block_max(big, sm.red());
       int e = 0;
       if (big > 0.0f && isfinite(big)) frexpf(big, &e);
       e = e < -100 ? -100 : (e > 100 ? 100 : e);
       const float scale = ldexpf(1.0f, 14 - e);
-      if (threadIdx.x == 0) sm.scalars[0] = ldexpf(1.0f, e - 14);
+      if (threadIdx.x == 0) sm.scalars()[0] = ldexpf(1.0f, e - 14);
       for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
         const int r = idx / W, c = idx % W;
-        const float x = sm.state[r * Smem::kLdSt + c] * scale;
+        const float x = sm.state()[r * Smem::kLdSt + c] * scale;
         const T h = Num<T>::store(x);
-        sm.state_hi[r * Smem::kLdX + c] = h;
-        sm.state_lo[r * Smem::kLdX + c] = Num<T>::store(x - Num<T>::load(h));
+        sm.state_hi()[r * Smem::kLdX + c] = h;
+        sm.state_lo()[r * Smem::kLdX + c] = Num<T>::store(x - Num<T>::load(h));
       }
       __syncthreads();
     }
   }
 
   // Out (accumulate: +=) Q Stateᵀ.
-  __device__ __noinline__ void inter(bool accumulate) {
+  __device__ __forceinline__ void inter(bool accumulate) {
     if constexpr (kMma) {
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, low(q_low, sm.q_lo), Smem::kLdX, sm.state_hi,
-                        sm.state_lo, Smem::kLdX, C, SL, W, sm.scalars[0], accumulate);
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX, sm.state_hi(),
+                        sm.state_lo(), Smem::kLdX, C, SL, W, sm.scalars()[0], accumulate);
     } else {
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, nullptr, Smem::kLdX, sm.state, nullptr, Smem::kLdSt,
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), nullptr, Smem::kLdX, sm.state(), nullptr, Smem::kLdSt,
                         C, SL, W, A(1), accumulate);
     }
     __syncthreads();
   }
 
   // Out = mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i.
-  __device__ __noinline__ void intra(Mode mode) {
-    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, low(q_low, sm.q_lo), Smem::kLdX, sm.k,
-                      low(k_low, sm.k_lo), Smem::kLdX, C, C, W, A(1), false);
+  __device__ __forceinline__ void intra(Mode mode) {
+    gemm<false, true>(sm.scores(), Smem::kLdS, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX, sm.k(),
+                      low(k_low, sm.k_lo()), Smem::kLdX, C, C, W, A(1), false);
     __syncthreads();
     for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
       const int i = idx / C, j = idx % C;
       const bool keep = mode == Mode::kForward ? j <= i : j >= i;
-      const A x = keep ? sm.scores[i * Smem::kLdS + j] : A(0);
+      const A x = keep ? sm.scores()[i * Smem::kLdS + j] : A(0);
       if constexpr (kMma) {
         const T hi = Num<T>::store(x);
-        sm.p[i * Smem::kLdP + j] = hi;
-        sm.p_lo[i * Smem::kLdP + j] = Num<T>::store(x - Num<T>::load(hi));
+        sm.p()[i * Smem::kLdP + j] = hi;
+        sm.p_lo()[i * Smem::kLdP + j] = Num<T>::store(x - Num<T>::load(hi));
       } else {
-        sm.scores[i * Smem::kLdS + j] = x;
+        sm.scores()[i * Smem::kLdS + j] = x;
       }
     }
     __syncthreads();
     if constexpr (kMma) {
-      gemm<false, false>(sm.out, Smem::kLdO, sm.p, sm.p_lo, Smem::kLdP, sm.v, low(v_low, sm.v_lo),
+      gemm<false, false>(sm.out(), Smem::kLdO, sm.p(), sm.p_lo(), Smem::kLdP, sm.v(), low(v_low, sm.v_lo()),
                          Smem::kLdV, C, SL, C, A(1), false);
     } else {
-      gemm<false, false>(sm.out, Smem::kLdO, sm.scores, nullptr, Smem::kLdS, sm.v, nullptr,
+      gemm<false, false>(sm.out(), Smem::kLdO, sm.scores(), nullptr, Smem::kLdS, sm.v(), nullptr,
                          Smem::kLdV, C, SL, C, A(1), false);
     }
     __syncthreads();
   }
 
   // State += Vᵀ K for the chunk in the tiles.
-  __device__ __noinline__ void absorb() {
-    gemm<true, false>(sm.state, Smem::kLdSt, sm.v, low(v_low, sm.v_lo), Smem::kLdV, sm.k,
-                      low(k_low, sm.k_lo), Smem::kLdX, SL, W, C, A(1), true);
+  __device__ __forceinline__ void absorb() {
+    gemm<true, false>(sm.state(), Smem::kLdSt, sm.v(), low(v_low, sm.v_lo()), Smem::kLdV, sm.k(),
+                      low(k_low, sm.k_lo()), Smem::kLdX, SL, W, C, A(1), true);
   }
 
-  static __device__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }
+  static __device__ __forceinline__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }
 
-  // One sweep. The epilogue is called by the whole block as epilogue(t0, rows) once the chunk's
-  // Out tile (sm.out, C x SL: rows < rows and columns < cols are meaningful) and the row arrays
-  // of the prologue are ready; it must not write shared memory. The state starts from state0
-  // (see load_state) and, when state_out is given, ends there (Dout x Dq).
+  // One sweep over the chunks [first, last) of the row (all of them without the sequence split;
+  // a segment with it). The epilogue is called by the whole block as epilogue(t0, rows) once
+  // the chunk's Out tile (sm.out(), C x SL: rows < rows and columns < cols are meaningful) and
+  // the row arrays of the prologue are ready; it must not write shared memory. The state starts
+  // from state0 (see load_state) and, when state_out is given, ends there (Dout x Dq). count is
+  // the running count before the first chunk (kForward) or after the last (kReverse).
+  // Without outputs a sweep only accumulates the state: kForward as the causal sweep counts,
+  // kGlobal with the bidirectional counts. kGlobal with absorb first sums State over the chunks,
+  // then (with outputs) applies it; without absorb, state0 is already that sum. need_q and
+  // need_k say which row norms the operands' scales use.
   template <typename Epilogue>
-  __device__ __noinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
-                                   const Operand<T>& V, const A* state0, bool transposed,
-                                   A* state_out, bool need_q, bool need_k, Epilogue&& epilogue) {
+  __device__ __forceinline__ void run(Mode mode, index_t first, index_t last, index_t count,
+                                      bool outputs, bool absorb_first, const Operand<T>& Q,
+                                      const Operand<T>& K, const Operand<T>& V, const A* state0,
+                                      bool transposed, A* state_out, bool need_q, bool need_k,
+                                      Epilogue&& epilogue) {
     load_state(state0, transposed);
-    if (threadIdx.x == 0) sm.ints[0] = seq.n0 + (mode == Mode::kReverse ? sm.ints[1] : 0);
+    if (threadIdx.x == 0) sm.ints()[0] = count;
     __syncthreads();
-    const index_t chunks = (seq.S + C - 1) / C;
     const bool global = mode == Mode::kGlobal;
-    if (global) {  // State = Σ_n V_nᵀ K_n first
-      for (index_t n = 0; n < chunks; ++n) {
+    if (global && absorb_first) {  // State = Σ_n V_nᵀ K_n first
+      for (index_t n = first; n < last; ++n) {
         const index_t t0 = n * C;
         const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
         prologue(mode, t0, rows, need_q, need_k);
@@ -733,31 +803,44 @@ struct Block {
         __syncthreads();
       }
     }
-    split_state();
-    for (index_t it = 0; it < chunks; ++it) {
-      const index_t n = mode == Mode::kReverse ? chunks - 1 - it : it;
+    if (outputs) split_state();
+    for (index_t it = 0; it < last - first && (outputs || !global); ++it) {
+      const index_t n = mode == Mode::kReverse ? last - 1 - it : first + it;
       const index_t t0 = n * C;
       const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
       prologue(mode, t0, rows, need_q, need_k);
-      load_q(Q, t0, rows);
+      if (outputs) load_q(Q, t0, rows);
       if (!global) {
         load_k(K, t0, rows);
         load_v(V, t0, rows);
       }
       __syncthreads();
-      if (!global) intra(mode);
-      inter(!global);
-      epilogue(t0, rows);
+      if (outputs) {
+        if (!global) intra(mode);
+        inter(!global);
+        epilogue(t0, rows);
+      }
       if (!global) {
         absorb();
         __syncthreads();
-        split_state();
+        if (outputs) split_state();
       } else {
         __syncthreads();
       }
     }
     if (state_out != nullptr) store_state(state_out);
     __syncthreads();
+  }
+
+  // The whole row: the sweep of the unsplit kernels (the backward's).
+  template <typename Epilogue>
+  __device__ __forceinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
+                                      const Operand<T>& V, const A* state0, bool transposed,
+                                      A* state_out, bool need_q, bool need_k,
+                                      Epilogue&& epilogue) {
+    const index_t count = seq.n0 + (mode == Mode::kReverse ? sm.ints()[1] : 0);
+    run(mode, 0, (seq.S + C - 1) / C, count, true, true, Q, K, V, state0, transposed, state_out,
+        need_q, need_k, epilogue);
   }
 };
 

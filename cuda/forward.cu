@@ -1,38 +1,74 @@
 // Cottention forward (docs/spec.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
 //
-// One block per (b, h, slice of SL columns of Dv); the grid is B * H * ceil(Dv / SL) blocks of
-// kThreads threads, with Shared<T, W, C, SL>::kBytes of dynamic shared memory. Causal: one sweep
-// over the chunks from the incoming state kv0 (or zero), the outgoing state written to kv_out
-// when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first, then o = Q̂' Stateᵀ).
-// Padded rows of o are +0.
+// A block owns (b, h, a slice of SL columns of Dv, a segment of the sequence), with
+// Shared<T, W, C, SL>::kBytes of dynamic shared memory. Causal: one sweep over the segment's
+// chunks from its incoming state, the outgoing state written to kv_out when it is given.
+// Bidirectional: the global sweep (State = K̂'ᵀ Ṽ over the row, then o = Q̂' Stateᵀ). Padded rows
+// of o are +0.
+//
+// The sequence split (docs/design.md, "GPU kernels: what makes them fast"): when B * H * slices
+// is too small to fill the GPU, the row is cut into segments of segment_chunks chunks, and the
+// forward takes three launches: forward_kernel with states_only forms each segment's own state
+// Σ_{n in segment} Ṽ_nᵀ K̂_n (its counts start after the real tokens before it), scan_kernel
+// turns them into each segment's incoming state (kv0 plus the states of the segments before it;
+// bidirectional: the sum over all segments) and writes kv_out, and forward_kernel runs each
+// segment from its incoming state. Without the split (one segment) forward_kernel alone runs.
+// Both passes are the same sweep (Block::run) with run-time flags, compiled once.
 #include "common.cuh"
 
 namespace cosattn {
 
+// Which (b, h, slice, segment) block blockIdx.x is, and the geometry around it.
+template <typename T, int W, int C, int SL>
+struct Place {
+  index_t b, h, slice, segment, first, last;
+
+  __device__ __forceinline__ explicit Place(const ForwardParams<T>& p) {
+    const index_t slices = (p.Dv + SL - 1) / SL;
+    index_t i = index_t(blockIdx.x);
+    segment = i % p.segments;
+    i /= p.segments;
+    slice = i % slices;
+    i /= slices;
+    h = i % p.H;
+    b = i / p.H;
+    const index_t chunks = (p.S + C - 1) / C;
+    first = segment * p.segment_chunks;
+    last = first + p.segment_chunks < chunks ? first + p.segment_chunks : chunks;
+  }
+
+  // Offset of this (b, h)'s state, and of this segment's in segment_states.
+  __device__ __forceinline__ index_t state(const ForwardParams<T>& p) const {
+    return (b * p.H + h) * p.Dv * p.Dk;
+  }
+  __device__ __forceinline__ index_t segment_state(const ForwardParams<T>& p) const {
+    return ((b * p.H + h) * p.segments + segment) * p.Dv * p.Dk;
+  }
+};
+
 // W: the tile width, a multiple of 16 at least Dk and Dv; C: the chunk; SL: the slice of Dv.
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
+  const Place<T, W, C, SL> at(p);
   const int dk = int(p.Dk), dv = int(p.Dv);
-  const index_t slices = (dv + SL - 1) / SL;
-  const index_t slice = index_t(blockIdx.x) % slices;
-  const index_t bh = index_t(blockIdx.x) / slices;
-  const index_t h = bh % p.H, b = bh / p.H;
-
-  const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
-  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dv);
+  const Sequence<T> seq = sequence_of<T>(p, dk, at.b, at.h);
+  Block<T, W, C, SL> block(seq, dk, int(at.slice) * SL, dv);
   block.begin();
   const Operand<T> Q{seq.q, dk, Scale::kQuery};
   const Operand<T> K{seq.k, dk, Scale::kKey};
-  const Operand<T> V{rows_of(p.v, p.v_stride, b, h), dv, Scale::kValue};
-  const Rows<T> out = rows_of(p.o, p.o_stride, b, h);
-  const index_t state_offset = (b * p.H + h) * index_t(dv) * dk;
-  const A* kv0 = static_cast<const A*>(p.kv0);
-  A* kv_out = static_cast<A*>(p.kv_out);
+  const Operand<T> V{rows_of(p.v, p.v_stride, at.b, at.h), dv, Scale::kValue};
+  const Rows<T> out = rows_of(p.o, p.o_stride, at.b, at.h);
+  const bool split = p.segments > 1;
+  const A* state0 = split ? static_cast<const A*>(p.segment_states) + at.segment_state(p)
+                          : p.kv0 == nullptr ? nullptr
+                                             : static_cast<const A*>(p.kv0) + at.state(p);
+  A* state_out = split || p.kv_out == nullptr ? nullptr
+                                              : static_cast<A*>(p.kv_out) + at.state(p);
 
   const int c0 = block.c0, cols = block.cols;
-  const A* tile = block.sm.out;
-  const A* real = block.sm.real;
+  const A* tile = block.sm.out();
+  const A* real = block.sm.real();
   auto write = [&](index_t t0, int rows) {
     for (int idx = int(threadIdx.x); idx < rows * SL; idx += kThreads) {
       const int r = idx / SL, c = idx % SL;
@@ -42,9 +78,36 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams<T
       }
     }
   };
-  block.run(p.causal ? Mode::kForward : Mode::kGlobal, Q, K, V,
-            kv0 == nullptr ? nullptr : kv0 + state_offset, false,
-            kv_out == nullptr ? nullptr : kv_out + state_offset, true, true, write);
+  const index_t count = seq.n0 + (p.causal && split ? block.real_before(at.first * C) : 0);
+  // The split's first launch (states_only): the segment's own state, from zero, no outputs.
+  const bool states = p.states_only != 0;
+  A* segment_state = split ? static_cast<A*>(p.segment_states) + at.segment_state(p) : nullptr;
+  block.run(p.causal ? Mode::kForward : Mode::kGlobal, at.first, at.last, count, !states,
+            states || !split, Q, K, V, states ? nullptr : state0, false,
+            states ? segment_state : state_out, !states, true, write);
+}
+
+// The sequence split, second launch: one thread per entry of a (b, h) state, in a fixed order.
+// Causal: segment g's slot becomes kv0 + Σ_{g' < g} (own state of g'), and kv_out the sum over
+// all; bidirectional: every slot becomes the sum over all segments.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scan_kernel(const ForwardParams<T> p) {
+  using A = acc_t<T>;
+  const index_t size = p.Dv * p.Dk;
+  const index_t i = index_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= p.B * p.H * size) return;
+  const index_t bh = i / size, e = i % size;
+  A* slot = static_cast<A*>(p.segment_states) + bh * p.segments * size + e;
+  A total = p.causal && p.kv0 != nullptr ? static_cast<const A*>(p.kv0)[i] : A(0);
+  for (index_t g = 0; g < p.segments; ++g) {
+    const A own = slot[g * size];
+    if (p.causal) slot[g * size] = total;
+    total += own;
+  }
+  if (!p.causal) {
+    for (index_t g = 0; g < p.segments; ++g) slot[g * size] = total;
+  }
+  if (p.kv_out != nullptr) static_cast<A*>(p.kv_out)[i] = total;
 }
 
 }  // namespace cosattn

@@ -81,7 +81,7 @@ constexpr size_t kStepShared = kWarps * sizeof(St);
 // St: the state's type (the arithmetic is done in it). Grid: B * H * ceil(Dv / kStepRows)
 // blocks of kThreads threads with kStepShared<St> bytes of dynamic shared memory.
 template <typename T, typename St>
-__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) step_kernel(const StepParams<T> p) {
   St* scratch = reinterpret_cast<St*>(dynamic_shared());
   const index_t groups = (p.Dv + kStepRows - 1) / kStepRows;
   const index_t group = index_t(blockIdx.x) % groups;

@@ -73,6 +73,7 @@ def _specs() -> list[_cupy.ModuleSpec]:
 
 REGISTRY = """\
 #include <cstddef>
+#include <cstdio>
 
 #include "forward.cu"
 #include "backward.cu"
@@ -113,7 +114,8 @@ extern "C" int cosattn_emulated_launch(const char* expression, unsigned grid, un
   if (kernel == nullptr) return 1;
   try {{
     kernel->launch(grid, block, shared, args);
-  }} catch (const std::exception&) {{
+  }} catch (const std::exception& error) {{
+    std::fprintf(stderr, "%s: %s\\n", expression, error.what());
     return 2;
   }}
   return 0;
@@ -286,6 +288,7 @@ def cupy_on_host(monkeypatch, emulator):
     monkeypatch.setattr(_cupy, "_modules", {})
     monkeypatch.setattr(_cupy, "_capability", lambda device: 90)
     monkeypatch.setattr(_cupy, "_shared_limit", lambda device: 227 * 1024)
+    monkeypatch.setattr(_cupy, "_sm_count", lambda device: _cupy.SMS)
     monkeypatch.setattr(_cupy, "unavailable", lambda: None)
     monkeypatch.setattr(_cupy, "DEVICE", "cpu")
     return launches
@@ -426,6 +429,27 @@ def test_first_use_from_many_threads_builds_each_module_once(cupy_on_host):
                 np.testing.assert_array_equal(a, b)
     finally:
         EmulatedModule.delay = 0.0
+
+
+SPLITS = [(F16, 16), (BFLOAT16, 64), (F32, 16), (F64, 64)]
+
+
+@pytest.mark.parametrize("instance", SPLITS, ids=_instance_id)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10)
+@given(data=st.data())
+def test_the_sequence_split_matches_the_reference(instance, data, cupy_on_host, monkeypatch):
+    """With a GPU of many SMs (so that every call is split) and segments of one chunk, the
+    forward runs forward_kernel for the segments' states, scan_kernel, and forward_kernel per
+    segment from its incoming state: the same outputs and state as the reference, padding junk
+    included."""
+    monkeypatch.setattr(_cupy, "_sm_count", lambda device: 10**6)
+    monkeypatch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
+    problem = data.draw(problems(instance), label="problem")
+    cupy_on_host.clear()
+    check_forward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
+    C, _ = _cupy.tiles(problem.dtype, instance[1])
+    if problem.S > C:
+        assert any("scan_kernel" in e for e, _, _ in cupy_on_host)
 
 
 def test_step_matches_the_forward(cupy_on_host):

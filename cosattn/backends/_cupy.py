@@ -52,6 +52,11 @@ THREADS = 128  # threads per block of every kernel (kThreads of common.cuh)
 STEP_ROWS = 16  # rows of kv per block of the step kernel (kStepRows)
 DEFINES = {"COSATTN_THREADS": THREADS, "COSATTN_STEP_ROWS": STEP_ROWS}
 STATIC_SHARED_LIMIT = 48 * 1024  # beyond it a kernel must opt in
+# The sequence split of the forward (forward_plan): blocks wanted per SM, the fewest chunks a
+# segment has, and the SMs assumed where no device says (an H100 SXM or H200 has 132).
+BLOCKS_PER_SM = 2
+MIN_SEGMENT_CHUNKS = 4
+SMS = 132
 
 # Tile widths W with their own sweep instances: (Dk, Dv) runs on the smallest W >= max(Dk, Dv),
 # or, past the last, on W = max(Dk, Dv) rounded up to WIDE_STEP (compiled when first asked for;
@@ -119,7 +124,9 @@ def _sweep(names: tuple[str, ...], dtype: Any, W: int) -> tuple[tuple[str, ...],
 
 
 def forward_spec(dtype: Any, W: int) -> ModuleSpec:
-    return ModuleSpec("forward.cu", *_sweep(("forward_kernel",), dtype, W))
+    sweeps, shared = _sweep(("forward_kernel",), dtype, W)
+    return ModuleSpec("forward.cu", (*sweeps, f"cosattn::scan_kernel<{_ctype(dtype)}>"),
+                      (*shared, "0"))
 
 
 def backward_spec(dtype: Any, W: int) -> ModuleSpec:
@@ -277,6 +284,14 @@ def _kernel(spec: ModuleSpec, expression: str, device: int) -> tuple[Any, int]:
 
 
 @functools.cache
+def _sm_count(device: int) -> int:
+    """The SMs of ``device`` (the sequence split fills them)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+@functools.cache
 def _shared_limit(device: int) -> int:
     """The most dynamic shared memory a block may opt in to on ``device``."""
     import cupy
@@ -319,19 +334,47 @@ def _stream(p: Problem) -> contextlib.AbstractContextManager[Any]:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: the module, the kernel and the number of blocks."""
+    """One kernel launch: the module, the kernel, the number of blocks, and for the forward
+    whether it is the sequence split's first pass (``ForwardParams.states_only``)."""
 
     spec: ModuleSpec
     expression: str
     grid: int
+    states_only: bool = False
 
 
-def forward_launches(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int) -> list[Launch]:
-    """The forward's launch: a block per (b, h, slice of SL columns of Dv)."""
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The forward's launches, and how the sequence is cut: ``segments`` segments of
+    ``segment_chunks`` chunks (one segment: no split)."""
+
+    launches: list[Launch]
+    segments: int
+    segment_chunks: int
+
+
+def forward_plan(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
+                 sms: int = SMS) -> ForwardPlan:
+    """A block per (b, h, slice of SL columns of Dv, segment). When B * H * slices blocks would
+    leave ``sms`` SMs with fewer than BLOCKS_PER_SM blocks each, the sequence is split into
+    segments of at least MIN_SEGMENT_CHUNKS chunks, enough of them to give every SM that many
+    (forward.cu): forward_kernel forming the segments' states (``states_only``) and scan_kernel
+    run first."""
     W = width(Dk, Dv)
     spec = forward_spec(dtype, W)
-    _, SL = tiles(dtype, W)
-    return [Launch(spec, spec.expressions[0], B * H * ceil_div(Dv, SL))]
+    main, scan = spec.expressions
+    C, SL = tiles(dtype, W)
+    rows = B * H * ceil_div(Dv, SL)
+    chunks = ceil_div(S, C)
+    wanted = ceil_div(BLOCKS_PER_SM * sms, max(rows, 1))
+    segments = max(1, min(wanted, chunks // MIN_SEGMENT_CHUNKS))
+    segment_chunks = ceil_div(chunks, segments)
+    segments = ceil_div(chunks, segment_chunks)
+    launches = [Launch(spec, main, rows * segments)]
+    if segments > 1:
+        launches = [Launch(spec, main, rows * segments, states_only=True),
+                    Launch(spec, scan, ceil_div(B * H * Dv * Dk, THREADS)), *launches]
+    return ForwardPlan(launches, segments, segment_chunks)
 
 
 def backward_launches(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
@@ -377,7 +420,8 @@ def _strided(n: int, *names: str) -> tuple[tuple[str, int], ...]:
 # tests compare offsets and sizes with the C++ layout).
 PARAMS = {
     "ForwardParams": _struct(
-        ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out"), ("B", "H", "S", "Dk", "Dv"),
+        ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out", "segment_states"),
+        ("B", "H", "S", "Dk", "Dv", "segments", "segment_chunks", "states_only"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
     "BackwardParams": _struct(
@@ -423,12 +467,16 @@ def _strides(x: Any, n: int) -> tuple[int, ...]:
     return tuple(s // size for s in x.strides)
 
 
-def _forward_params(call: ForwardCall, kv0: Any, count0: Any, kv_out: Any) -> np.void:
+def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, kv0: Any,
+                    count0: Any, kv_out: Any, segment_states: Any) -> np.void:
     p = call.p
     return _params("ForwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
                    o=_ptr(call.o), m=_ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(kv0),
-                   count0=_ptr(count0), kv_out=_ptr(kv_out), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
-                   Dv=p.Dv, q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
+                   count0=_ptr(count0), kv_out=_ptr(kv_out),
+                   segment_states=_ptr(segment_states), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
+                   Dv=p.Dv, segments=plan.segments, segment_chunks=plan.segment_chunks,
+                   states_only=int(states_only),
+                   q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), o_stride=_strides(call.o, 4),
                    mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
 
@@ -482,10 +530,14 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
             return kv, count
         kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
-        params = _forward_params(call, _contiguous(xp, kv0, p.acc),
-                                 _contiguous(xp, call.count0, np.int64), kv_out)
-        for launch in forward_launches(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv):
-            _launch(launch, params, p)
+        plan = forward_plan(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv, _sm_count(p.device.index))
+        segment_states = None
+        if plan.segments > 1:
+            segment_states = xp.empty((p.B, p.H, plan.segments, p.Dv, p.Dk), dtype=p.acc)
+        arrays = (_contiguous(xp, kv0, p.acc), _contiguous(xp, call.count0, np.int64), kv_out,
+                  segment_states)
+        for launch in plan.launches:
+            _launch(launch, _forward_params(call, plan, launch.states_only, *arrays), p)
         if not call.want_state:
             return None
         return kv_out.astype(p.state_dtype, copy=False), count

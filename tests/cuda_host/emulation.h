@@ -45,13 +45,22 @@ struct dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
-// vector_types.h: the 16-byte vectors the kernels move state rows with.
+// vector_types.h: the 16-byte vectors the kernels move tiles and state rows with.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 struct alignas(16) float4 {
   float x, y, z, w;
 };
 struct alignas(16) double2 {
   double x, y;
 };
+// The read-only data cache load: a plain load on the host.
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline double2 make_double2(double x, double y) { return double2{x, y}; }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <sys/mman.h>
+#include <string>
 #include <unistd.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -138,7 +139,11 @@ void run(void (*kernel)(P...), unsigned grid, unsigned threads, std::size_t shar
     schedule(state);
     EMU_UNPOISON(memory, kSharedCapacity);
     for (std::size_t i = shared; i < kSharedCapacity; ++i) {
-      if (memory[i] != 0xff) throw std::runtime_error("a kernel wrote past its shared memory");
+      if (memory[i] != 0xff) {
+        throw std::runtime_error("a kernel wrote past its shared memory (" +
+                                 std::to_string(shared) + " bytes): at byte " +
+                                 std::to_string(i));
+      }
     }
   }
   EMU_UNPOISON(memory, kSharedCapacity);
