@@ -12,6 +12,8 @@ at the end.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
@@ -30,6 +33,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 # Above it, a call is cut into parts of about this many input elements (whole heads), so that
 # a part's temporaries stay small enough for the caches; parts run on a pool of threads.
 PART_ELEMENTS = 1 << 20
+# The most threads a call uses, its own and the BLAS library's (unset: one per core).
+THREADS_ENV_VAR = "COSATTN_NUM_THREADS"
 
 
 def unavailable() -> str | None:
@@ -188,18 +193,47 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     return kv, count
 
 
-_pool: ThreadPoolExecutor | None = None
+def num_threads() -> int | None:
+    """``$COSATTN_NUM_THREADS`` as a positive int; None when it is unset or empty."""
+    value = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(
+            f"the environment variable {THREADS_ENV_VAR} must be a positive integer, got {value!r}"
+        )
+    return threads
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries loaded in this process (found once; threadpoolctl)."""
+    return ThreadpoolController()
+
+
+def _blas_threads(threads: int | None) -> contextlib.AbstractContextManager[Any]:
+    """Limit the BLAS libraries to ``threads`` for the duration of a call (None: leave them)."""
+    if threads is None:
+        return contextlib.nullcontext()
+    return _blas().limit(limits=threads, user_api="blas")
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # its size and itself
 _pool_lock = threading.Lock()
 
 
-def _parts(p: Problem) -> list[tuple[slice, slice]]:
+def _parts(p: Problem, workers: int) -> list[tuple[slice, slice]]:
     """Cut a call into blocks ``(rows, heads)``: heads of one batch row (or whole batch rows,
-    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per core.
+    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per
+    worker thread.
 
     NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core,
     on temporaries a fraction of the size of the whole call's. Parts are independent.
     """
-    workers = os.cpu_count() or 1
     per_head = p.S * (p.Dk + p.Dv)
     if workers <= 1 or p.B * p.H * per_head < PARALLEL_MIN_ELEMENTS:
         return [(slice(None), slice(None))]
@@ -214,18 +248,34 @@ def _parts(p: Problem) -> list[tuple[slice, slice]]:
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
+def _workers_pool(workers: int) -> ThreadPoolExecutor:
+    """The pool of ``workers`` threads (replaced when the thread setting changes)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = workers, ThreadPoolExecutor(workers, thread_name_prefix="cosattn")
+        return _pool[1]
+
+
 def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
     """``part(block)`` for every block of :func:`_parts`, in parallel when there are several;
-    returns each block's ``(rows, heads)`` with its result, in a fixed order."""
-    global _pool
-    blocks = _parts(call.p)
+    returns each block's ``(rows, heads)`` with its result, in a fixed order.
+
+    With ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, each with
+    one BLAS thread, or, when it is not cut, the calling thread with at most n BLAS threads.
+    Unset, there is one worker per core and the BLAS library keeps its own setting.
+    """
+    threads = num_threads()
+    blocks = _parts(call.p, threads or os.cpu_count() or 1)
     if len(blocks) == 1:
-        return [(blocks[0], part(call))]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
-    futures = [_pool.submit(part, call.block(*b)) for b in blocks]
-    return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
+        with _blas_threads(threads):
+            return [(blocks[0], part(call))]
+    pool = _workers_pool(threads or os.cpu_count() or 1)
+    with _blas_threads(None if threads is None else 1):
+        futures = [pool.submit(part, call.block(*b)) for b in blocks]
+        return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
