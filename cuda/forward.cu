@@ -4,12 +4,15 @@
 // kThreads threads, with the dynamic shared memory of Shared<T, C, SL> for DqP = Dk rounded up
 // to 16. Causal: one sweep over the chunks from the incoming state kv0 (or zero), the outgoing
 // state written to kv_out when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first,
-// then o = Q̂' Stateᵀ). Padded rows of o are +0.
+// or kv0 when given, with count0 every token's count; then o = Q̂' Stateᵀ). Padded rows of o are
+// +0. With o null, only the state (cosattn.absorb): kv0 (or zero) + K̂'ᵀ Ṽ into kv_out, with the
+// causal counts (from count0) or the global ones (count0, or the row's own), and q is not read.
 #include "common.cuh"
 
 namespace cosattn {
 
-// q, k: (B, H, S, Dk), v, o: (B, H, S, Dv), strided (element strides *_sb, *_sh, *_ss, *_sd).
+// q, k: (B, H, S, Dk), v, o: (B, H, S, Dv), strided (element strides *_sb, *_sh, *_ss, *_sd);
+// o may be null (the state alone).
 // m: (H,) or null; mask: (B, S) or null; kv0, kv_out: contiguous (B, H, Dv, Dk) or null;
 // count0: (B,) or null. DK, DV: the head sizes when specialised (0: Dk, Dv at run time).
 template <typename T, int DK, int DV, int C, int SL>
@@ -39,8 +42,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const Operand<T> Q{seq.q, dk, Scale::kQuery};
   const Operand<T> K{seq.k, dk, Scale::kKey};
   const Operand<T> V{rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h), dv, Scale::kValue};
-  const Rows<T> out = rows_of(o, o_sb, o_sh, o_ss, o_sd, b, h);
   const index_t state_offset = (b * H + h) * index_t(dv) * dk;
+  if (o == nullptr) {
+    block.accumulate(causal ? Mode::kForward : Mode::kGlobal, K, V,
+                     kv0 == nullptr ? nullptr : kv0 + state_offset, kv_out + state_offset);
+    return;
+  }
+  const Rows<T> out = rows_of(o, o_sb, o_sh, o_ss, o_sd, b, h);
 
   const int c0 = block.c0, cols = block.cols;
   const A* tile = block.sm.out;

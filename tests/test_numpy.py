@@ -18,8 +18,10 @@ from helpers import (
     MASK_KINDS,
     assert_close,
     case_id,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     make_case,
     reference_forward,
 )
@@ -244,3 +246,45 @@ def test_num_threads_must_be_a_positive_integer(value, monkeypatch):
     with pytest.raises(ValueError, match=f"COSATTN_NUM_THREADS must be a positive integer, "
                                          f"got '{value}'"):
         cosattn.forward(case.q, case.k, case.v)
+
+
+@st.composite
+def split_cases(draw):
+    """A case for the primitives of context parallel, and where to cut it."""
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    S = draw(st.sampled_from([1, 2, 63, 64, 65, 130]))
+    Dk, Dv = draw(st.sampled_from([1, 5, 16])), draw(st.sampled_from([1, 7, 16]))
+    causal = draw(st.booleans())
+    case = make_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), B, H, S, Dk, Dv,
+                     draw(st.sampled_from(DTYPES)), mask=draw(st.sampled_from(MASK_KINDS)),
+                     m=draw(st.booleans()), state=causal and draw(st.booleans()),
+                     junk=draw(st.sampled_from(JUNK)))
+    return case, causal, draw(st.integers(0, S)), draw(st.sampled_from(["bhsd", "bshd"]))
+
+
+@given(split_cases())
+def test_absorb_and_total_match_the_reference(drawn):
+    """absorb: the forward's state without o (causal), a part's sum weighted with a whole
+    sequence's count (bidirectional); forward/backward with total= on the parts of a cut
+    sequence give the whole sequence's results."""
+    case, causal, cut, layout = drawn
+    check_absorb(case, causal=causal, layout=layout, rng=np.random.default_rng(cut))
+    if not causal:
+        check_total(case, cut, layout=layout)
+
+
+def test_absorb_continues_a_state():
+    """Absorbing a sequence in two parts (the second from the first's state) gives the state of
+    the whole, and forward's: the sums are the same up to rounding."""
+    case = make_case(np.random.default_rng(21), 2, 3, 150, 8, 6, np.float64, mask="inner",
+                     state=True)
+    state = cosattn.RecurrentState(case.kv0, case.count0)
+    first = cosattn.absorb(case.k[:, :, :70], case.v[:, :, :70], case.m,
+                           mask=case.mask[:, :70], state=state)
+    whole = cosattn.absorb(case.k[:, :, 70:], case.v[:, :, 70:], case.m,
+                           mask=case.mask[:, 70:], state=first)
+    _, forward_state = cosattn.forward(case.q, case.k, case.v, case.m, mask=case.mask,
+                                       state=state, return_state=True)
+    assert_close(whole.kv, forward_state.kv, np.float64, "kv")
+    np.testing.assert_array_equal(whole.count, forward_state.count)
+    np.testing.assert_array_equal(state.kv, case.kv0)  # the incoming state is not modified

@@ -316,15 +316,21 @@ def _mask_strides(mask: Any) -> tuple[np.int64, ...]:
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    """With ``call.o`` None the same kernel forms the state alone (q is not read: k stands in
+    for it)."""
     p, kv0, mask = call.p, call.kv0, call.mask
     xp = namespace(p.device)
+    q = call.k if call.q is None else call.q
     with _stream(p):
         count = None
         if call.want_state:
-            count = xp.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0.copy()
-            count += p.S if mask is None else mask.sum(axis=1, dtype=np.int64)
+            count = (xp.full(p.B, p.S, dtype=np.int64) if mask is None
+                     else mask.sum(axis=1, dtype=np.int64))
+            if p.causal and call.count0 is not None:
+                count += call.count0
         if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
-            call.o[...] = 0
+            if call.o is not None:
+                call.o[...] = 0
             if not call.want_state:
                 return None
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
@@ -333,9 +339,9 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
         spec = forward_spec(p.dtype, D)
         C, SL = tiles(p.dtype, D)
         kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
-        args = (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(call.m), _ptr(mask),
+        args = (_ptr(q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(call.m), _ptr(mask),
                 _ptr(_contiguous(xp, kv0, p.acc)), _ptr(_contiguous(xp, call.count0, np.int64)),
-                _ptr(kv_out), *_ints(p.B, p.H, p.S, p.Dk, p.Dv), *_strides(call.q, 4),
+                _ptr(kv_out), *_ints(p.B, p.H, p.S, p.Dk, p.Dv), *_strides(q, 4),
                 *_strides(call.k, 4), *_strides(call.v, 4), *_strides(call.o, 4),
                 *_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
         _launch(spec, spec.expressions[0], p.B * p.H * ceil_div(p.Dv, SL),
@@ -355,7 +361,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             dk[...] = 0
             dv[...] = 0
             dm = None if m is None else xp.zeros(p.H, dtype=p.acc)
-            if kv0 is None:
+            if kv0 is None or not p.causal:
                 return dm, None
             return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
         D = head_size(p.Dk, p.Dv)
@@ -373,7 +379,8 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             dq_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
             dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
         dm_part = None if m is None else xp.empty((p.B, p.H, nsv), dtype=p.acc)
-        dkv0 = None if kv0 is None else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
+        dkv0 = (None if kv0 is None or not p.causal
+                else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc))
         sizes = _ints(p.B, p.H, p.S, p.Dk, p.Dv)
         tail = (*_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
         _launch(spec, values, p.B * p.H * nsv,

@@ -45,10 +45,10 @@ def unavailable() -> str | None:
 class _Normalised:
     """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
 
-    qh: Any  # q_i / max(|q_i|, eps)
+    qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
     kh: Any  # k_j / max(|k_j|, eps)
     vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S)
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
@@ -76,17 +76,25 @@ def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
         out[...] = rows
 
 
-def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+def _real_tokens(p: Problem, mask: Any) -> Any:
+    """The real tokens of each batch row, (B,) int64."""
     if mask is None:
-        if p.causal:
-            steps = np.arange(1, p.S + 1, dtype=np.int64)
-            base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
-            return base[:, None] + steps[None, :]
-        return np.full((p.B, p.S), p.S, dtype=np.int64)
-    if p.causal:
-        c = np.cumsum(mask, axis=1, dtype=np.int64)
-        return c if count0 is None else c + count0[:, None]
-    return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
+        return np.full(p.B, p.S, dtype=np.int64)
+    return mask.sum(axis=1, dtype=np.int64)
+
+
+def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+    """c_j (B, S): causal, running from ``count0``; bidirectional, ``count0`` (the whole
+    sequence's count, ``total=``) or the row's own real tokens."""
+    if not p.causal:
+        total = _real_tokens(p, mask) if count0 is None else count0
+        return np.broadcast_to(total[:, None], (p.B, p.S))
+    if mask is None:
+        steps = np.arange(1, p.S + 1, dtype=np.int64)
+        base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
+        return base[:, None] + steps[None, :]
+    c = np.cumsum(mask, axis=1, dtype=np.int64)
+    return c if count0 is None else c + count0[:, None]
 
 
 def _sigmoid(m: Any) -> Any:
@@ -101,10 +109,14 @@ def _weights(m: Any, c: Any) -> Any:
 def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
     p, mask = call.p, _no_mask(call.mask)
     n = ceil_div(p.S, CHUNK) * CHUNK
-    qh, kh = (np.empty((p.B, p.H, n, D), p.acc) for D in (p.Dk, p.Dk))
-    q_inv, k_inv = (np.empty((p.B, p.H, p.S), p.acc) for _ in range(2))
-    _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
+    kh = np.empty((p.B, p.H, n, p.Dk), p.acc)
+    k_inv = np.empty((p.B, p.H, p.S), p.acc)
     _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv)
+    qh = q_inv = None
+    if call.q is not None:
+        qh = np.empty((p.B, p.H, n, p.Dk), p.acc)
+        q_inv = np.empty((p.B, p.H, p.S), p.acc)
+        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
     c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
     vt = _scaled(call.v, n, p.acc, mask, w)
@@ -164,19 +176,35 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
+def _state_part(call: ForwardCall) -> tuple[Any, Any]:
+    """The ``(kv, count)`` of :class:`ForwardCall` alone (``o`` None): one product over S."""
+    p, kv0 = call.p, call.kv0
+    count = _real_tokens(p, call.mask)
+    if p.causal and call.count0 is not None:
+        count = count + call.count0
+    kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+    if p.S:
+        x = _normalised_inputs(call)
+        kv += x.vt.swapaxes(-1, -2) @ x.kh
+    return kv, count
+
+
 def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
+    if call.o is None:
+        return _state_part(call)
     p, mask, kv0 = call.p, call.mask, call.kv0
     state = None
     if call.want_state:
         count = np.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0
-        count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
+        count = count + _real_tokens(p, mask)
         kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         state = kv, count
     if p.S == 0:
         return state
     x = _normalised_inputs(call)
     if not p.causal:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
+        # the call's own sum, or the whole sequence's (total=)
+        kv = x.vt.swapaxes(-1, -2) @ x.kh if kv0 is None else kv0.astype(p.acc, copy=False)
         out = x.qh @ kv.swapaxes(-1, -2)
         _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
         return None
@@ -297,7 +325,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         return results[0][1]
     p = call.p
     dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-    dkv0 = None if call.kv0 is None else np.empty_like(call.kv0)
+    dkv0 = None if call.kv0 is None or not p.causal else np.empty_like(call.kv0)
     for (rows, heads), (dm_part, dkv0_part) in results:  # in order: fixed sums
         if dm is not None:
             dm[heads] += dm_part
@@ -311,7 +339,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     S = p.S
     if S == 0:
         dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-        if kv0 is None:
+        if kv0 is None or not p.causal:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     x = _normalised_inputs(call)
@@ -338,13 +366,15 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             dkh += x.vt @ dkv_acc
             dvt += x.kh @ dkv_acc.swapaxes(-1, -2)
             dkv0 = dkv0 + dkv_acc
-    else:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
+    else:  # the call's own sums, or the whole sequence's and their gradient (total=)
+        if kv0 is None:
+            kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
+            g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
+        else:
+            kv, g = kv0.astype(p.acc, copy=False), dkv.astype(p.acc, copy=False)
         dqh = dof @ kv
         dkh = x.vt @ g
         dvt = x.kh @ g.swapaxes(-1, -2)
-        dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
     _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps)
     _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps)
@@ -358,7 +388,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     if call.m is not None:
         sig = _sigmoid(call.m)
         dm = -terms.sum(axis=0) * sig * (1.0 - sig)
-    if kv0 is None:
+    if kv0 is None or not p.causal:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
 
