@@ -172,6 +172,17 @@ def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.d
         )
 
 
+def check_dstate(dkv: Any, p: Problem, of: str = "state") -> None:
+    """``dstate`` has the shape of the ``of`` state's kv (B, H, Dv, Dk), float32 or float64."""
+    if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
+        raise ValueError(
+            f"dstate must have the shape of {of}.kv (B, H, Dv, Dk) = {(p.B, p.H, p.Dv, p.Dk)}, "
+            f"got {tuple(dkv.shape)}"
+        )
+    if np.dtype(dkv.dtype) not in STATE_DTYPES:
+        raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+
+
 def check_count_values(count: Any, name: str = "state.count") -> None:
     """Counts are never negative (a device→host copy on CUDA)."""
     if hasattr(count, "copy_to_host"):  # a Numba device array
@@ -188,7 +199,7 @@ def _writable(x: Any, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class Inputs:
     """What forward and backward share once their arrays are checked."""
 
     p: Problem
@@ -210,10 +221,10 @@ class _Inputs:
         return out, to_bhsd(out, layout, self.xp)
 
 
-def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
+def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
             eps: Any, layout: Any, backend: Any, validate: Any,
             extra: dict[str, Any] | None = None, total: tuple[Any, Any] | None = None,
-            total_count: Any = None) -> tuple[_Inputs, dict[str, Imported]]:
+            total_count: Any = None) -> tuple[Inputs, dict[str, Imported]]:
     """Check what forward, backward and absorb share. ``state`` (causal) is the incoming state;
     ``total`` (bidirectional) the whole sequence's sum and count, ``total_count`` its count
     alone: either becomes the call's ``kv0``, ``count0``."""
@@ -261,7 +272,7 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
                 check_count_values(count0, count_name)
             count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
-    return _Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
+    return Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
                    chosen), imported
 
 
@@ -271,7 +282,7 @@ def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                  validate: Any) -> Prepared[ForwardCall]:
     if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
         raise ValueError("return_state=True needs the causal form (causal=False given)")
-    x, _ = _inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
+    x, _ = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
                    validate, total=total)
     with on_device(x.p.device):
         o, o_bhsd = x.output("v", layout)
@@ -285,7 +296,7 @@ def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                 state: tuple[Any, Any] | None, total_count: Any, eps: Any, layout: Any,
                 backend: Any, validate: Any) -> Prepared[ForwardCall]:
     """A forward that asks for ``(kv, count)`` alone (``o`` and ``q`` None)."""
-    x, _ = _inputs({"k": k, "v": v}, m, mask, state, causal, eps, layout, backend, validate,
+    x, _ = inputs({"k": k, "v": v}, m, mask, state, causal, eps, layout, backend, validate,
                    total_count=total_count)
     call = ForwardCall(p=x.p, q=None, k=x.bhsd("k", layout), v=x.bhsd("v", layout), m=x.m,
                        mask=x.mask, kv0=x.kv0, count0=x.count0, o=None, want_state=True)
@@ -297,19 +308,13 @@ def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask:
                   eps: Any, layout: Any, backend: Any, validate: Any) -> Prepared[BackwardCall]:
     if dstate is not None and total is None and not check_flag(causal, "causal"):
         raise ValueError("dstate needs the causal form, or total= (causal=False given)")
-    x, imported = _inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
+    x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
                           layout, backend, validate, extra={"dstate": dstate}, total=total)
     p = x.p
     dkv = None
     if dstate is not None:
         dkv = imported["dstate"].array
-        if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
-            raise ValueError(
-                f"dstate must have the shape of {'total' if total is not None else 'state'}.kv "
-                f"(B, H, Dv, Dk) = {(p.B, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
-            )
-        if np.dtype(dkv.dtype) not in STATE_DTYPES:
-            raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+        check_dstate(dkv, p, "total" if total is not None else "state")
     with on_device(p.device):
         if total is not None and dkv is None:  # no gradient reaches total.kv
             dkv = x.xp.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
