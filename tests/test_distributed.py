@@ -7,6 +7,7 @@ docs/spec.md's bounds; errors must reach every rank, and no rank may be left wai
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,16 +35,14 @@ def _mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_match_one_process_under_mpi(ranks, tmp_path):
+def _mpirun(ranks: int, args: list[str]) -> str:
+    """Run ``mpiexec -n ranks python args`` from the checkout with one thread per rank; its
+    output (the test fails when it does not finish in MPI_TIMEOUT or exits non-zero)."""
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec: pip install mpich (the test extra)")
     pytest.importorskip("mpi4py")
-    command = [mpiexec, "-n", str(ranks), sys.executable, str(HERE / "mpi_cases.py"),
-               str(tmp_path)]
-    if ranks == 2 and _has("torch.distributed"):
-        command.append("--torch")
+    command = [mpiexec, "-n", str(ranks), sys.executable, *args]
     env = dict(os.environ, COSATTN_NUM_THREADS="1")
     run = subprocess.Popen(command, cwd=HERE.parent, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -54,12 +53,30 @@ def test_ranks_match_one_process_under_mpi(ranks, tmp_path):
         output, _ = run.communicate()
         pytest.fail(f"mpiexec -n {ranks} did not finish in {MPI_TIMEOUT} s:\n{output[-5000:]}")
     assert run.returncode == 0, output[-5000:]
+    return output
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_match_one_process_under_mpi(ranks, tmp_path):
+    args = [str(HERE / "mpi_cases.py"), str(tmp_path)]
+    if ranks == 2 and _has("torch.distributed"):
+        args.append("--torch")
+    _mpirun(ranks, args)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
     assert all(report.keys() == reports[0].keys() for report in reports)
     assert len(reports[0]) >= 26, sorted(reports[0])
     failures = [f"rank {r}, {name}:\n{why}" for r, report in enumerate(reports)
                 for name, why in report.items() if why is not None]
     assert not failures, "\n".join(failures)[-8000:]
+
+
+def test_the_example_runs_under_mpi():
+    output = _mpirun(2, [str(HERE.parent / "examples" / "context_parallel.py"), "--S", "4096",
+                         "--check-S", "300"])
+    assert "within the float32 bound" in output
+    assert re.search(r"rank 1: 2048 tokens, forward .* s, backward .* s, peak memory \d+ MiB, "
+                     r"sent \d+ bytes", output), output
+    assert "outgoing state counts 4096 tokens on every rank" in output
 
 
 def _has(module: str) -> bool:
