@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import baselines, cpu_bench, gpu_bench, gpu_smoke
+from benchmarks import baselines, context_parallel, cpu_bench, gpu_bench, gpu_smoke
 
 from helpers import TOL, case_id, make_case, reference_backward, reference_forward, rel_err
 
@@ -196,3 +196,14 @@ def test_gpu_smoke_checks_pass_on_the_numpy_backend():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_context_parallel_costs_use_the_exchanged_bytes(capsys):
+    """The scale table counts what cosattn.distributed sends: two B·H·D² sums of 4 bytes and
+    the small buffers, 5 all-gathers; the receive side grows as R - 1."""
+    sent, messages = context_parallel.exchanged_bytes(1, 32, 128, 128, 4, 4)
+    assert messages == 5
+    assert 2 * 4 * 32 * 128 * 128 < sent < 2 * 4 * 32 * 128 * 128 + 1024
+    context_parallel.main(["costs"])
+    out = capsys.readouterr().out
+    assert f"| 64 | 16384 | {sent / 2**20:.1f} MiB / {63 * sent / 2**20:.0f} MiB | 5 |" in out
