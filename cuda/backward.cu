@@ -1,7 +1,8 @@
 // Cottention backward (docs/spec.md, "Backward") as four sweeps of common.cuh, in two kernels.
 //
 // Each gradient is a sweep with other roles (causal modes shown; bidirectional runs the same
-// roles through the global mode and has no states):
+// roles through the global mode and has no states, except with total=: then kv0 and dkv are the
+// whole sequence's sum and its gradient, which the global sweeps take instead of their own):
 //   1. o    = fwd(Q = q̂', K = k̂', V = ṽ,  from kv0)    -> δq_i = do_i · o_i        (= q̂_i · dq̂_i)
 //   2. dṽ   = rev(Q = k̂', K = q̂', V = do, from dkv)   -> dv, δk_j = ṽ_j · dṽ_j   (= k̂_j · dk̂_j),
 //                                                         dm, dkv0 (the final state)
@@ -22,44 +23,36 @@ namespace cosattn {
 
 // Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), or null when queries_keys_kernel
 // does not need them (sweep 1 is then skipped), dm_part (B, H, nsv) or null, holding
-// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns.
-// dout, dv: (B, H, S, Dv) strided; dkv: contiguous (B, H, Dv, Dk) or null; dkv0: contiguous
-// (B, H, Dv, Dk), written when given (an incoming state). Other arguments as forward_kernel.
-template <typename T, int DK, int DV, int C, int SL>
-__global__ void __launch_bounds__(kThreads) values_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ dout, T* __restrict__ dv, const acc_t<T>* __restrict__ m,
-    const bool* __restrict__ mask, const acc_t<T>* __restrict__ kv0,
-    const index_t* __restrict__ count0, const acc_t<T>* __restrict__ dkv,
-    acc_t<T>* __restrict__ dkv0, acc_t<T>* __restrict__ dq_part, acc_t<T>* __restrict__ dk_part,
-    acc_t<T>* __restrict__ dm_part, index_t B, index_t H, index_t S, index_t Dk, index_t Dv,
-    index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd, index_t k_sb, index_t k_sh,
-    index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh, index_t v_ss, index_t v_sd,
-    index_t do_sb, index_t do_sh, index_t do_ss, index_t do_sd, index_t dv_sb, index_t dv_sh,
-    index_t dv_ss, index_t dv_sd, index_t mask_sb, index_t mask_ss, acc_t<T> eps,
-    index_t causal) {
+// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
+// incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
+template <typename T, int W, int C, int SL>
+__global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
-  using Smem = Shared<T, C, SL>;
-  const int dk = DK > 0 ? DK : int(Dk);
-  const int dvn = DV > 0 ? DV : int(Dv);
+  using Smem = Shared<T, W, C, SL>;
+  const int dk = int(p.Dk);
+  const int dvn = int(p.Dv);
   const index_t slices = (dvn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
   const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t H = p.H, B = p.B, S = p.S;
   const index_t h = bh % H, b = bh / H;
+  const A* kv0 = static_cast<const A*>(p.kv0);
+  const A* dkv = static_cast<const A*>(p.dkv);
+  A* dkv0 = static_cast<A*>(p.dkv0);
+  A* dq_part = static_cast<A*>(p.dq_part);
+  A* dk_part = static_cast<A*>(p.dk_part);
+  A* dm_part = static_cast<A*>(p.dm_part);
 
-  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
-                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dk, S, mask,
-                                         mask_sb, mask_ss, count0, m, eps, b, h);
-
-  Block<T, DK, C, SL> block(seq, dk, int(slice) * SL, dvn);
+  const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
+  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn);
   block.begin();
-  const Rows<const T> vrows = rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h);
-  const Rows<const T> drows = rows_of(dout, do_sb, do_sh, do_ss, do_sd, b, h);
-  const Rows<T> dvrows = rows_of(dv, dv_sb, dv_sh, dv_ss, dv_sd, b, h);
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
+  const Rows<T> dvrows = rows_of(p.dv, p.dv_stride, b, h);
   const index_t state_offset = (b * H + h) * index_t(dvn) * dk;
   const index_t part_offset = ((slice * B + b) * H + h) * S;
-  const Mode forward = causal ? Mode::kForward : Mode::kGlobal;
-  const Mode reverse = causal ? Mode::kReverse : Mode::kGlobal;
+  const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
+  const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
   const Smem& sm = block.sm;
   const int lane = lane_id();
@@ -121,45 +114,34 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
   }
 }
 
-// dq, dk: (B, H, S, Dk) strided; nsv: the slices of Dv values_kernel used; dq_part, dk_part
-// null when a block holds all of Dk. Other arguments as values_kernel. The contraction runs over
-// Dv here and a block owns a slice of Dk.
-template <typename T, int DK, int DV, int C, int SL>
-__global__ void __launch_bounds__(kThreads) queries_keys_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ dout, T* __restrict__ dq, T* __restrict__ dk,
-    const acc_t<T>* __restrict__ m, const bool* __restrict__ mask,
-    const acc_t<T>* __restrict__ kv0, const index_t* __restrict__ count0,
-    const acc_t<T>* __restrict__ dkv, const acc_t<T>* __restrict__ dq_part,
-    const acc_t<T>* __restrict__ dk_part, index_t B, index_t H, index_t S, index_t Dk,
-    index_t Dv, index_t nsv, index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd,
-    index_t k_sb, index_t k_sh, index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh,
-    index_t v_ss, index_t v_sd, index_t do_sb, index_t do_sh, index_t do_ss, index_t do_sd,
-    index_t dq_sb, index_t dq_sh, index_t dq_ss, index_t dq_sd, index_t dk_sb, index_t dk_sh,
-    index_t dk_ss, index_t dk_sd, index_t mask_sb, index_t mask_ss, acc_t<T> eps,
-    index_t causal) {
+// dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
+// a block owns a slice of Dk; nsv is the number of slices of Dv values_kernel used.
+template <typename T, int W, int C, int SL>
+__global__ void __launch_bounds__(kThreads) queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
-  using Smem = Shared<T, C, SL>;
-  const int dkn = DK > 0 ? DK : int(Dk);
-  const int dvn = DV > 0 ? DV : int(Dv);
+  using Smem = Shared<T, W, C, SL>;
+  const int dkn = int(p.Dk);
+  const int dvn = int(p.Dv);
   const index_t slices = (dkn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
   const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t H = p.H, B = p.B, S = p.S, nsv = p.nsv;
   const index_t h = bh % H, b = bh / H;
+  const A* kv0 = static_cast<const A*>(p.kv0);
+  const A* dkv = static_cast<const A*>(p.dkv);
+  const A* dq_part = static_cast<const A*>(p.dq_part);
+  const A* dk_part = static_cast<const A*>(p.dk_part);
 
-  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
-                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dkn, S, mask,
-                                         mask_sb, mask_ss, count0, m, eps, b, h);
-
-  Block<T, DV, C, SL> block(seq, dvn, int(slice) * SL, dkn);
+  const Sequence<T> seq = sequence_of<T>(p, dkn, b, h);
+  Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn);
   block.begin();
-  const Rows<const T> vrows = rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h);
-  const Rows<const T> drows = rows_of(dout, do_sb, do_sh, do_ss, do_sd, b, h);
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
   const index_t state_offset = (b * H + h) * index_t(dvn) * dkn;
   const index_t part_stride = B * H * S;
   const index_t part_offset = (b * H + h) * S;
-  const Mode forward = causal ? Mode::kForward : Mode::kGlobal;
-  const Mode reverse = causal ? Mode::kReverse : Mode::kGlobal;
+  const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
+  const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
   const Smem& sm = block.sm;
   const int lane = lane_id();
@@ -191,8 +173,8 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
       }
     }
   };
-  const Rows<T> dqrows = rows_of(dq, dq_sb, dq_sh, dq_ss, dq_sd, b, h);
-  const Rows<T> dkrows = rows_of(dk, dk_sb, dk_sh, dk_ss, dk_sd, b, h);
+  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
+  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
 
   // Sweep 3: dq̂.
   block.run(forward, Operand<T>{drows, dvn, Scale::kNone}, Operand<T>{vrows, dvn, Scale::kValue},
@@ -209,15 +191,17 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
 }
 
 // dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_b Σ_slice dm_part[b, h, slice], in that order.
-template <typename A>
-__global__ void __launch_bounds__(kThreads) dm_kernel(const A* __restrict__ dm_part,
-                                                      const A* __restrict__ m, A* __restrict__ dm,
-                                                      index_t B, index_t H, index_t nsv) {
-  for (index_t h = index_t(blockIdx.x) * kThreads + threadIdx.x; h < H;
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p) {
+  using A = acc_t<T>;
+  const A* dm_part = static_cast<const A*>(p.dm_part);
+  const A* m = static_cast<const A*>(p.m);
+  A* dm = static_cast<A*>(p.dm);
+  for (index_t h = index_t(blockIdx.x) * kThreads + threadIdx.x; h < p.H;
        h += index_t(gridDim.x) * kThreads) {
     A total = 0;
-    for (index_t b = 0; b < B; ++b) {
-      for (index_t s = 0; s < nsv; ++s) total += dm_part[(b * H + h) * nsv + s];
+    for (index_t b = 0; b < p.B; ++b) {
+      for (index_t s = 0; s < p.nsv; ++s) total += dm_part[(b * p.H + h) * p.nsv + s];
     }
     const A sig = sigmoid(m[h]);
     dm[h] = total * sig * (A(1) - sig);

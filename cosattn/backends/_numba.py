@@ -15,8 +15,9 @@ dk̂          ṽ      do     q̂'     dstateᵀ         i ≥ j      1
 dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (dv), dm
 ==========  =====  =====  =====  ==============  =========  ======================
 
-(q̂' is q̂ times the mask; bidirectional sweeps sum over every position and carry no state,
-except with ``total=``: then St_0 is the whole sequence's sum, or its gradient, taken as it is.)
+(Scales are those of real tokens: every operand and output is zero at padded positions, so q̂'
+is q̂ there. Bidirectional sweeps sum over every position and carry no state, except with
+``total=``: then St_0 is the whole sequence's sum, or its gradient, taken as it is.)
 :func:`cosattn.absorb` is the ``o`` sweep forming its state alone (``state_only``).
 Native arrays are CuPy arrays (seen by Numba through ``__cuda_array_interface__``, no copy)
 or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in the same kind.
@@ -31,7 +32,7 @@ import numpy as np
 
 from .._call import BackwardCall, Call, ForwardCall, StepCall
 from .._device import namespace
-from .._dtypes import BFLOAT16
+from .._dtypes import BFLOAT16, accumulation
 from . import ceil_div
 
 try:
@@ -81,16 +82,16 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
-        "o": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
-        "state": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
-        "dq": ((K.RAW, K.VALUE, K.NORM, K.MASKED), False, True),
-        "dk": ((K.VALUE, K.RAW, K.NORM_MASKED, K.RAW), True, True),
-        "dv": ((K.NORM, K.NORM_MASKED, K.RAW, K.VALUE), True, False),
+        "o": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "state": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "dq": ((K.RAW, K.VALUE, K.NORM, K.RAW), False, True),
+        "dk": ((K.VALUE, K.RAW, K.NORM, K.RAW), True, True),
+        "dv": ((K.NORM, K.NORM, K.RAW, K.VALUE), True, False),
     }[output]
     direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
     dtype = np.dtype(dtype)
     cfg = config or CONFIG
-    TD, TZ = K.tiles(K.accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
+    TD, TZ = K.tiles(accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
     return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
                        cfg.threads, TD, TZ, output == "state")
 
@@ -164,7 +165,7 @@ class _Launches:
         p, threads = self.p, self.cfg.threads
         kernel = kernels.normalise_backward(np.dtype(p.dtype), threads, self.cfg.lanes)
         _launch(kernel, (ceil_div(p.S, kernels.ROWS), p.H, p.B), threads, self.stream, 0,
-                _view(g), _view(x), _view(out), self.eps)
+                _view(g), _view(x), _view(out), self.mask, self.has_mask, self.eps)
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:

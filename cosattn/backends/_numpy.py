@@ -3,11 +3,14 @@
 Sequences are cut into chunks of ``CHUNK`` tokens. Within a chunk the causal interaction is a
 small masked C x C product; across chunks it goes through per-chunk states (Dv x Dk) whose
 prefix sums are taken over the chunk axis. Nothing of size S x S or S x D x D is ever built.
-Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
+Accumulation is float32 (float64 for float64 inputs) whatever the input dtype. The products
+are NumPy's (BLAS); the elementwise work around them (normalisation, scaling, the output copy,
+the normalisation backward, ``dm``'s terms) runs as one fused pass per array in
+:mod:`._cpu_kernels`, as does the recurrent step.
 
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
-to zero as they are copied in, so nothing there reaches a sum, and padded outputs are set to +0
-at the end.
+to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
+as +0.
 """
 
 from __future__ import annotations
