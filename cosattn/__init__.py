@@ -4,9 +4,9 @@
 ``RecurrentState`` runs the exact recurrent form one token at a time in constant memory.
 """
 
-from .attention import backward, forward
+from .attention import absorb, backward, forward
 from .backends import available_backends
 from .recurrent import RecurrentState
 
-__all__ = ["RecurrentState", "available_backends", "backward", "forward"]
+__all__ = ["RecurrentState", "absorb", "available_backends", "backward", "forward"]
 __version__ = "0.1.0"

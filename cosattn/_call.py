@@ -87,9 +87,18 @@ class Call:
 
 @dataclass(frozen=True, kw_only=True)
 class ForwardCall(Call):
-    """:func:`cosattn.forward`: write ``o`` (B, H, S, Dv). ``kv0`` (B, H, Dv, Dk) and
-    ``count0`` (B,) int64 are the incoming state (None: zero). With ``want_state`` the backend
-    returns the outgoing ``(kv, count)`` as new arrays, else None."""
+    """:func:`cosattn.forward`: write ``o`` (B, H, S, Dv).
+
+    Causal: ``kv0`` (B, H, Dv, Dk) and ``count0`` (B,) int64 are the incoming state (None:
+    zero). Bidirectional: ``count0``, when given, is every token's count c_j (the real tokens of
+    the whole sequence this call is a part of) and ``kv0``, when given, the whole sequence's
+    ``Σ ṽ k̂ᵀ``, used in place of the call's own (``total=``). With ``want_state`` the backend
+    returns ``(kv, count)`` as new arrays, else None: causal, the outgoing state; bidirectional
+    (only with ``o`` None), the call's own ``Σ ṽ k̂ᵀ`` and its number of real tokens.
+
+    ``o`` None asks for that ``(kv, count)`` alone, without the output (:func:`cosattn.absorb`;
+    ``q`` is then None too and ``want_state`` True).
+    """
 
     kv0: RowsHeads
     count0: Rows
@@ -102,7 +111,12 @@ class BackwardCall(Call):
     """:func:`cosattn.backward`: given ``do`` (like o) and ``dkv`` (the gradient at the
     outgoing state's kv, or None), write ``dq``, ``dk``, ``dv`` and return ``(dm, dkv0)``: ``dm``
     (H,) in ``p.acc`` (None without ``m``), ``dkv0`` in the state's dtype (None without
-    ``kv0``)."""
+    ``kv0``, and always None for the bidirectional form).
+
+    ``kv0`` and ``count0`` mean what they mean in :class:`ForwardCall`. Bidirectional with
+    ``kv0`` (``total=``): ``dkv`` (never None then) is the gradient at that ``kv0``, used in
+    place of the call's own ``Σ do q̂'ᵀ``.
+    """
 
     do: RowsHeads
     kv0: RowsHeads

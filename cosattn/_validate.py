@@ -109,19 +109,20 @@ def to_bhsd(x: Any, layout: str, xp: Any) -> Any:
 
 
 def check_qkv(arrays: dict[str, Any], layout: str) -> tuple[int, int, int, int, int]:
-    """Check q, k, v (and do) in ``layout``; return ``(B, H, S, Dk, Dv)``."""
+    """Check q (when given), k, v (and do) in ``layout``; return ``(B, H, S, Dk, Dv)``."""
     letters = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
     for n, a in arrays.items():
         if a.ndim != 4:
             raise ValueError(
                 f"{n} must have rank 4 {letters} for layout={layout!r}, got shape {tuple(a.shape)}"
             )
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    k, v = arrays["k"], arrays["v"]
+    q = arrays.get("q", k)
     B, H, S = q.shape[:3] if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1])
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q, k and v must agree on {letters[:-4]}) and q, k on D: got {_describe(arrays)}"
-        )
+        agree = (f"q, k and v must agree on {letters[:-4]}) and q, k on D" if "q" in arrays
+                 else f"k and v must agree on {letters[:-4]})")
+        raise ValueError(f"{agree}: got {_describe(arrays)}")
     if "do" in arrays and tuple(arrays["do"].shape) != tuple(v.shape):
         raise ValueError(f"do must have the shape of o (that of v): got {_describe(arrays)}")
     return B, H, S, q.shape[3], v.shape[3]
@@ -145,31 +146,49 @@ def check_m(m: Any, H: int, acc: np.dtype, xp: Any) -> Any:
     return xp.astype(m, acc)
 
 
-def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype) -> None:
-    """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``."""
+def check_count(count: Any, B: int, name: str) -> None:
+    """Shape and dtype of counts ``name`` (B,): int64, or int32 as JAX keeps them."""
+    if tuple(count.shape) != (B,):
+        raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(count.shape)}")
+    if count.dtype not in (np.int64, np.int32):
+        raise TypeError(f"{name} must be int64 (or int32, as JAX keeps it), got {count.dtype}")
+
+
+def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype,
+                name: str = "state") -> None:
+    """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``
+    (``name``: "state", or "total" for the bidirectional form's whole-sequence sum)."""
     if tuple(kv.shape) != (B, H, Dv, Dk):
         raise ValueError(
-            f"state.kv must have shape (B, H, Dv, Dk) = {(B, H, Dv, Dk)}, got {tuple(kv.shape)}"
+            f"{name}.kv must have shape (B, H, Dv, Dk) = {(B, H, Dv, Dk)}, got {tuple(kv.shape)}"
         )
-    if tuple(count.shape) != (B,):
-        raise ValueError(f"state.count must have shape (B,) = ({B},), got {tuple(count.shape)}")
+    check_count(count, B, f"{name}.count")
     if np.dtype(kv.dtype) not in STATE_DTYPES:
-        raise TypeError(f"state.kv must be float32 or float64, got {kv.dtype}")
+        raise TypeError(f"{name}.kv must be float32 or float64, got {kv.dtype}")
     if acc == np.float64 and kv.dtype != np.float64:
         raise TypeError(
-            "float64 inputs need a float64 state (RecurrentState.zeros(..., dtype='float64')), "
-            f"got state.kv {kv.dtype}"
+            f"float64 inputs need a float64 {name} (RecurrentState.zeros(..., dtype='float64')), "
+            f"got {name}.kv {kv.dtype}"
         )
-    if count.dtype not in (np.int64, np.int32):
-        raise TypeError(f"state.count must be int64 (or int32, as JAX keeps it), got {count.dtype}")
 
 
-def check_count_values(count: Any) -> None:
-    """A state's counts are never negative (a device→host copy on CUDA)."""
+def check_dstate(dkv: Any, p: Problem, of: str = "state") -> None:
+    """``dstate`` has the shape of the ``of`` state's kv (B, H, Dv, Dk), float32 or float64."""
+    if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
+        raise ValueError(
+            f"dstate must have the shape of {of}.kv (B, H, Dv, Dk) = {(p.B, p.H, p.Dv, p.Dk)}, "
+            f"got {tuple(dkv.shape)}"
+        )
+    if np.dtype(dkv.dtype) not in STATE_DTYPES:
+        raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+
+
+def check_count_values(count: Any, name: str = "state.count") -> None:
+    """Counts are never negative (a device→host copy on CUDA)."""
     if hasattr(count, "copy_to_host"):  # a Numba device array
         count = count.copy_to_host()
     if count.shape[0] and bool((count < 0).any()):
-        raise ValueError(f"state.count must be non-negative, got {count}")
+        raise ValueError(f"{name} must be non-negative, got {count}")
 
 
 def _writable(x: Any, name: str) -> None:
@@ -180,7 +199,7 @@ def _writable(x: Any, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Inputs:
+class Inputs:
     """What forward and backward share once their arrays are checked."""
 
     p: Problem
@@ -202,52 +221,69 @@ class _Inputs:
         return out, to_bhsd(out, layout, self.xp)
 
 
-def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
+def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
             eps: Any, layout: Any, backend: Any, validate: Any,
-            extra: dict[str, Any] | None = None) -> tuple[_Inputs, dict[str, Imported]]:
+            extra: dict[str, Any] | None = None, total: tuple[Any, Any] | None = None,
+            total_count: Any = None) -> tuple[Inputs, dict[str, Imported]]:
+    """Check what forward, backward and absorb share. ``state`` (causal) is the incoming state;
+    ``total`` (bidirectional) the whole sequence's sum and count, ``total_count`` its count
+    alone: either becomes the call's ``kv0``, ``count0``."""
     causal = check_flag(causal, "causal")
     layout = check_layout(layout)
     eps = check_eps(eps)
     if state is not None and not causal:
         raise ValueError("a recurrent state exists for the causal form only (causal=False given)")
+    for given, name in ((total, "total"), (total_count, "total_count")):
+        if given is not None and causal:
+            raise ValueError(f"{name}= belongs to the bidirectional form (causal=True given)")
     everything = dict(named, m=m, mask=mask, **(extra or {}))
-    if state is not None:
-        everything.update({"state.kv": state[0], "state.count": state[1]})
+    given_state = None if state is None and total is None else ("state" if total is None
+                                                                else "total")
+    if given_state is not None:
+        kv, count = state if total is None else total
+        everything.update({f"{given_state}.kv": kv, f"{given_state}.count": count})
+    if total_count is not None:
+        everything["total_count"] = total_count
     imported = import_all(everything, required=tuple(named))
     raw = {n: imported[n].array for n in named}
     dtype = check_float_dtypes(raw)
     B, H, S, Dk, Dv = check_qkv(raw, layout)
     acc = accumulation(dtype)
-    first = imported["q"]
+    first = imported[next(iter(named))]
     xp = namespace(first.device)
     native_mask = None if mask is None else check_mask(imported["mask"].array, (B, S), "(B, S)")
     kv0 = count0 = None
+    count_name = "total_count"
     state_dtype = acc
-    if state is not None:
-        kv0, count0 = imported["state.kv"].array, imported["state.count"].array
-        check_state(kv0, count0, B, H, Dk, Dv, acc)
+    if given_state is not None:
+        kv0, count0 = (imported[f"{given_state}.{n}"].array for n in ("kv", "count"))
+        check_state(kv0, count0, B, H, Dk, Dv, acc, given_state)
         state_dtype = np.dtype(kv0.dtype)
+        count_name = f"{given_state}.count"
+    elif total_count is not None:
+        count0 = imported["total_count"].array
+        check_count(count0, B, "total_count")
     checked = values_checked(validate, first.device)
     chosen = select(backend, first.device)
     with on_device(first.device):
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
         if count0 is not None:
             if checked:
-                check_count_values(count0)
+                check_count_values(count0, count_name)
             count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
-    return _Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
+    return Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
                    chosen), imported
 
 
 def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
-                 state: tuple[Any, Any] | None,
+                 state: tuple[Any, Any] | None, total: tuple[Any, Any] | None,
                  return_state: Any, eps: Any, layout: Any, backend: Any,
                  validate: Any) -> Prepared[ForwardCall]:
     if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
         raise ValueError("return_state=True needs the causal form (causal=False given)")
-    x, _ = _inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
-                   validate)
+    x, _ = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
+                   validate, total=total)
     with on_device(x.p.device):
         o, o_bhsd = x.output("v", layout)
     call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
@@ -256,25 +292,32 @@ def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
     return Prepared(call, x.backend, x.framework, {"o": o})
 
 
+def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
+                state: tuple[Any, Any] | None, total_count: Any, eps: Any, layout: Any,
+                backend: Any, validate: Any) -> Prepared[ForwardCall]:
+    """A forward that asks for ``(kv, count)`` alone (``o`` and ``q`` None)."""
+    x, _ = inputs({"k": k, "v": v}, m, mask, state, causal, eps, layout, backend, validate,
+                   total_count=total_count)
+    call = ForwardCall(p=x.p, q=None, k=x.bhsd("k", layout), v=x.bhsd("v", layout), m=x.m,
+                       mask=x.mask, kv0=x.kv0, count0=x.count0, o=None, want_state=True)
+    return Prepared(call, x.backend, x.framework, {})
+
+
 def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
-                  state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
-                  validate: Any) -> Prepared[BackwardCall]:
-    if dstate is not None and not check_flag(causal, "causal"):
-        raise ValueError("dstate needs the causal form (causal=False given)")
-    x, imported = _inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
-                          layout, backend, validate, extra={"dstate": dstate})
+                  state: tuple[Any, Any] | None, total: tuple[Any, Any] | None, dstate: Any,
+                  eps: Any, layout: Any, backend: Any, validate: Any) -> Prepared[BackwardCall]:
+    if dstate is not None and total is None and not check_flag(causal, "causal"):
+        raise ValueError("dstate needs the causal form, or total= (causal=False given)")
+    x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
+                          layout, backend, validate, extra={"dstate": dstate}, total=total)
     p = x.p
     dkv = None
     if dstate is not None:
         dkv = imported["dstate"].array
-        if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
-            raise ValueError(
-                f"dstate must have the shape of state.kv (B, H, Dv, Dk) = "
-                f"{(p.B, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
-            )
-        if np.dtype(dkv.dtype) not in STATE_DTYPES:
-            raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+        check_dstate(dkv, p, "total" if total is not None else "state")
     with on_device(p.device):
+        if total is not None and dkv is None:  # no gradient reaches total.kv
+            dkv = x.xp.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
         (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (x.output(n, layout) for n in "qkv")
     call = BackwardCall(p=p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                         v=x.bhsd("v", layout), m=x.m, mask=x.mask, do=x.bhsd("do", layout),

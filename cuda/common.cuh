@@ -15,7 +15,10 @@
 //
 //   causal forward  (chunks in order):      Out_n = tril(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
 //   causal reverse  (chunks last to first): Out_n = triu(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
-//   global (bidirectional): State = Σ_n V_nᵀ K_n over all chunks, then Out_n = Q_n Stateᵀ
+//   global (bidirectional): State = Σ_n V_nᵀ K_n over all chunks (or the given state: the whole
+//                           sequence's, when this call holds a part of it), then Out_n = Q_n Stateᵀ
+//   the state alone (cosattn.absorb): State += V_nᵀ K_n over the chunks, with the counts of a
+//                           forward or a global sweep, and no Out
 //
 // The forward output is one forward sweep (Q = q̂', K = k̂', V = ṽ); each gradient is the same
 // sweep with other roles (see backward.cu). One thread block owns one (b, h, slice), keeps its
@@ -72,9 +75,12 @@ static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32
 
 // forward_kernel and the sequence split (forward.cu): q, k (B, H, S, Dk), v, o (B, H, S, Dv)
 // strided; m (H,), mask (B, S), kv0 and kv_out (contiguous (B, H, Dv, Dk), accumulation type),
-// count0 (B,): null when absent. The sequence is cut into `segments` segments of
-// `segment_chunks` chunks; with more than one, segment_states (B, H, segments, Dv, Dk) holds
-// their states, which forward_kernel forms when states_only is 1.
+// count0 (B,): null when absent. Causal: kv0, count0 the incoming state. Bidirectional (total=):
+// kv0 the whole sequence's sum, which the global sweep takes instead of its own, and count0 its
+// count, every token's c_j. o null: the state alone into kv_out (cosattn.absorb), q not read.
+// The sequence is cut into `segments` segments of `segment_chunks` chunks; with more than one,
+// segment_states (B, H, segments, Dv, Dk) holds their states, which forward_kernel forms when
+// states_only is 1.
 template <typename T>
 struct ForwardParams {
   const T* q;
@@ -97,7 +103,9 @@ struct ForwardParams {
 
 // values_kernel, queries_keys_kernel and dm_kernel (see backward.cu): the forward's inputs,
 // dout (like o), the gradients dq, dk, dv (like q, k, v), dkv (like kv0) and dkv0, the
-// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,).
+// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,). Causal:
+// dkv the gradient at the outgoing state, dkv0 (or null) the incoming state's. Bidirectional
+// (total=): kv0 and count0 as ForwardParams, dkv the gradient at the whole sum, dkv0 null.
 template <typename T>
 struct BackwardParams {
   const T* q;
@@ -298,7 +306,8 @@ struct Sequence {
   index_t S;
   const bool* mask;  // row b of the (B, S) mask, or null
   index_t mask_ss;
-  index_t n0;        // incoming count[b], 0 without a state
+  index_t n0;        // causal: the incoming count[b], 0 without a state
+  bool total;        // global: n0 is every token's count (the whole sequence's), not the row's
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
@@ -319,6 +328,7 @@ __device__ Sequence<T> sequence_of(const P& p, int dk, index_t b, index_t h) {
   seq.mask = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride[0];
   seq.mask_ss = p.mask_stride[1];
   seq.n0 = p.count0 == nullptr ? 0 : p.count0[b];
+  seq.total = p.count0 != nullptr;
   seq.has_m = p.m != nullptr;
   seq.sig = p.m == nullptr ? A(0) : sigmoid(static_cast<const A*>(p.m)[h]);
   seq.eps = A(p.eps);
@@ -567,7 +577,8 @@ struct Block {
       const int r = lane * R + i;
       if (r < C) {
         upto += flag[i];
-        const index_t c = mode == Mode::kGlobal ? sm.ints()[1] : before + upto;
+        const index_t global = seq.total ? seq.n0 : sm.ints()[1];
+        const index_t c = mode == Mode::kGlobal ? global : before + upto;
         const A lnc = log_count<A>(c);
         sm.real()[r] = A(flag[i]);
         sm.lnc()[r] = lnc;
@@ -777,9 +788,11 @@ struct Block {
   // the row arrays of the prologue are ready; it must not write shared memory. The state starts
   // from state0 (see load_state) and, when state_out is given, ends there (Dout x Dq). count is
   // the running count before the first chunk (kForward) or after the last (kReverse).
-  // Without outputs a sweep only accumulates the state: kForward as the causal sweep counts,
-  // kGlobal with the bidirectional counts. kGlobal with absorb first sums State over the chunks,
-  // then (with outputs) applies it; without absorb, state0 is already that sum. need_q and
+  // Without outputs a sweep only accumulates the state (the split's states_only pass, and
+  // cosattn.absorb): kForward as the causal sweep counts, kGlobal with the bidirectional counts.
+  // kGlobal with absorb_first adds Σ_n V_nᵀ K_n over the chunks to state0 (or zero), then (with
+  // outputs) applies it; without absorb_first, state0 is already the whole sum (a segment's
+  // incoming state, or total=). need_q and
   // need_k say which row norms the operands' scales use.
   template <typename Epilogue>
   __device__ __forceinline__ void run(Mode mode, index_t first, index_t last, index_t count,
@@ -832,15 +845,16 @@ struct Block {
     __syncthreads();
   }
 
-  // The whole row: the sweep of the unsplit kernels (the backward's).
+  // The whole row: the sweep of the unsplit kernels (the backward's). A global sweep given
+  // state0 takes it as the whole sum (total=) and adds nothing to it.
   template <typename Epilogue>
   __device__ __forceinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
                                       const Operand<T>& V, const A* state0, bool transposed,
                                       A* state_out, bool need_q, bool need_k,
                                       Epilogue&& epilogue) {
     const index_t count = seq.n0 + (mode == Mode::kReverse ? sm.ints()[1] : 0);
-    run(mode, 0, (seq.S + C - 1) / C, count, true, true, Q, K, V, state0, transposed, state_out,
-        need_q, need_k, epilogue);
+    run(mode, 0, (seq.S + C - 1) / C, count, true, state0 == nullptr, Q, K, V, state0,
+        transposed, state_out, need_q, need_k, epilogue);
   }
 };
 

@@ -39,8 +39,10 @@ from helpers import (
     MASK_KINDS,
     assert_close,
     assert_padding_zero,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     make_case,
     reference_forward,
 )
@@ -352,6 +354,21 @@ def test_backward_matches_the_reference(instance, data, cupy_on_host):
     check_backward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
 
 
+@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6)
+@given(data=st.data())
+def test_absorb_and_total_match_the_reference(instance, data, cupy_on_host):
+    """The state alone (o null: the forward kernel's accumulate), and the global sweeps given
+    the whole sequence's sum and count (total=) on the two parts of a cut sequence."""
+    problem = data.draw(problems(instance), label="problem")
+    case = problem.case()
+    check_absorb(case, causal=problem.causal, layout=problem.layout, backend="cupy",
+                 rng=np.random.default_rng(problem.seed))
+    if not problem.causal:
+        cut = data.draw(st.integers(0, problem.S), label="cut")
+        check_total(case, cut, layout=problem.layout, backend="cupy")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_entries_zero_rows_and_long_sequences(dtype, cupy_on_host):
     """Entries at the bound of docs/spec.md (1e2 in 16-bit, 1e3 otherwise), a row of padding
@@ -441,15 +458,39 @@ def test_the_sequence_split_matches_the_reference(instance, data, cupy_on_host, 
     """With a GPU of many SMs (so that every call is split) and segments of one chunk, the
     forward runs forward_kernel for the segments' states, scan_kernel, and forward_kernel per
     segment from its incoming state: the same outputs and state as the reference, padding junk
-    included."""
+    included. The state alone (absorb: the first two launches) and the bidirectional forward
+    and backward given the whole sum (total=: every segment from it) too."""
     monkeypatch.setattr(_cupy, "_sm_count", lambda device: 10**6)
     monkeypatch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
     problem = data.draw(problems(instance), label="problem")
     cupy_on_host.clear()
-    check_forward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
+    case = problem.case()
+    check_forward(case, causal=problem.causal, layout=problem.layout, backend="cupy")
     C, _ = _cupy.tiles(problem.dtype, instance[1])
     if problem.S > C:
         assert any("scan_kernel" in e for e, _, _ in cupy_on_host)
+    check_absorb(case, causal=problem.causal, layout=problem.layout, backend="cupy",
+                 rng=np.random.default_rng(problem.seed))
+    if not problem.causal:
+        cut = data.draw(st.integers(0, problem.S), label="cut")
+        check_total(case, cut, layout=problem.layout, backend="cupy")
+
+
+def test_the_split_plans_of_absorb_and_total():
+    """The state alone split is forward_kernel (states_only) and scan_kernel, which writes
+    kv_out; a bidirectional forward given the whole sum (total=) split is forward_kernel alone,
+    every segment starting from kv0; unsplit, both are forward_kernel alone."""
+    args = (F32, 1, 1, 1 << 16, 64, 64)
+    whole = _cupy.forward_plan(*args)
+    assert whole.segments > 1 and len(whole.launches) == 3
+    state = _cupy.forward_plan(*args, output=False)
+    assert [launch.states_only for launch in state.launches] == [True, False]
+    assert "scan_kernel" in state.launches[1].expression
+    (total,) = _cupy.forward_plan(*args, total=True).launches
+    assert not total.states_only and total.grid == whole.launches[-1].grid
+    for kw in ({"output": False}, {"total": True}):
+        (launch,) = _cupy.forward_plan(F32, 64, 64, 256, 64, 64, **kw).launches
+        assert not launch.states_only
 
 
 def test_step_matches_the_forward(cupy_on_host):

@@ -16,7 +16,9 @@ dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (
 ==========  =====  =====  =====  ==============  =========  ======================
 
 (Scales are those of real tokens: every operand and output is zero at padded positions, so q̂'
-is q̂ there. Bidirectional sweeps sum over every position and carry no state.)
+is q̂ there. Bidirectional sweeps sum over every position and carry no state, except with
+``total=``: then St_0 is the whole sequence's sum, or its gradient, taken as it is.)
+:func:`cosattn.absorb` is the ``o`` sweep forming its state alone (``state_only``).
 Native arrays are CuPy arrays (seen by Numba through ``__cuda_array_interface__``, no copy)
 or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in the same kind.
 """
@@ -75,11 +77,13 @@ def unavailable() -> str | None:
 def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
                config: Config | None = None) -> Any:
     """The :class:`~._numba_kernels.SweepSpec` that computes ``output`` (a row of the table
-    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``, which also reduces ``dm``) for inputs of
-    ``dtype``; ``Dx``, ``Dz`` are the sizes of its x and z operands."""
+    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``, which also reduces ``dm``; or ``"state"``,
+    the ``o`` sweep's state alone) for inputs of ``dtype``; ``Dx``, ``Dz`` are the sizes of its
+    x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
         "o": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "state": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
         "dq": ((K.RAW, K.VALUE, K.NORM, K.RAW), False, True),
         "dk": ((K.VALUE, K.RAW, K.NORM, K.RAW), True, True),
         "dv": ((K.NORM, K.NORM, K.RAW, K.VALUE), True, False),
@@ -89,7 +93,7 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     cfg = config or CONFIG
     TD, TZ = K.tiles(accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
     return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
-                       cfg.threads, TD, TZ)
+                       cfg.threads, TD, TZ, output == "state")
 
 
 def _view(x: Any) -> Any:
@@ -139,7 +143,7 @@ class _Launches:
 
     def spec(self, output: str) -> Any:
         p = self.p
-        Dx, Dz = (p.Dk, p.Dv) if output in ("o", "dv") else (p.Dv, p.Dk)
+        Dx, Dz = (p.Dk, p.Dv) if output in ("o", "state", "dv") else (p.Dv, p.Dk)
         return sweep_spec(output, causal=p.causal, dtype=p.dtype, Dx=Dx, Dz=Dz, config=self.cfg)
 
     def sweep(self, spec: Any, x: Any, y: Any, z: Any, out: Any, *, s0: Any = None,
@@ -150,13 +154,12 @@ class _Launches:
         state = [self.state_dummy if a is None else _view(a) for a in (s0, s_out)]
         v_view = views[0] if v is None else _view(v)
         parts = self.parts_dummy if dm_part is None else _view(dm_part)
-        has_count0 = self.has_count0 and p.causal
         s0_dtype, s_out_dtype = (self.acc if a is None else np.dtype(a.dtype) for a in (s0, s_out))
         _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (ceil_div(Dz, spec.TZ), p.H, p.B),
                 spec.NT,
                 self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
                 self.count0, v_view, parts, s0 is not None, s_out is not None, self.has_mask,
-                self.has_m, has_count0, self.eps)
+                self.has_m, self.has_count0, self.eps)
 
     def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
         p, threads = self.p, self.cfg.threads
@@ -166,18 +169,24 @@ class _Launches:
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    """With ``call.o`` None, the state alone: the ``o`` sweep without its output (k stands in
+    for the q it does not read, and a one-element dummy for ``o``)."""
     p = call.p
     run = _Launches(call, call.count0)
     kv = count = None
     if call.want_state:
         kv = run.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
         count = run.xp.empty((p.B,), dtype=np.int64)
-    run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
+    if call.o is None:
+        out = _dummy(p.device.index, kernels.bits(np.dtype(p.dtype)), 4)
+        run.sweep(run.spec("state"), call.k, call.k, call.v, out, s0=call.kv0, s_out=kv)
+    else:
+        run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
     if not call.want_state:
         return None
     threads = run.cfg.threads
     _launch(kernels.count_total(threads), (p.B,), threads, run.stream, 0, run.count0, run.mask,
-            _view(count), p.S, run.has_count0, run.has_mask)
+            _view(count), p.S, run.has_count0 and p.causal, run.has_mask)
     return kv, count
 
 
@@ -195,7 +204,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     dk_hat = dq_hat  # the same scratch: the launches are ordered on one stream
     run.sweep(run.spec("dk"), call.v, call.do, call.q, dk_hat, s0=transposed(dkv))
     run.normalise_backward(dk_hat, call.k, call.dk)
-    dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
+    dkv0 = None if kv0 is None or not p.causal else xp.empty(kv0.shape, dtype=kv0.dtype)
     spec = run.spec("dv")
     dm_part = None
     if call.m is not None:

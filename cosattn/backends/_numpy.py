@@ -15,6 +15,8 @@ as +0.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
@@ -33,6 +36,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 # Above it, a call is cut into parts of about this many input elements (whole heads), so that
 # a part's temporaries stay small enough for the caches; parts run on a pool of threads.
 PART_ELEMENTS = 1 << 20
+# The most threads a call uses, its own and the BLAS library's (unset: one per core).
+THREADS_ENV_VAR = "COSATTN_NUM_THREADS"
 
 
 def unavailable() -> str | None:
@@ -43,10 +48,10 @@ def unavailable() -> str | None:
 class _Normalised:
     """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
 
-    qh: Any  # q_i / max(|q_i|, eps)
+    qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
     kh: Any  # k_j / max(|k_j|, eps)
     vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S)
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
@@ -74,17 +79,25 @@ def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
         out[...] = rows
 
 
-def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+def _real_tokens(p: Problem, mask: Any) -> Any:
+    """The real tokens of each batch row, (B,) int64."""
     if mask is None:
-        if p.causal:
-            steps = np.arange(1, p.S + 1, dtype=np.int64)
-            base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
-            return base[:, None] + steps[None, :]
-        return np.full((p.B, p.S), p.S, dtype=np.int64)
-    if p.causal:
-        c = np.cumsum(mask, axis=1, dtype=np.int64)
-        return c if count0 is None else c + count0[:, None]
-    return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
+        return np.full(p.B, p.S, dtype=np.int64)
+    return mask.sum(axis=1, dtype=np.int64)
+
+
+def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+    """c_j (B, S): causal, running from ``count0``; bidirectional, ``count0`` (the whole
+    sequence's count, ``total=``) or the row's own real tokens."""
+    if not p.causal:
+        total = _real_tokens(p, mask) if count0 is None else count0
+        return np.broadcast_to(total[:, None], (p.B, p.S))
+    if mask is None:
+        steps = np.arange(1, p.S + 1, dtype=np.int64)
+        base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
+        return base[:, None] + steps[None, :]
+    c = np.cumsum(mask, axis=1, dtype=np.int64)
+    return c if count0 is None else c + count0[:, None]
 
 
 def _sigmoid(m: Any) -> Any:
@@ -99,10 +112,14 @@ def _weights(m: Any, c: Any) -> Any:
 def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
     p, mask = call.p, _no_mask(call.mask)
     n = ceil_div(p.S, CHUNK) * CHUNK
-    qh, kh = np.empty((p.B, p.H, n, p.Dk), p.acc), np.empty((p.B, p.H, n, p.Dk), p.acc)
-    q_inv, k_inv = np.empty((p.B, p.H, p.S), p.acc), np.empty((p.B, p.H, p.S), p.acc)
-    _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
+    kh = np.empty((p.B, p.H, n, p.Dk), p.acc)
+    k_inv = np.empty((p.B, p.H, p.S), p.acc)
     _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv)
+    qh = q_inv = None
+    if call.q is not None:
+        qh = np.empty((p.B, p.H, n, p.Dk), p.acc)
+        q_inv = np.empty((p.B, p.H, p.S), p.acc)
+        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
     c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
     vt = _scaled(call.v, n, p.acc, mask, w)
@@ -162,19 +179,35 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
+def _state_part(call: ForwardCall) -> tuple[Any, Any]:
+    """The ``(kv, count)`` of :class:`ForwardCall` alone (``o`` None): one product over S."""
+    p, kv0 = call.p, call.kv0
+    count = _real_tokens(p, call.mask)
+    if p.causal and call.count0 is not None:
+        count = count + call.count0
+    kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+    if p.S:
+        x = _normalised_inputs(call)
+        kv += x.vt.swapaxes(-1, -2) @ x.kh
+    return kv, count
+
+
 def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
+    if call.o is None:
+        return _state_part(call)
     p, mask, kv0 = call.p, call.mask, call.kv0
     state = None
     if call.want_state:
         count = np.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0
-        count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
+        count = count + _real_tokens(p, mask)
         kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         state = kv, count
     if p.S == 0:
         return state
     x = _normalised_inputs(call)
     if not p.causal:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
+        # the call's own sum, or the whole sequence's (total=)
+        kv = x.vt.swapaxes(-1, -2) @ x.kh if kv0 is None else kv0.astype(p.acc, copy=False)
         out = x.qh @ kv.swapaxes(-1, -2)
         _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
         return None
@@ -191,18 +224,47 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     return kv, count
 
 
-_pool: ThreadPoolExecutor | None = None
+def num_threads() -> int | None:
+    """``$COSATTN_NUM_THREADS`` as a positive int; None when it is unset or empty."""
+    value = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(
+            f"the environment variable {THREADS_ENV_VAR} must be a positive integer, got {value!r}"
+        )
+    return threads
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries loaded in this process (found once; threadpoolctl)."""
+    return ThreadpoolController()
+
+
+def _blas_threads(threads: int | None) -> contextlib.AbstractContextManager[Any]:
+    """Limit the BLAS libraries to ``threads`` for the duration of a call (None: leave them)."""
+    if threads is None:
+        return contextlib.nullcontext()
+    return _blas().limit(limits=threads, user_api="blas")
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # its size and itself
 _pool_lock = threading.Lock()
 
 
-def _parts(p: Problem) -> list[tuple[slice, slice]]:
+def _parts(p: Problem, workers: int) -> list[tuple[slice, slice]]:
     """Cut a call into blocks ``(rows, heads)``: heads of one batch row (or whole batch rows,
-    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per core.
+    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per
+    worker thread.
 
     NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core,
     on temporaries a fraction of the size of the whole call's. Parts are independent.
     """
-    workers = os.cpu_count() or 1
     per_head = p.S * (p.Dk + p.Dv)
     if workers <= 1 or p.B * p.H * per_head < PARALLEL_MIN_ELEMENTS:
         return [(slice(None), slice(None))]
@@ -217,18 +279,34 @@ def _parts(p: Problem) -> list[tuple[slice, slice]]:
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
+def _workers_pool(workers: int) -> ThreadPoolExecutor:
+    """The pool of ``workers`` threads (replaced when the thread setting changes)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = workers, ThreadPoolExecutor(workers, thread_name_prefix="cosattn")
+        return _pool[1]
+
+
 def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
     """``part(block)`` for every block of :func:`_parts`, in parallel when there are several;
-    returns each block's ``(rows, heads)`` with its result, in a fixed order."""
-    global _pool
-    blocks = _parts(call.p)
+    returns each block's ``(rows, heads)`` with its result, in a fixed order.
+
+    With ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, each with
+    one BLAS thread, or, when it is not cut, the calling thread with at most n BLAS threads.
+    Unset, there is one worker per core and the BLAS library keeps its own setting.
+    """
+    threads = num_threads()
+    blocks = _parts(call.p, threads or os.cpu_count() or 1)
     if len(blocks) == 1:
-        return [(blocks[0], part(call))]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
-    futures = [_pool.submit(part, call.block(*b)) for b in blocks]
-    return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
+        with _blas_threads(threads):
+            return [(blocks[0], part(call))]
+    pool = _workers_pool(threads or os.cpu_count() or 1)
+    with _blas_threads(None if threads is None else 1):
+        futures = [pool.submit(part, call.block(*b)) for b in blocks]
+        return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
@@ -250,7 +328,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         return results[0][1]
     p = call.p
     dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-    dkv0 = None if call.kv0 is None else np.empty_like(call.kv0)
+    dkv0 = None if call.kv0 is None or not p.causal else np.empty_like(call.kv0)
     for (rows, heads), (dm_part, dkv0_part) in results:  # in order: fixed sums
         if dm is not None:
             dm[heads] += dm_part
@@ -264,7 +342,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     S = p.S
     if S == 0:
         dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-        if kv0 is None:
+        if kv0 is None or not p.causal:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     x = _normalised_inputs(call)
@@ -291,13 +369,15 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             dkh += x.vt @ dkv_acc
             dvt += x.kh @ dkv_acc.swapaxes(-1, -2)
             dkv0 = dkv0 + dkv_acc
-    else:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
+    else:  # the call's own sums, or the whole sequence's and their gradient (total=)
+        if kv0 is None:
+            kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
+            g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
+        else:
+            kv, g = kv0.astype(p.acc, copy=False), dkv.astype(p.acc, copy=False)
         dqh = dof @ kv
         dkh = x.vt @ g
         dvt = x.kh @ g.swapaxes(-1, -2)
-        dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
     _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps)
     _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps)
@@ -311,7 +391,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     if call.m is not None:
         sig = _sigmoid(call.m)
         dm = -terms.sum(axis=0) * sig * (1.0 - sig)
-    if kv0 is None:
+    if kv0 is None or not p.causal:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
 
