@@ -1,7 +1,8 @@
 // Cottention backward (docs/spec.md, "Backward") as four sweeps of common.cuh, in two kernels.
 //
 // Each gradient is a sweep with other roles (causal modes shown; bidirectional runs the same
-// roles through the global mode and has no states):
+// roles through the global mode and has no states, except with total=: then kv0 and dkv are the
+// whole sequence's sum and its gradient, which the global sweeps take instead of their own):
 //   1. o    = fwd(Q = q̂', K = k̂', V = ṽ,  from kv0)    -> δq_i = do_i · o_i        (= q̂_i · dq̂_i)
 //   2. dṽ   = rev(Q = k̂', K = q̂', V = do, from dkv)   -> dv, δk_j = ṽ_j · dṽ_j   (= k̂_j · dk̂_j),
 //                                                         dm, dkv0 (the final state)
@@ -186,8 +187,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(cons
       }
     }
   };
-  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
-  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
 
   // Sweep 3 (dq̂) and sweep 4 (dk̂): one sweep body with the roles chosen at run time.
 #pragma unroll 1
@@ -200,7 +199,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(cons
               third ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
                     : (dkv == nullptr ? nullptr : dkv + state_offset),
               true, nullptr, true, true, [&](index_t t0, int rows) {
-                normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
+                // dq or dk: the pointer is chosen first (a choice between two Rows loses the
+                // global space, and ptxas stores through generic addresses, ST.E)
+                normalise(third ? seq.q : seq.k,
+                          rows_of(third ? p.dq : p.dk, third ? p.dq_stride : p.dk_stride, b, h),
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
                           third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,
                           rows);
