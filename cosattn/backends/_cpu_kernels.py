@@ -33,25 +33,35 @@ def _unit(x: np.ndarray, eps: float, out: np.ndarray) -> None:  # pragma: no cov
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
 def step(kv: np.ndarray, count: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-         sig: np.ndarray, mask: np.ndarray, o: np.ndarray,
-         eps: float) -> None:  # pragma: no cover (compiled)
+         sig: np.ndarray, mask: np.ndarray, slots: np.ndarray, initial: np.ndarray,
+         o: np.ndarray, eps: float) -> None:  # pragma: no cover (compiled)
     """One recurrent step in place (docs/spec.md, "The RNN form").
 
-    ``kv`` (B, H, Dv, Dk) and ``count`` (B,) are the state; ``q``, ``k`` (B, H, Dk), ``v``
-    (B, H, Dv) and ``o`` (B, H, Dv) are in the state's dtype; ``sig`` is sigmoid(m) (H,), or
-    empty for no stabiliser; ``mask`` (B,) bool, or empty when every row is real. A padded row
-    is not read and its state is not written; its output is +0.
+    ``kv`` (P, H, Dv, Dk) and ``count`` (P,) are the states; ``q``, ``k`` (B, H, Dk), ``v``
+    (B, H, Dv) and ``o`` (B, H, Dv) are in the states' dtype; ``sig`` is sigmoid(m) (H,), or
+    empty for no stabiliser; ``mask`` (B,) bool, or empty when every row is real. Row b steps
+    state ``slots[b]`` (state b when ``slots`` is empty; none when it is -1 or out of range:
+    the row's output is +0), from a zero state where ``initial[b]`` is False (``initial``
+    empty: every row from its state). A padded row is not read; its state is not written,
+    unless it starts from zero, which it then receives; its output is +0.
     """
-    B, H, Dv, Dk = kv.shape
+    P, H, Dv, Dk = kv.shape
     qh = np.empty(Dk, kv.dtype)
     kh = np.empty(Dk, kv.dtype)
     vs = np.empty(Dv, kv.dtype)  # w v, in the state's dtype like every operand of the loop
     zero = np.zeros(1, kv.dtype)[0]
-    for b in range(B):
+    for b in range(q.shape[0]):
+        s = b if slots.size == 0 else slots[b]
+        if s < 0 or s >= P:
+            o[b] = 0.0
+            continue
+        if initial.size and not initial[b]:
+            kv[s] = 0.0
+            count[s] = 0
         if mask.size and not mask[b]:
             o[b] = 0.0
             continue
-        c = count[b] + 1
+        c = count[s] + 1
         for h in range(H):
             _unit(q[b, h], eps, qh)
             _unit(k[b, h], eps, kh)
@@ -59,11 +69,11 @@ def step(kv: np.ndarray, count: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.
             for i in range(Dv):
                 vs[i] = v[b, h, i] * w
             for i in range(Dv):
-                row = kv[b, h, i]
+                row = kv[s, h, i]
                 dot = zero
                 for j in range(Dk):
                     x = row[j] + vs[i] * kh[j]
                     row[j] = x
                     dot += x * qh[j]
                 o[b, h, i] = dot
-        count[b] = c
+        count[s] = c

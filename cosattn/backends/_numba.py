@@ -44,6 +44,7 @@ else:
     _IMPORT_ERROR = None
 
 DEVICE = "cuda"
+VARLEN = True
 
 
 @dataclass(frozen=True)

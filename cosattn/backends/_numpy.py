@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
 
 DEVICE = "cpu"
+VARLEN = True
 CHUNK = 64
 # Below this many input elements (B*H*S*(Dk+Dv)) a call runs on the calling thread alone.
 PARALLEL_MIN_ELEMENTS = 1 << 18
@@ -36,33 +37,80 @@ def unavailable() -> str | None:
     return None
 
 
-@dataclass
-class _Normalised:
-    """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where a call's tokens sit in the work buffers (B, H, n, D), ``n`` a multiple of CHUNK.
 
-    qh: Any  # q_i / max(|q_i|, eps)
-    kh: Any  # k_j / max(|k_j|, eps)
-    vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S)
-    k_inv: Any
-    c: Any  # token counts (B, S), int64
-    w: Any  # the stabiliser w_j, (B, H, S), or None without m
+    Unpacked, row b's S tokens sit at positions 0 .. S-1, and the chunks of all rows form one
+    segment, whose states are the call's B rows. Packed, sequence i (the positions ``src[i]``
+    .. ``src[i] + lengths[i] - 1`` of the one row) is copied to positions ``CHUNK * c0`` onward
+    for its segment of chunks ``segments[i] = (c0, c1)``: every sequence starts a chunk, no chunk
+    holds two sequences, and the positions between sequences are zero. Its state is row i.
+    """
+
+    S: int  # positions in use: the caller's S, or n when packed
+    n: int
+    mask: Any  # (B, S) bool: real tokens at the positions in use, or None when all are real
+    segments: list[tuple[int, int]]  # chunk ranges
+    src: Any = None  # (N,) each sequence's first position in the caller's row; None unpacked
+    lengths: Any = None  # (N,) tokens of each sequence
+
+    def rows(self, i: int) -> slice:
+        """The state rows of segment i."""
+        return slice(None) if self.src is None else slice(i, i + 1)
+
+    def tokens(self, i: int) -> slice:
+        """The work positions of segment i."""
+        c0, c1 = self.segments[i]
+        return slice(c0 * CHUNK, c1 * CHUNK)
 
 
-def _padded(x: Any, n: int, acc: np.dtype, mask: Any) -> Any:
-    """``x`` (B, H, S, D) cast into a fresh C-contiguous (B, H, n, D) buffer, zero past S and
-    where ``mask`` (B, S) is False (selected, whatever the padding holds)."""
+def _layout(call: ForwardCall | BackwardCall) -> _Layout:
+    p = call.p
+    if not call.packed:
+        n = ceil_div(p.S, CHUNK) * CHUNK
+        return _Layout(p.S, n, call.mask, [(0, n // CHUNK)])
+    cu = call.cu_seqlens
+    lengths = np.diff(cu)
+    ends = np.cumsum(-(-lengths // CHUNK))
+    starts = ends - (-(-lengths // CHUNK))
+    n = int(ends[-1]) * CHUNK if len(ends) else 0
+    mask = None
+    if call.mask is not None:
+        mask = np.zeros((1, n), dtype=np.bool_)
+        for s0, d0, L in zip(cu[:-1], starts * CHUNK, lengths, strict=True):
+            mask[0, d0:d0 + L] = call.mask[0, s0:s0 + L]
+    return _Layout(n, n, mask, list(zip(starts.tolist(), ends.tolist(), strict=True)),
+                   cu[:-1], lengths)
+
+
+def _into(x: Any, layout: _Layout, acc: np.dtype) -> Any:
+    """``x`` (B, H, S, D) cast into a fresh C-contiguous work buffer (B, H, n, D), zero where no
+    real token sits (selected, whatever the padding holds)."""
     B, H, S, D = x.shape
-    buf = np.empty((B, H, n, D), dtype=acc)
-    buf[:, :, :S] = x
-    buf[:, :, S:] = 0
-    if mask is not None:
-        np.copyto(buf[:, :, :S], 0, where=~mask[:, None, :, None])
+    if layout.src is None:
+        buf = np.empty((B, H, layout.n, D), dtype=acc)
+        buf[:, :, :S] = x
+        buf[:, :, S:] = 0
+    else:
+        buf = np.zeros((B, H, layout.n, D), dtype=acc)
+        for i, (s0, L) in enumerate(zip(layout.src, layout.lengths, strict=True)):
+            d0 = layout.segments[i][0] * CHUNK
+            buf[:, :, d0:d0 + L] = x[:, :, s0:s0 + L]
+    if layout.mask is not None:
+        np.copyto(buf[:, :, :layout.S], 0, where=~layout.mask[:, None, :, None])
     return buf
 
 
-def _zero_padding(out: Any, mask: Any) -> None:
-    """Padded positions of an output (B, H, S, D) become +0."""
+def _out_of(work: Any, out: Any, mask: Any, layout: _Layout) -> None:
+    """Write the caller's output (B, H, S, D) from a work buffer (B, H, >= layout.S, D); padded
+    positions (``mask``, the caller's (B, S)) become +0."""
+    if layout.src is None:
+        out[...] = work[:, :, :out.shape[2]]
+    else:
+        for i, (s0, L) in enumerate(zip(layout.src, layout.lengths, strict=True)):
+            d0 = layout.segments[i][0] * CHUNK
+            out[:, :, s0:s0 + L] = work[:, :, d0:d0 + L]
     if mask is not None:
         np.copyto(out, 0, where=~mask[:, None, :, None])
 
@@ -75,7 +123,11 @@ def _normalise(buf: Any, S: int, eps: float) -> Any:
     return 1.0 / norm
 
 
-def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+def _counts(p: Problem, layout: _Layout, count0: Any) -> Any:
+    """The token counts ``c`` (B, layout.S) of docs/spec.md, "Forward", step 2."""
+    mask = layout.mask
+    if layout.src is not None:
+        return _packed_counts(p, layout, count0)
     if mask is None:
         if p.causal:
             steps = np.arange(1, p.S + 1, dtype=np.int64)
@@ -88,6 +140,25 @@ def _counts(p: Problem, mask: Any, count0: Any) -> Any:
     return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
 
 
+def _packed_counts(p: Problem, layout: _Layout, count0: Any) -> Any:
+    """Counts restarting at every sequence (from its incoming count), (1, n)."""
+    if layout.mask is None:
+        real = np.zeros(layout.n, dtype=np.bool_)
+        for i, L in enumerate(layout.lengths):
+            d0 = layout.segments[i][0] * CHUNK
+            real[d0:d0 + L] = True
+    else:
+        real = layout.mask[0]
+    total = np.concatenate(([0], np.cumsum(real, dtype=np.int64)))  # real tokens before each
+    chunks = np.array(layout.segments, dtype=np.int64).reshape(-1, 2)
+    before, after = total[chunks[:, 0] * CHUNK], total[chunks[:, 1] * CHUNK]
+    segment = np.repeat(np.arange(len(chunks)), (chunks[:, 1] - chunks[:, 0]) * CHUNK)
+    if p.causal:
+        base = before if count0 is None else before - count0
+        return (total[1:] - base[segment])[None]
+    return (after - before)[segment][None]
+
+
 def _sigmoid(m: Any) -> Any:
     return 1.0 / (1.0 + np.exp(-m))
 
@@ -97,16 +168,29 @@ def _weights(m: Any, c: Any) -> Any:
     return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
-    p, mask = call.p, call.mask
-    n = ceil_div(p.S, CHUNK) * CHUNK
-    qh, kh, vt = (_padded(x, n, p.acc, mask) for x in (call.q, call.k, call.v))
-    q_inv = _normalise(qh, p.S, p.eps)
-    k_inv = _normalise(kh, p.S, p.eps)
-    c = _counts(p, mask, call.count0)
+@dataclass
+class _Normalised:
+    """Normalised, scaled inputs in the work layout, zero where no real token sits
+    (B, H, n, D)."""
+
+    qh: Any  # q_i / max(|q_i|, eps)
+    kh: Any  # k_j / max(|k_j|, eps)
+    vt: Any  # w_j * v_j
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, layout.S)
+    k_inv: Any
+    c: Any  # token counts (B, layout.S), int64
+    w: Any  # the stabiliser w_j, (B, H, layout.S), or None without m
+
+
+def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
+    p = call.p
+    qh, kh, vt = (_into(x, layout, p.acc) for x in (call.q, call.k, call.v))
+    q_inv = _normalise(qh, layout.S, p.eps)
+    k_inv = _normalise(kh, layout.S, p.eps)
+    c = _counts(p, layout, call.count0)
     w = None if call.m is None else _weights(call.m, c)
     if w is not None:
-        vt[:, :, : p.S] *= w[..., None]
+        vt[:, :, : layout.S] *= w[..., None]
     return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
 
 
@@ -123,29 +207,40 @@ def _lower_scores(a: Any, b: Any) -> Any:
     return scores
 
 
-def _chunk_sums(a: Any, b: Any, *, reverse: bool) -> Any:
-    """Running sums over chunks of ``a^T b``, (B, H, N, Da, Db): entry n holds chunks <= n
-    (chunks >= n with ``reverse``). A loop over chunks, since ``np.cumsum`` along a middle axis
-    is several times slower."""
+def _chunk_sums(a: Any, b: Any, layout: _Layout, *, reverse: bool) -> Any:
+    """Running sums over the chunks of each segment of ``a^T b``, (B, H, N, Da, Db): entry n
+    holds its segment's chunks <= n (chunks >= n with ``reverse``). A loop over chunks, since
+    ``np.cumsum`` along a middle axis is several times slower."""
     sums = _chunks(a).swapaxes(-1, -2) @ _chunks(b)
-    N = sums.shape[2]
-    if reverse:
-        for n in range(N - 2, -1, -1):
-            sums[:, :, n] += sums[:, :, n + 1]
-    else:
-        for n in range(1, N):
-            sums[:, :, n] += sums[:, :, n - 1]
+    for c0, c1 in layout.segments:
+        if reverse:
+            for n in range(c1 - 2, c0 - 1, -1):
+                sums[:, :, n] += sums[:, :, n + 1]
+        else:
+            for n in range(c0 + 1, c1):
+                sums[:, :, n] += sums[:, :, n - 1]
     return sums
 
 
-def _add_other_chunks(out: Any, x: Any, sums: Any, *, reverse: bool) -> None:
-    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``): each chunk meets the
-    chunks strictly before (after) it through their running sum."""
+def _add_other_chunks(out: Any, x: Any, sums: Any, layout: _Layout, *, reverse: bool) -> None:
+    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``) within each segment:
+    each chunk meets the chunks strictly before (after) it through their running sum."""
     out, x = _chunks(out), _chunks(x)
-    if reverse:
-        out[:, :, :-1] += x[:, :, :-1] @ sums[:, :, 1:]
-    else:
-        out[:, :, 1:] += x[:, :, 1:] @ sums[:, :, :-1]
+    for c0, c1 in layout.segments:
+        if c1 - c0 < 2:
+            continue
+        if reverse:
+            out[:, :, c0:c1 - 1] += x[:, :, c0:c1 - 1] @ sums[:, :, c0 + 1:c1]
+        else:
+            out[:, :, c0 + 1:c1] += x[:, :, c0 + 1:c1] @ sums[:, :, c0:c1 - 1]
+
+
+def _add_states(out: Any, x: Any, states: Any, layout: _Layout) -> None:
+    """``out += x @ states`` with each segment's positions meeting its own state (B or N rows,
+    (..., Dx, Dz))."""
+    for i in range(len(layout.segments)):
+        tokens = layout.tokens(i)
+        out[:, :, tokens] += x[:, :, tokens] @ states[layout.rows(i)]
 
 
 def _unchunk(x: Any) -> Any:
@@ -154,33 +249,50 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
+def _real_tokens(call: ForwardCall) -> Any:
+    """Real tokens of each sequence, (N,) int64."""
+    p, mask = call.p, call.mask
+    if not call.packed:
+        return np.full(p.B, p.S, dtype=np.int64) if mask is None else mask.sum(
+            axis=1, dtype=np.int64)
+    if mask is None:
+        return np.diff(call.cu_seqlens)
+    total = np.concatenate(([0], np.cumsum(mask[0], dtype=np.int64)))
+    return np.diff(total[call.cu_seqlens])
+
+
 def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
-    p, mask, kv0 = call.p, call.mask, call.kv0
+    p, kv0 = call.p, call.kv0
     state = None
     if call.want_state:
-        count = np.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0
-        count = count + (p.S if mask is None else mask.sum(axis=1, dtype=np.int64))
-        kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+        count = np.zeros(call.N, dtype=np.int64) if call.count0 is None else call.count0
+        count = count + _real_tokens(call)
+        kv = np.zeros((call.N, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         state = kv, count
     if p.S == 0:
         return state
-    x = _normalised_inputs(call)
+    layout = _layout(call)
+    x = _normalised_inputs(call, layout)
     if not p.causal:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        call.o[...] = x.qh[:, :, : p.S] @ kv.swapaxes(-1, -2)
-        _zero_padding(call.o, mask)
+        out = np.empty((*x.qh.shape[:3], p.Dv), dtype=p.acc)
+        for i in range(len(layout.segments)):
+            tokens = layout.tokens(i)
+            kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
+            out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
+        _out_of(out, call.o, call.mask, layout)
         return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
-    sums = _chunk_sums(x.kh, x.vt, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
-    _add_other_chunks(out, x.qh, sums, reverse=False)
+    sums = _chunk_sums(x.kh, x.vt, layout, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
+    _add_other_chunks(out, x.qh, sums, layout, reverse=False)
     if kv0 is not None:
-        out += x.qh @ kv0.astype(p.acc, copy=False).swapaxes(-1, -2)
-    call.o[...] = out[:, :, : p.S]
-    _zero_padding(call.o, mask)
+        _add_states(out, x.qh, kv0.astype(p.acc, copy=False).swapaxes(-1, -2), layout)
+    _out_of(out, call.o, call.mask, layout)
     if state is None:
         return None
     kv, count = state
-    kv += sums[:, :, -1].swapaxes(-1, -2)
+    for i, (c0, c1) in enumerate(layout.segments):
+        if c1 > c0:
+            kv[layout.rows(i)] += sums[:, :, c1 - 1].swapaxes(-1, -2)
     return kv, count
 
 
@@ -224,17 +336,47 @@ def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
     return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
+def _state_rows(call: Call, rows: slice) -> slice:
+    """The state rows of a block of batch rows ``rows`` (every sequence, when packed)."""
+    return slice(None) if call.packed else rows
+
+
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    if call.pooled:
+        _prefill(call)
+        return None
     results = _run(call, _forward_part)
     if len(results) == 1 or not call.want_state:
         return results[0][1]
     p = call.p
-    kv = np.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
-    count = np.empty(p.B, dtype=np.int64)
+    kv = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+    count = np.empty(call.N, dtype=np.int64)
     for (rows, heads), (kv_part, count_part) in results:
-        kv[rows, heads] = kv_part
-        count[rows] = count_part
+        kv[_state_rows(call, rows), heads] = kv_part
+        count[_state_rows(call, rows)] = count_part
     return kv, count
+
+
+def _prefill(call: ForwardCall) -> None:
+    """A pool's prefill: the packed forward from the named slots (zero where a sequence has no
+    initial state), its outgoing states written back into them. The slots are gathered and
+    scattered whole, once per call (a prefill's cost is in its tokens); a ``-1`` entry's tokens
+    are masked, so they reach no result, and its slot index is never used."""
+    indices = call.state_indices
+    live = indices >= 0
+    slot = np.where(live, indices, 0)
+    start = live if call.has_initial is None else live & call.has_initial
+    kv0 = np.where(start[:, None, None, None], call.kv0[slot], 0).astype(call.kv0.dtype)
+    count0 = np.where(start, call.count0[slot], 0)
+    mask = call.mask
+    if not live.all():
+        real = np.repeat(live, np.diff(call.cu_seqlens))[None]
+        mask = real if mask is None else mask & real
+    pure = replace(call, kv0=kv0, count0=count0, mask=mask, want_state=True, state_indices=None,
+                   has_initial=None)
+    kv, count = forward(pure)
+    call.kv0[indices[live]] = kv[live]
+    call.count0[indices[live]] = count[live]
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:
@@ -248,7 +390,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         if dm is not None:
             dm[heads] += dm_part
         if dkv0 is not None:
-            dkv0[rows, heads] = dkv0_part
+            dkv0[_state_rows(call, rows), heads] = dkv0_part
     return dm, dkv0
 
 
@@ -263,46 +405,55 @@ def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
 
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
-    S = p.S
-    if S == 0:
+    if p.S == 0:
         dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
         if kv0 is None:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
-    x = _normalised_inputs(call)
-    dof = _padded(call.do, x.qh.shape[2], p.acc, call.mask)
+    layout = _layout(call)
+    S = layout.S
+    x = _normalised_inputs(call, layout)
+    dof = _into(call.do, layout, p.acc)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
         # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
         # transposed, and dv~ later ones through (q^' . k^), the forward's scores transposed.
         dov = _lower_scores(dof, x.vt)  # (i, j): do_i . v~_j
         dqh = _unchunk(dov @ _chunks(x.kh))
-        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, reverse=False), reverse=False)
+        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, layout, reverse=False), layout,
+                          reverse=False)
         dkh = _unchunk(dov.swapaxes(-1, -2) @ _chunks(x.qh))
         del dov
-        later = _chunk_sums(dof, x.qh, reverse=True)  # sum over later tokens of do q^'^T
-        _add_other_chunks(dkh, x.vt, later, reverse=True)
+        later = _chunk_sums(dof, x.qh, layout, reverse=True)  # sum over later tokens of do q^'^T
+        _add_other_chunks(dkh, x.vt, later, layout, reverse=True)
         dvt = _unchunk(_lower_scores(x.qh, x.kh).swapaxes(-1, -2) @ _chunks(dof))
-        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), reverse=True)
-        dkv0 = later[:, :, 0]
+        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), layout, reverse=True)
+        dkv0 = np.zeros((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
+        for i, (c0, c1) in enumerate(layout.segments):
+            if c1 > c0:
+                dkv0[layout.rows(i)] = later[:, :, c0]
         if kv0 is not None:
-            dqh += dof @ kv0.astype(p.acc, copy=False)
+            _add_states(dqh, dof, kv0.astype(p.acc, copy=False), layout)
         if dkv is not None:
             dkv_acc = dkv.astype(p.acc, copy=False)
-            dkh += x.vt @ dkv_acc
-            dvt += x.kh @ dkv_acc.swapaxes(-1, -2)
-            dkv0 = dkv0 + dkv_acc
+            _add_states(dkh, x.vt, dkv_acc, layout)
+            _add_states(dvt, x.kh, dkv_acc.swapaxes(-1, -2), layout)
+            dkv0 += dkv_acc
     else:
-        kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-        g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
-        dqh = dof @ kv
-        dkh = x.vt @ g
-        dvt = x.kh @ g.swapaxes(-1, -2)
+        dqh, dkh, dvt = (np.empty((*x.qh.shape[:3], D), dtype=p.acc)
+                         for D in (p.Dk, p.Dk, p.Dv))
+        for i in range(len(layout.segments)):
+            t = layout.tokens(i)
+            kv = x.vt[:, :, t].swapaxes(-1, -2) @ x.kh[:, :, t]  # (B, H, Dv, Dk)
+            g = dof[:, :, t].swapaxes(-1, -2) @ x.qh[:, :, t]  # sum_i do_i q'_i^T
+            dqh[:, :, t] = dof[:, :, t] @ kv
+            dkh[:, :, t] = x.vt[:, :, t] @ g
+            dvt[:, :, t] = x.kh[:, :, t] @ g.swapaxes(-1, -2)
         dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
     dqh, dkh, dvt = dqh[:, :, :S], dkh[:, :, :S], dvt[:, :, :S]
-    call.dq[...] = _normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps)
-    call.dk[...] = _normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps)
+    _out_of(_normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps), call.dq, call.mask, layout)
+    _out_of(_normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps), call.dk, call.mask, layout)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
@@ -310,27 +461,29 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         per *= -np.log(np.maximum(1, x.c).astype(p.acc))[:, None, :]
         dm = per.sum(axis=(0, 2)) * sig * (1.0 - sig)
         dvt *= x.w[..., None]
-    call.dv[...] = dvt
-    for out in (call.dq, call.dk, call.dv):
-        _zero_padding(out, call.mask)
+    _out_of(dvt, call.dv, call.mask, layout)
     if kv0 is None:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
 
 
 def step(call: StepCall) -> None:
-    """One fused pass over the state (:func:`._cpu_kernels.step`); a padded row's state is not
-    written at all, so it keeps its bits (docs/spec.md, "Bad input")."""
+    """One fused pass over the state (:func:`._cpu_kernels.step`), in place on the slots a
+    pool's step names (no copies of them); a padded row's state is not written at all, so it
+    keeps its bits (docs/spec.md, "Bad input")."""
     kv, acc = call.kv, call.kv.dtype
     q, k, v = (np.ascontiguousarray(x, dtype=acc) for x in (call.q, call.k, call.v))
     sig = _NONE if call.m is None else _sigmoid(call.m.astype(acc))
     mask = _NO_MASK if call.mask is None else np.ascontiguousarray(call.mask)
+    slots = _NO_SLOTS if call.state_indices is None else call.state_indices
+    initial = _NO_MASK if call.has_initial is None else np.ascontiguousarray(call.has_initial)
     direct = call.o.dtype == acc and call.o.flags.c_contiguous
     o = call.o if direct else np.empty(call.o.shape, acc)
-    _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, o, call.p.eps)
+    _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, slots, initial, o, call.p.eps)
     if not direct:
         call.o[...] = o
 
 
 _NONE = np.empty(0, np.float32)  # no stabiliser
-_NO_MASK = np.empty(0, np.bool_)  # every row real
+_NO_MASK = np.empty(0, np.bool_)  # every row real; every row from its state
+_NO_SLOTS = np.empty(0, np.int64)  # row b is state b
