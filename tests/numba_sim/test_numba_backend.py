@@ -20,6 +20,7 @@ from cosattn import reference
 from helpers import (
     BFLOAT16,
     DTYPES,
+    JUNK,
     MASK_KINDS,
     TOL,
     assert_close,
@@ -89,7 +90,7 @@ def cases(draw):
     case = make_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), B, H, S, Dk, Dv,
                      draw(st.sampled_from(DTYPES)), mask=draw(st.sampled_from(MASK_KINDS)),
                      m=draw(st.booleans()), state=causal and draw(st.booleans()),
-                     dstate=causal and draw(st.booleans()))
+                     dstate=causal and draw(st.booleans()), junk=draw(st.sampled_from(JUNK)))
     return case, causal, draw(st.sampled_from(["bhsd", "bshd"]))
 
 
