@@ -104,18 +104,32 @@ class Call:
     def block(self: C, rows: slice, heads: slice) -> C:
         """The same call restricted to batch rows ``rows`` and heads ``heads`` (views).
 
-        A packed call has one row, so its sequences are not cut; a pool's slots are never cut
-        by rows (``state_indices`` names them).
+        For a packed call ``rows`` selects sequences: the block holds their positions of the
+        one row, with ``cu_seqlens`` rebased to start at 0 (a new array: packed calls are cut on
+        the host). A pool's slots are never cut by rows (``state_indices`` names them).
         """
-        sequences = slice(None) if self.packed else rows
-        slots = slice(None) if self.pooled else sequences
-        cut = {"BH": (rows, heads), "B": (rows,), "H": (heads,), "NH": (sequences, heads),
-               "N": (sequences,), "PH": (slots, heads), "P": (slots,)}
-        changes = {name: getattr(self, name)[cut[axes]]
-                   for name, axes in _leading_axes(type(self)).items()
-                   if getattr(self, name) is not None}
         p = self.p
-        sizes = {"B": len(range(p.B)[rows]), "H": len(range(p.H)[heads])}
+        sizes = {"H": len(range(p.H)[heads])}
+        positions: tuple[slice, ...] = ()
+        changes: dict[str, Any] = {}
+        sequences = rows
+        if self.packed:
+            first, last, _ = rows.indices(self.N)
+            last = max(first, last)
+            cu = self.cu_seqlens
+            positions = (slice(int(cu[first]), int(cu[last])),)
+            sizes["S"] = int(cu[last] - cu[first])
+            changes["cu_seqlens"] = cu[first:last + 1] - cu[first]
+            rows = slice(None)
+        else:
+            sizes["B"] = len(range(p.B)[rows])
+        slots = slice(None) if self.pooled else sequences
+        cut = {"BH": (rows, heads, *positions), "B": (rows, *positions), "H": (heads,),
+               "NH": (sequences, heads), "N": (sequences,), "PH": (slots, heads),
+               "P": (slots,)}
+        changes.update({name: getattr(self, name)[cut[axes]]
+                        for name, axes in _leading_axes(type(self)).items()
+                        if getattr(self, name) is not None})
         return replace(self, p=replace(p, **sizes), **changes)
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import cosattn
 from cosattn import reference
-from cosattn._call import Problem
+from cosattn._call import ForwardCall, Problem
 from cosattn._device import CPU
 from cosattn.backends import _cupy, _numpy
 
@@ -103,18 +103,44 @@ def test_one_sequence_is_the_unpacked_call():
     np.testing.assert_array_equal(out_packed.kv, out.kv)
 
 
-def test_calls_split_across_threads_match_reference(monkeypatch):
-    """A packed call large enough for the parts of the thread pool (a part per head here)."""
+@pytest.mark.parametrize("lengths", [[100, 0, 170, 31], [300], [5] * 40 + [200]],
+                         ids=["mixed", "one-long", "many-short"])
+def test_calls_split_across_threads_match_reference(lengths, monkeypatch):
+    """Packed calls cut into blocks of sequences and heads (parts of 3 heads x 100 tokens here,
+    at least one per pretended core)."""
     monkeypatch.setattr("os.cpu_count", lambda: 3)
-    monkeypatch.setattr(_numpy, "PART_ELEMENTS", 300 * 112)
+    monkeypatch.setattr(_numpy, "PART_ELEMENTS", 100 * 3 * 112)
     monkeypatch.setattr(_numpy, "PARALLEL_MIN_ELEMENTS", 1)
-    pc = make_packed_case(np.random.default_rng(2), [100, 0, 170, 31], 3, 64, 48, np.float32,
-                          mask=True, state=True, dstate=True)
-    assert len(_numpy._parts(Problem(1, 3, 301, 64, 48, pc.dtype, pc.dtype, True, 1e-12, CPU,
-                                     None))) == 3
+    pc = make_packed_case(np.random.default_rng(2), lengths, 3, 64, 48, np.float32, mask=True,
+                          state=True, dstate=True)
     for causal in (True, False):
         check_packed_forward(pc, causal=causal)
         check_packed_backward(pc, causal=causal)
+
+
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=30),
+       H=st.integers(1, 9), workers=st.integers(1, 4))
+def test_packed_parts_cover_every_sequence_and_head_once(lengths, H, workers):
+    cu = np.concatenate(([0], np.cumsum(lengths)))
+    p = Problem(1, H, int(cu[-1]), 64, 64, np.dtype(np.float32), np.dtype(np.float32), True,
+                1e-12, CPU, None)
+    x = np.zeros((1, H, p.S, 64), np.float32)
+    call = ForwardCall(p=p, q=x, k=x, v=x, m=None, mask=None, kv0=None, count0=None,
+                       cu_seqlens=cu, o=x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("os.cpu_count", lambda: workers)
+        patch.setattr(_numpy, "PART_ELEMENTS", 100 * 128)
+        patch.setattr(_numpy, "PARALLEL_MIN_ELEMENTS", 1)
+        blocks = _numpy._packed_parts(call)
+    cover = np.zeros((len(lengths), H), int)
+    for sequences, heads in blocks:
+        cover[sequences, heads] += 1
+        part = call.block(sequences, heads)
+        np.testing.assert_array_equal(np.diff(part.cu_seqlens), np.diff(cu)[sequences])
+        assert part.q.shape == (1, part.p.H, part.p.S, 64)
+    np.testing.assert_array_equal(cover, 1)
+    if workers > 1 and p.S:
+        assert len(blocks) >= min(workers, H * np.count_nonzero(lengths))
 
 
 def test_reference_packed_equals_calls_one_sequence_at_a_time():

@@ -12,6 +12,7 @@ at the end.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
+from .._call import BackwardCall, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
 
 DEVICE = "cpu"
@@ -322,11 +323,43 @@ def _parts(p: Problem) -> list[tuple[slice, slice]]:
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
-def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
-    """``part(block)`` for every block of :func:`_parts`, in parallel when there are several;
-    returns each block's ``(rows, heads)`` with its result, in a fixed order."""
+def _packed_parts(call: ForwardCall | BackwardCall) -> list[tuple[slice, slice]]:
+    """Cut a packed call into blocks ``(sequences, heads)``: runs of whole sequences of about
+    ``PART_ELEMENTS`` input elements (or of a core's share, when that is smaller), a run larger
+    than that cut into blocks of heads, at least one block per core where the heads allow.
+    Each block walks few sequences, so the per-sequence work of the whole call is done once,
+    not once per block of heads."""
+    p = call.p
+    workers = os.cpu_count() or 1
+    per_token = p.H * (p.Dk + p.Dv)
+    if workers <= 1 or p.S * per_token < PARALLEL_MIN_ELEMENTS:
+        return [(slice(None), slice(None))]
+    ends = np.cumsum(np.diff(call.cu_seqlens)) * per_token  # elements up to each sequence's end
+    target = min(PART_ELEMENTS, ceil_div(int(ends[-1]), workers))
+    groups, first = [], 0
+    while first < call.N:
+        base = ends[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, base + target, side="right")))
+        groups.append((first, last, int(ends[last - 1] - base)))
+        first = last
+    split = [min(p.H, max(1, ceil_div(size, PART_ELEMENTS))) for _, _, size in groups]
+    while sum(split) < workers and any(c < p.H for c in split):
+        biggest = max((g for g in range(len(groups)) if split[g] < p.H),
+                      key=lambda g: groups[g][2] / split[g])
+        split[biggest] = min(p.H, 2 * split[biggest])
+    blocks = []
+    for (first, last, _), parts in zip(groups, split, strict=True):
+        cuts = [i * p.H // parts for i in range(parts + 1)]
+        blocks += [(slice(first, last), slice(h0, h1)) for h0, h1 in itertools.pairwise(cuts)]
+    return blocks
+
+
+def _run(call: ForwardCall | BackwardCall, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
+    """``part(block)`` for every block of :func:`_parts` (:func:`_packed_parts`), in parallel
+    when there are several; returns each block's ``(rows, heads)`` (``(sequences, heads)``)
+    with its result, in a fixed order."""
     global _pool
-    blocks = _parts(call.p)
+    blocks = _packed_parts(call) if call.packed else _parts(call.p)
     if len(blocks) == 1:
         return [(blocks[0], part(call))]
     with _pool_lock:
@@ -334,11 +367,6 @@ def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
             _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
     futures = [_pool.submit(part, call.block(*b)) for b in blocks]
     return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
-
-
-def _state_rows(call: Call, rows: slice) -> slice:
-    """The state rows of a block of batch rows ``rows`` (every sequence, when packed)."""
-    return slice(None) if call.packed else rows
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
@@ -352,8 +380,8 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
     kv = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
     count = np.empty(call.N, dtype=np.int64)
     for (rows, heads), (kv_part, count_part) in results:
-        kv[_state_rows(call, rows), heads] = kv_part
-        count[_state_rows(call, rows)] = count_part
+        kv[rows, heads] = kv_part
+        count[rows] = count_part
     return kv, count
 
 
@@ -390,7 +418,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         if dm is not None:
             dm[heads] += dm_part
         if dkv0 is not None:
-            dkv0[_state_rows(call, rows), heads] = dkv0_part
+            dkv0[rows, heads] = dkv0_part
     return dm, dkv0
 
 
