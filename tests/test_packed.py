@@ -420,3 +420,24 @@ def test_the_cupy_backend_refuses_packed_and_pool_calls(monkeypatch):
         pool.step(x[0, :, :2].swapaxes(0, 1), x[0, :, :2].swapaxes(0, 1),
                   x[0, :, :2].swapaxes(0, 1), state_indices=np.array([0, 1]), backend="cupy")
     assert pool.kv.tobytes() == before
+
+
+def test_torch_tensors_round_trip_and_the_pool_is_written_in_place():
+    torch = pytest.importorskip("torch")
+    pc = make_packed_case(np.random.default_rng(8), [3, 0, 9], 2, 4, 4, np.float32, mask=True)
+    q, k, v = (torch.from_numpy(a) for a in (pc.q, pc.k, pc.v))
+    cu = torch.from_numpy(pc.cu_seqlens.astype(np.int32))
+    mask = torch.from_numpy(pc.mask)
+    o, state = cosattn.forward(q, k, v, cu_seqlens=cu, mask=mask, return_state=True)
+    assert isinstance(o, torch.Tensor) and isinstance(state.kv, torch.Tensor)
+    ref_o, ref_kv, _ = reference.forward_packed(pc.f64["q"], pc.f64["k"], pc.f64["v"],
+                                                cu_seqlens=pc.cu_seqlens, mask=pc.mask)
+    assert_close(o.numpy(), ref_o, np.float32, "o")
+    pool = cosattn.StatePool.zeros(4, 2, 4, 4, like=q)
+    kv = pool.kv
+    assert isinstance(kv, torch.Tensor)
+    pool.prefill(q, k, v, cu_seqlens=cu, mask=mask, state_indices=torch.tensor([2, -1, 0]))
+    assert pool.kv is kv
+    assert_close(kv[[2, 0]].numpy(), ref_kv[[0, 2]], np.float32, "pool.kv")
+    np.testing.assert_array_equal(pool.count.numpy(), [int(pc.mask[0, 3:].sum()), 0,
+                                                       int(pc.mask[0, :3].sum()), 0])
