@@ -65,6 +65,11 @@ class _Layout:
         c0, c1 = self.segments[i]
         return slice(c0 * CHUNK, c1 * CHUNK)
 
+    def spans(self) -> list[tuple[int, int, int]]:
+        """Packed: ``(caller position, work position, length)`` of every sequence."""
+        return [(int(s0), c0 * CHUNK, int(L)) for s0, (c0, _), L in
+                zip(self.src, self.segments, self.lengths, strict=True)]
+
 
 def _layout(call: ForwardCall | BackwardCall) -> _Layout:
     p = call.p
@@ -73,16 +78,17 @@ def _layout(call: ForwardCall | BackwardCall) -> _Layout:
         return _Layout(p.S, n, call.mask, [(0, n // CHUNK)])
     cu = call.cu_seqlens
     lengths = np.diff(cu)
-    ends = np.cumsum(-(-lengths // CHUNK))
-    starts = ends - (-(-lengths // CHUNK))
+    chunks = -(-lengths // CHUNK)
+    ends = np.cumsum(chunks)
     n = int(ends[-1]) * CHUNK if len(ends) else 0
-    mask = None
-    if call.mask is not None:
-        mask = np.zeros((1, n), dtype=np.bool_)
-        for s0, d0, L in zip(cu[:-1], starts * CHUNK, lengths, strict=True):
-            mask[0, d0:d0 + L] = call.mask[0, s0:s0 + L]
-    return _Layout(n, n, mask, list(zip(starts.tolist(), ends.tolist(), strict=True)),
-                   cu[:-1], lengths)
+    layout = _Layout(n, n, None, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
+                     cu[:-1], lengths)
+    if call.mask is None:
+        return layout
+    mask = np.zeros((1, n), dtype=np.bool_)
+    for s0, d0, L in layout.spans():
+        mask[0, d0:d0 + L] = call.mask[0, s0:s0 + L]
+    return replace(layout, mask=mask)
 
 
 def _into(x: Any, layout: _Layout, acc: np.dtype) -> Any:
@@ -95,8 +101,7 @@ def _into(x: Any, layout: _Layout, acc: np.dtype) -> Any:
         buf[:, :, S:] = 0
     else:
         buf = np.zeros((B, H, layout.n, D), dtype=acc)
-        for i, (s0, L) in enumerate(zip(layout.src, layout.lengths, strict=True)):
-            d0 = layout.segments[i][0] * CHUNK
+        for s0, d0, L in layout.spans():
             buf[:, :, d0:d0 + L] = x[:, :, s0:s0 + L]
     if layout.mask is not None:
         np.copyto(buf[:, :, :layout.S], 0, where=~layout.mask[:, None, :, None])
@@ -109,8 +114,7 @@ def _out_of(work: Any, out: Any, mask: Any, layout: _Layout) -> None:
     if layout.src is None:
         out[...] = work[:, :, :out.shape[2]]
     else:
-        for i, (s0, L) in enumerate(zip(layout.src, layout.lengths, strict=True)):
-            d0 = layout.segments[i][0] * CHUNK
+        for s0, d0, L in layout.spans():
             out[:, :, s0:s0 + L] = work[:, :, d0:d0 + L]
     if mask is not None:
         np.copyto(out, 0, where=~mask[:, None, :, None])
@@ -145,8 +149,7 @@ def _packed_counts(p: Problem, layout: _Layout, count0: Any) -> Any:
     """Counts restarting at every sequence (from its incoming count), (1, n)."""
     if layout.mask is None:
         real = np.zeros(layout.n, dtype=np.bool_)
-        for i, L in enumerate(layout.lengths):
-            d0 = layout.segments[i][0] * CHUNK
+        for _, d0, L in layout.spans():
             real[d0:d0 + L] = True
     else:
         real = layout.mask[0]
