@@ -14,8 +14,14 @@ Run from the repository root::
     python -m benchmarks.cpu_bench            # the full grid, S = 1024 ... 65536
     python -m benchmarks.cpu_bench --quick    # S up to 4096, one repeat: a smoke run
 
+Then the margin rows (``--margin-only`` runs just these): at S = 8192 each input dtype against
+float32, and the recurrent step against a bare NumPy update of the same state (B1 H16 D128) and
+against a plain copy of a large state (B64 H16 D128), every pair timed in alternation so that
+the machine's drift falls on both.
+
 Writes ``cpu_bench.json``, ``cpu_bench.md`` and ``cpu_bench.png`` (``cpu_bench_quick.*`` with
-``--quick``) into ``--out`` (default ``benchmarks/results``).
+``--quick``, ``cpu_margin.*`` with ``--margin-only``) into ``--out`` (default
+``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 import cosattn
@@ -46,6 +53,13 @@ TARGET_S = 8192
 # Issue 2's targets for the default configuration at S = 8192.
 TARGETS = {"fwdbwd_median_s": 0.220, "fwd_median_s": 0.080, "speedup_vs_appendix": 50.0,
            "peak_extra_ratio": 4.0}
+# The CPU margin's targets (medians of alternated runs).
+MARGIN_TARGETS = {"fwdbwd_s": 0.070, "fwd_s": 0.022, "bwd_over_fwd": 2.5,
+                  "bfloat16_over_float32": 1.3, "float16_over_float32": 1.6,
+                  "float64_over_float32": 2.5, "step_over_bare_update": 0.65,
+                  "step_share_of_copy_bandwidth": 0.5}
+MARGIN_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
+                 "float64": np.float64}
 
 
 def _forward(impl: str) -> Callable[..., Any]:
@@ -203,6 +217,96 @@ def check_targets(results: Sequence[dict[str, Any]], config: dict[str, Any]) -> 
             "all_met": all(c["met"] for c in checks)}
 
 
+def _alternated(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn round after round (after a warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(hx.wall_time(fn))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _per_call(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
+    def many() -> None:
+        for _ in range(calls):
+            fn()
+    return many
+
+
+def margin(rounds: int) -> dict[str, Any]:
+    """The margin rows: dtypes at S = 8192, the step against a bare update and a copy."""
+    dtype_fns = {}
+    for name, dtype in MARGIN_DTYPES.items():
+        x = make_inputs(1, 8, TARGET_S, 64, 64, np.dtype(dtype))
+        dtype_fns[f"{name} fwd"] = case("cosattn", "fwd", x)
+        dtype_fns[f"{name} fwdbwd"] = case("cosattn", "fwdbwd", x)
+    times = _alternated(dtype_fns, rounds)
+    rng = np.random.default_rng(0)
+    step = {}
+    for B, calls in ((1, 200), (64, 3)):
+        H, D = 16, 128
+        q, k, v = (rng.standard_normal((B, H, D), dtype=np.float32) for _ in range(3))
+        m = np.full(H, 0.5, np.float32)
+        state = cosattn.RecurrentState.zeros(B, H, D, D)
+        out = np.empty((B, H, D), np.float32)
+        kv, copy = np.zeros((B, H, D, D), np.float32), np.zeros((B, H, D, D), np.float32)
+
+        def bare(kv: Any = kv, q: Any = q, k: Any = k, v: Any = v) -> Any:
+            kv += v[..., :, None] * k[..., None, :]
+            return (kv @ q[..., None])[..., 0]
+
+        fns = {"step": _per_call(lambda s=state, q=q, k=k, v=v, m=m, o=out: s.step(
+                   q, k, v, m, out=o), calls),
+               "bare update": _per_call(bare, calls),
+               "copy": _per_call(lambda a=copy, b=kv: np.copyto(a, b), calls)}
+        seconds = {n: t / calls for n, t in _alternated(fns, rounds).items()}
+        state_bytes = kv.nbytes
+        step[f"B{B} H{H} D{D}"] = {
+            "state_bytes": state_bytes, "seconds": seconds,
+            "step_over_bare_update": seconds["step"] / seconds["bare update"],
+            "step_GBps": 2 * state_bytes / seconds["step"] / 1e9,
+            "copy_GBps": 2 * state_bytes / seconds["copy"] / 1e9,
+            "step_share_of_copy_bandwidth": seconds["copy"] / seconds["step"]}
+    f32 = times["float32 fwd"], times["float32 fwdbwd"]
+    measured = {
+        "fwd_s": f32[0], "fwdbwd_s": f32[1], "bwd_over_fwd": (f32[1] - f32[0]) / f32[0],
+        **{f"{n}_over_float32": times[f"{n} fwdbwd"] / f32[1] for n in MARGIN_DTYPES
+           if n != "float32"},
+        "step_over_bare_update": step["B1 H16 D128"]["step_over_bare_update"],
+        "step_share_of_copy_bandwidth": step["B64 H16 D128"]["step_share_of_copy_bandwidth"],
+    }
+    at_most = {k for k in MARGIN_TARGETS if k != "step_share_of_copy_bandwidth"}
+    checks = [{"name": k, "value": measured[k], "limit": limit,
+               "kind": "at most" if k in at_most else "at least",
+               "met": measured[k] <= limit if k in at_most else measured[k] >= limit}
+              for k, limit in MARGIN_TARGETS.items()]
+    return {"rounds": rounds, "dtype_seconds": times, "step": step, "checks": checks}
+
+
+def margin_markdown(data: dict[str, Any]) -> list[str]:
+    mg = data["margin"]
+    lines = ["", f"## Margin rows (medians of {mg['rounds']} alternated rounds)", "",
+             "B=1, H=8, S=8192, D=64, m given:", ""]
+    rows = [[name, hx.fmt_ms(mg["dtype_seconds"][f"{name} fwd"]),
+             hx.fmt_ms(mg["dtype_seconds"][f"{name} fwdbwd"]),
+             f"{mg['dtype_seconds'][f'{name} fwdbwd'] / mg['dtype_seconds']['float32 fwdbwd']:.2f}"]
+            for name in MARGIN_DTYPES]
+    lines.append(hx.markdown_table(["dtype", "fwd ms", "fwd+bwd ms", "x float32"], rows))
+    lines += ["", "Recurrent step, float32, `m` given, validation included:", ""]
+    rows = [[shape, f"{r['seconds']['step'] * 1e6:.1f}", f"{r['seconds']['bare update'] * 1e6:.1f}",
+             f"{r['step_over_bare_update']:.2f}", f"{r['step_GBps']:.1f}", f"{r['copy_GBps']:.1f}"]
+            for shape, r in mg["step"].items()]
+    lines.append(hx.markdown_table(["shape", "step us", "bare update us", "ratio",
+                                    "step GB/s", "copy GB/s"], rows))
+    lines += ["", "Targets:", ""]
+    rows = [[c["name"], f"{c['value']:.4g}", f"{c['kind']} {c['limit']:g}",
+             "yes" if c["met"] else "NO"] for c in mg["checks"]]
+    lines.append(hx.markdown_table(["target", "measured", "limit", "met"], rows))
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     cfg, mach = data["config"], data["machine"]
     blas = mach["blas"]
@@ -226,7 +330,7 @@ def markdown(data: dict[str, Any]) -> str:
         "baseline's time over cosattn's.",
     ]
     results = data["results"]
-    for mode in MODES:
+    for mode in MODES if results else ():
         lines += ["", f"## {MODE_NAMES[mode]}", ""]
         headers = ["S", "cosattn ms", "x"]
         for impl in IMPLS[1:]:
@@ -246,7 +350,9 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(hx.markdown_table(headers, rows))
     targets = data["targets"]
     lines += ["", f"## Targets at S={targets['S']}", ""]
-    if targets["evaluated"]:
+    if not results:
+        lines.append("Not evaluated: the grid was not run (--margin-only).")
+    elif targets["evaluated"]:
         rows = [[c["name"], "-" if c["value"] is None else f"{c['value']:.4g}",
                  f"{c['kind']} {c['limit']:g}", {True: "yes", False: "NO", None: "-"}[c["met"]]]
                 for c in targets["checks"]]
@@ -260,6 +366,7 @@ def markdown(data: dict[str, Any]) -> str:
              f"{c['tolerance']:g}", "yes" if c["ok"] else "NO"] for c in agree["cases"]]
     lines.append(hx.markdown_table(["impl", "dtype", "o", "dq", "dk", "dv", "dm", "bound", "ok"],
                                    rows))
+    lines += margin_markdown(data)
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +420,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="skip a baseline whose estimated peak is over this (GB)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--margin-only", action="store_true",
+                   help="only the margin rows (dtypes, the recurrent step)")
+    p.add_argument("--rounds", type=int, help="alternated rounds of the margin rows "
+                   "(default 15, quick 3)")
     args = p.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 15)
     args.S = args.S or list(QUICK_S if args.quick else FULL_S)
     args.repeats = args.repeats or (1 if args.quick else 7)
     return args
@@ -331,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     agree = agreement()
     print("agreement with the reference:", "ok" if agree["ok"] else "FAILED", flush=True)
     results = []
-    for S in args.S:
+    for S in () if args.margin_only else args.S:
         inputs = make_inputs(args.B, args.H, S, args.D, args.D, np.dtype(args.dtype))
         for mode in MODES:
             for impl in args.impls:
@@ -341,16 +453,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     record, lambda r: f"{r['median_s'] * 1e3:10.2f} ms  peak x "
                                       f"{r['peak_extra_ratio']:.2f}"), flush=True)
         del inputs
+    margin_rows = margin(args.rounds)
+    for c in margin_rows["checks"]:
+        print(f"margin {c['name']:32s} {c['value']:.4g} ({c['kind']} {c['limit']:g})", flush=True)
     data = {"benchmark": "cpu", "command": command, "created": hx.now(), "machine": machine,
             "config": config, "agreement": agree, "results": results,
-            "targets": check_targets(results, config),
+            "targets": check_targets(results, config), "margin": margin_rows,
             "load_average_end": hx.load_average()}
-    stem = "cpu_bench_quick" if args.quick else "cpu_bench"
+    stem = "cpu_margin" if args.margin_only else "cpu_bench_quick" if args.quick else "cpu_bench"
     hx.write_json(args.out / f"{stem}.json", data)
     (args.out / f"{stem}.md").write_text(markdown(data))
-    if not args.no_plot:
+    plotted = not (args.no_plot or args.margin_only)
+    if plotted:
         plot(data, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.{{json,md{'' if args.no_plot else ',png'}}}")
+    print(f"wrote {args.out / stem}.{{json,md{',png' if plotted else ''}}}")
     return 0 if agree["ok"] else 1
 
 

@@ -1,32 +1,33 @@
-"""GPU benchmark: cosattn's GPU backends against baselines, forward, forward+backward and step.
+"""GPU benchmark: cosattn's GPU backends side by side with the alternatives, in one run.
 
-For every S, head size D and dtype, each implementation is warmed up, run once to read its peak
-device memory, then timed with CUDA events (the L2 cache flushed before each run) and reported
-by its median, with the bandwidth it achieves over the fewest bytes the operation must move
-(read q, k, v, write o; plus read q, k, v, do, write dq, dk, dv for the backward), as a fraction
-of the device-to-device copy bandwidth measured in the same run.
+For every shape (B, H, S, D) and dtype, each implementation is warmed up, run once to read its
+peak device memory, then timed with CUDA events (the L2 cache flushed before each run) and
+reported by its median, with the bandwidth it achieves over the fewest bytes the operation must
+move (read q, k, v, write o; plus read q, k, v, do, write dq, dk, dv for the backward), as a
+fraction of the device-to-device copy bandwidth measured in the same run.
 
-Implementations: ``cosattn:cupy`` and ``cosattn:numba`` (the public API with ``backend=``), the
+Implementations: ``cosattn:cupy`` and ``cosattn:numba`` (the public API with ``backend=``); the
 paper's appendix-A cumulative-sum form and the quadratic masked form (``benchmarks.baselines`` on
-CuPy), softmax attention through ``torch.nn.functional.scaled_dot_product_attention`` (causal;
-another operation, for scale) when torch is importable, and Cottention through
-flash-linear-attention's ``chunk_linear_attn`` (L2 normalisation and value scaling done in torch
-around it) when ``fla`` is importable. A case whose estimated memory is over 90% of the free
-device memory is recorded as skipped with that estimate.
+CuPy); softmax attention through ``torch.nn.functional.scaled_dot_product_attention`` (causal,
+FlashAttention for 16-bit inputs; another operation, for scale) when torch is importable; and
+Cottention as a user of flash-linear-attention must run it, when ``fla`` is importable: q and k
+L2-normalised and v scaled by the stabiliser in torch, then ``chunk_linear_attn(scale=1,
+normalize=False)``, all inside the timed call, on inputs in fla's (B, S, H, D) layout. A case
+whose estimated memory is over 90% of the free device memory is recorded as skipped.
 
 The step benchmark runs many back-to-back :meth:`cosattn.RecurrentState.step` calls: with
 B*H = 1024 and D = 128 (a 64 MiB float32 state, larger than L2) it reports the bandwidth of the
 state's bytes (read and written once per step); with B = 1, H = 16 it reports the device time per
 step (the steps queued behind a spinning kernel, so the GPU runs them back to back) and the host
-time per Python ``step`` call.
+time per Python ``step`` call. The targets of issue 11 are evaluated from the results.
 
 ``--device cpu`` runs the same code with NumPy (the ``numpy`` backend, wall-clock timing,
 tracemalloc peaks) at tiny sizes: a dry run for machines without a GPU.
 
 Run from the repository root::
 
-    python -m benchmarks.gpu_bench --quick          # the one-command check
-    python -m benchmarks.gpu_bench                  # the full grid, S = 1024 ... 131072
+    python -m benchmarks.gpu_bench                  # bf16, B8 H16 D128 S 2k-64k, B1 H8 S64k
+    python -m benchmarks.gpu_bench --quick          # S 16k and B1 H8 S64k only
     python -m benchmarks.gpu_bench --device cpu     # dry run without a GPU
 """
 
@@ -60,23 +61,27 @@ MODES = ("fwd", "fwdbwd")
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16),
           "float32": np.dtype(np.float32)}
 BASELINES = ("appendix", "quadratic", "sdpa", "fla")
+TORCH_IMPLS = ("sdpa", "fla")
 MEMORY_FRACTION = 0.9  # of the free device memory a case may plan to use
 SLOW_CALL_S = 1.0  # a first call slower than this is the only warm-up call
 
-# Default sizes per (device, quick). Step shapes are (B, H, D).
+# The shapes of issue 11, (B, H, S, D): the ones its targets name first, so that a run cut short
+# by a time limit has them.
+TARGET_SHAPES = ((8, 16, 16384, 128), (8, 16, 8192, 128), (1, 8, 65536, 128))
+STEP_SHAPES = ((64, 16, 128), (1, 16, 128))  # (B, H, D): B*H = 1024, and one sequence
+# Default sizes per (device, quick).
 PROFILES: dict[tuple[str, bool], dict[str, Any]] = {
-    ("cuda", False): {"S": tuple(1024 * 2**i for i in range(8)), "D": (64, 128),
-                      "dtypes": ("bfloat16", "float16", "float32"), "B": 8, "H": 16,
-                      "repeats": 10, "warmup": 2, "steps": 500,
-                      "step_shapes": ((64, 16, 128), (1, 16, 128))},
-    ("cuda", True): {"S": (1024, 16384), "D": (64, 128), "dtypes": ("bfloat16", "float32"),
-                     "B": 8, "H": 16, "repeats": 5, "warmup": 1, "steps": 100,
-                     "step_shapes": ((64, 16, 128), (1, 16, 128))},
-    ("cpu", False): {"S": (64, 128, 256), "D": (16,), "dtypes": ("bfloat16", "float32"),
-                     "B": 1, "H": 2, "repeats": 3, "warmup": 1, "steps": 50,
+    ("cuda", False): {"shapes": TARGET_SHAPES + tuple((8, 16, S, 128)
+                                                      for S in (2048, 4096, 32768, 65536)),
+                      "dtypes": ("bfloat16",), "repeats": 10, "warmup": 2, "steps": 500,
+                      "step_shapes": STEP_SHAPES},
+    ("cuda", True): {"shapes": (TARGET_SHAPES[0], TARGET_SHAPES[2]), "dtypes": ("bfloat16",),
+                     "repeats": 5, "warmup": 1, "steps": 100, "step_shapes": STEP_SHAPES},
+    ("cpu", False): {"shapes": ((1, 2, 64, 16), (1, 2, 128, 16), (2, 2, 256, 16)),
+                     "dtypes": ("bfloat16", "float32"), "repeats": 3, "warmup": 1, "steps": 50,
                      "step_shapes": ((8, 4, 16), (1, 4, 16))},
-    ("cpu", True): {"S": (64, 128), "D": (16,), "dtypes": ("bfloat16", "float32"),
-                    "B": 1, "H": 2, "repeats": 1, "warmup": 1, "steps": 10,
+    ("cpu", True): {"shapes": ((1, 2, 64, 16), (2, 2, 128, 16)),
+                    "dtypes": ("bfloat16", "float32"), "repeats": 1, "warmup": 1, "steps": 10,
                     "step_shapes": ((8, 4, 16), (1, 4, 16))},
 }
 
@@ -114,16 +119,30 @@ def needed_bytes(impl: str, mode: str, B: int, H: int, S: int, D: int, dtype: An
     """Estimated device memory of one case beyond its inputs (q, k, v, do).
 
     The baselines of :mod:`benchmarks.baselines` bring their own estimate. For cosattn, SDPA
-    and fla it is a lower bound, the outputs (o; dq, dk, dv) plus, for fla, the torch-side
-    normalised and scaled copies (and their gradients): a case over it cannot fit, a case under
-    it may still run out of memory, which is then recorded as an error.
+    and fla it is a lower bound, the outputs (o; dq, dk, dv) plus, for fla, its (B, S, H, D)
+    copies of q, k, v, do and the torch-side normalised and scaled tensors (and their
+    gradients): a case over it cannot fit, a case under it may still run out of memory, which is
+    then recorded as an error.
     """
     if impl in baselines.FORMS:
         return baselines.needed_bytes(impl, mode, B, H, S, D, D, dtype)
     tensor = B * H * S * D * np.dtype(dtype).itemsize
     outputs = 1 if mode == "fwd" else 4
-    extra = 0 if impl != "fla" else (3 if mode == "fwd" else 6)
+    extra = 0 if impl != "fla" else 4 + (3 if mode == "fwd" else 6)
     return (outputs + extra) * tensor
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"8x16x16384x128"`` as ``(B, H, S, D)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a shape is BxHxSxD, four positive integers: {text!r}")
+    B, H, S, D = map(int, parts)
+    return B, H, S, D
+
+
+def shape_label(B: int, H: int, S: int, D: int) -> str:
+    return f"B{B} H{H} S{S} D{D}"
 
 
 # ---------------------------------------------------------------- runtimes
@@ -338,6 +357,31 @@ def versions() -> dict[str, str | None]:
 
 # ---------------------------------------------------------------- implementations
 
+def device_normal(xp: Any, shape: tuple[int, ...], dtype: Any, seed: int = 0) -> Any:
+    """N(0, 1) samples of ``shape`` in ``dtype``, drawn on ``xp``'s device.
+
+    bfloat16 on a GPU is rounded from float32 through its bit pattern (to nearest, ties to
+    even), so no bfloat16 arithmetic is asked of the array library; the result is a view with
+    ml_dtypes' bfloat16 dtype, as cosattn's own arrays are.
+    """
+    dtype = np.dtype(dtype)
+    x = xp.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    if xp is np or dtype != DTYPES["bfloat16"]:
+        return x.astype(dtype)
+    u = x.view(xp.uint32)
+    bits = ((u + ((u >> 16) & 1) + 0x7FFF) >> 16).astype(xp.uint16)
+    del x, u
+    return bits.view(xp.int16).view(dtype)
+
+
+def device_empty(xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialised array on ``xp``'s device (bfloat16 allocated as int16 and viewed)."""
+    dtype = np.dtype(dtype)
+    if xp is np or dtype != DTYPES["bfloat16"]:
+        return xp.empty(shape, dtype=dtype)
+    return xp.empty(shape, dtype=np.int16).view(dtype)
+
+
 def to_torch(x: Any) -> Any:
     """A torch view of a NumPy or CuPy array (DLPack; bfloat16 crosses as int16 bits)."""
     import torch
@@ -347,39 +391,47 @@ def to_torch(x: Any) -> Any:
     return torch.from_dlpack(x)
 
 
-def _fla_attention() -> Callable[..., Any] | None:
-    module = _optional("fla.ops.linear_attn")
-    if module is None:
-        return None
+def _fla_attention() -> Callable[..., Any]:
+    """Cottention through fla on (B, S, H, D) tensors: normalise, scale, chunk_linear_attn."""
     import torch
     import torch.nn.functional as F
+    from fla.ops.linear_attn import chunk_linear_attn
 
-    chunk = module.chunk_linear_attn
-    extra = {"head_first": False} if "head_first" in inspect.signature(chunk).parameters else {}
+    extra = ({"head_first": False}
+             if "head_first" in inspect.signature(chunk_linear_attn).parameters else {})
 
     def attention(q: Any, k: Any, v: Any, m: Any) -> Any:
-        S = q.shape[2]
+        S = q.shape[1]
         counts = torch.arange(1, S + 1, device=q.device, dtype=torch.float32)
-        w = counts[None, :] ** -torch.sigmoid(m)[:, None]  # (H, S)
-        qh = F.normalize(q, dim=-1, eps=1e-12).transpose(1, 2)
-        kh = F.normalize(k, dim=-1, eps=1e-12).transpose(1, 2)
-        vt = (v * w[None, :, :, None].to(v.dtype)).transpose(1, 2)
-        o, _ = chunk(qh, kh, vt, scale=1.0, normalize=False, **extra)
-        return o.transpose(1, 2)
+        w = counts[:, None] ** -torch.sigmoid(m.float())[None, :]  # (S, H)
+        qh = F.normalize(q, dim=-1, eps=1e-12)
+        kh = F.normalize(k, dim=-1, eps=1e-12)
+        vt = v * w[None, :, :, None].to(v.dtype)
+        o, _ = chunk_linear_attn(qh, kh, vt, scale=1.0, normalize=False, **extra)
+        return o
 
     return attention
 
 
-def _sdpa_attention() -> Callable[..., Any] | None:
-    if _optional("torch") is None:
-        return None
+def _sdpa_attention(flash: bool) -> Callable[..., Any]:
+    """Causal softmax attention on (B, H, S, D) tensors; FlashAttention only when ``flash``."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def attention(q: Any, k: Any, v: Any, m: Any) -> Any:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return attention
 
 
-def impl_names(runtime: Any, baseline_names: Sequence[str]) -> list[str]:
-    return [f"cosattn:{b}" for b in runtime.backends] + list(baseline_names)
+def torch_layout(impl: str) -> str:
+    """The layout a torch implementation takes its q, k, v, do and gives its results in."""
+    return "bshd" if impl == "fla" else "bhsd"
+
+
+def impl_names(backends: Sequence[str], baseline_names: Sequence[str]) -> list[str]:
+    return [f"cosattn:{b}" for b in backends] + list(baseline_names)
 
 
 def unavailable_reason(impl: str, runtime: Any) -> str | None:
@@ -400,7 +452,11 @@ def unavailable_reason(impl: str, runtime: Any) -> str | None:
 
 
 def make_case(impl: str, mode: str, x: dict[str, Any], runtime: Any) -> Callable[[], Any]:
-    """A no-argument call running ``impl`` on the inputs ``x`` (q, k, v, do, m)."""
+    """A no-argument call running ``impl`` on the inputs ``x`` (q, k, v, do, m).
+
+    Torch implementations get torch views of the inputs made here, outside the call; fla gets
+    (B, S, H, D) copies, its own layout, so the call holds only what a user of fla runs.
+    """
     q, k, v, do, m = (x[n] for n in ("q", "k", "v", "do", "m"))
     xp = runtime.xp
     if impl.startswith("cosattn:"):
@@ -417,8 +473,12 @@ def make_case(impl: str, mode: str, x: dict[str, Any], runtime: Any) -> Callable
         return lambda: (fwd(xp, q, k, v, m), bwd(xp, do, q, k, v, m))
     import torch
 
-    attention = _sdpa_attention() if impl == "sdpa" else _fla_attention()
     t = {n: to_torch(x[n]) for n in ("q", "k", "v", "do", "m")}
+    if impl == "fla":
+        attention = _fla_attention()
+        t.update({n: t[n].transpose(1, 2).contiguous() for n in ("q", "k", "v", "do")})
+    else:
+        attention = _sdpa_attention(flash=runtime.name == "cuda" and q.dtype.itemsize == 2)
     if mode == "fwd":
         def forward() -> Any:
             with torch.no_grad():
@@ -437,9 +497,8 @@ def make_case(impl: str, mode: str, x: dict[str, Any], runtime: Any) -> Callable
 def make_inputs(xp: Any, B: int, H: int, S: int, D: int, dtype: np.dtype, seed: int = 0
                 ) -> dict[str, Any]:
     """q, k, v, do ~ N(0, 1) in ``dtype`` (B, H, S, D) on ``xp``'s device; m = 0.5 (H,)."""
-    rng = xp.random.default_rng(seed)
-    x = {n: rng.standard_normal((B, H, S, D), dtype=np.float32).astype(dtype)
-         for n in ("q", "k", "v", "do")}
+    x = {n: device_normal(xp, (B, H, S, D), dtype, seed + i)
+         for i, n in enumerate(("q", "k", "v", "do"))}
     x["m"] = xp.full((H,), 0.5, dtype=np.float32)
     return x
 
@@ -466,9 +525,10 @@ def run_case(runtime: Any, impl: str, mode: str, x: dict[str, Any], copy_bw: flo
             for _ in range(args.warmup - 1):
                 fn()
         runtime.sync()
-        peak = runtime.peak_extra(fn, uses_torch=impl in ("sdpa", "fla"))
+        peak = runtime.peak_extra(fn, uses_torch=impl in TORCH_IMPLS)
         times = hx.repeat_timed(fn, runtime.time_one, repeats=args.repeats,
-                                min_repeats=min(args.repeats, 3), max_seconds=args.max_seconds)
+                                min_repeats=min(args.repeats, args.min_repeats),
+                                max_seconds=args.max_seconds)
     except Exception as exc:  # a failing case is a result too (out of memory, no kernel, ...)
         with contextlib.suppress(Exception):
             runtime.free_bytes()
@@ -491,11 +551,9 @@ def run_step(runtime: Any, impl: str, B: int, H: int, D: int, dtype: np.dtype, s
     backend = impl.split(":", 1)[1]
     xp = runtime.xp
     try:
-        rng = xp.random.default_rng(1)
-        q, k, v = (rng.standard_normal((B, H, D), dtype=np.float32).astype(dtype)
-                   for _ in range(3))
+        q, k, v = (device_normal(xp, (B, H, D), dtype, seed) for seed in range(3))
         m = xp.full((H,), 0.5, dtype=np.float32)
-        out = xp.empty((B, H, D), dtype=dtype)
+        out = device_empty(xp, (B, H, D), dtype)
         state = cosattn.RecurrentState.zeros(B, H, D, D, like=q)
 
         def loop() -> None:
@@ -519,7 +577,8 @@ def run_step(runtime: Any, impl: str, B: int, H: int, D: int, dtype: np.dtype, s
             | bandwidth(state_bytes, per_step, copy_bw))
 
 
-def agreement(runtime: Any, baseline_names: Sequence[str]) -> dict[str, Any]:
+def agreement(runtime: Any, backends: Sequence[str], baseline_names: Sequence[str]
+              ) -> dict[str, Any]:
     """Each implementation of Cottention against the float64 reference, once, at a small size.
 
     B=1, H=2, S=100, D=64 in float32 with ``m``; SDPA is another operation and is not checked.
@@ -532,7 +591,7 @@ def agreement(runtime: Any, baseline_names: Sequence[str]) -> dict[str, Any]:
     dq, dk, dv, _, _ = reference.backward(host["do"], host["q"], host["k"], host["v"], host["m"])
     refs = (o_ref, dq, dk, dv)
     cases = []
-    for impl in impl_names(runtime, [b for b in baseline_names if b != "sdpa"]):
+    for impl in impl_names(backends, [b for b in baseline_names if b != "sdpa"]):
         reason = unavailable_reason(impl, runtime)
         if reason is not None:
             cases.append({"impl": impl, "status": "unavailable", "reason": reason})
@@ -540,8 +599,10 @@ def agreement(runtime: Any, baseline_names: Sequence[str]) -> dict[str, Any]:
         try:
             o, grads = make_case(impl, "fwd", x, runtime)(), make_case(impl, "fwdbwd", x,
                                                                          runtime)()[-1]
-            got = (o, *grads[:3])
-            errors = {n: hx.rel_err(_to_host(g), r)
+            got = [_to_host(g) for g in (o, *grads[:3])]
+            if torch_layout(impl) == "bshd":
+                got = [g.transpose(0, 2, 1, 3) for g in got]
+            errors = {n: hx.rel_err(g, r)
                       for n, g, r in zip(("o", "dq", "dk", "dv"), got, refs, strict=True)}
         except Exception as exc:  # recorded
             cases.append({"impl": impl, "status": "error",
@@ -555,12 +616,74 @@ def agreement(runtime: Any, baseline_names: Sequence[str]) -> dict[str, Any]:
 
 
 def _to_host(a: Any) -> np.ndarray:
-    """A NumPy copy of a NumPy, CuPy or torch array."""
+    """A NumPy float64 copy of a NumPy, CuPy or torch array."""
     if hasattr(a, "detach"):
-        return a.detach().float().cpu().numpy()
+        return a.detach().float().cpu().numpy().astype(np.float64)
     if hasattr(a, "get"):
-        a = a.get()
+        a = a.view(np.int16).get().view(a.dtype) if a.dtype == DTYPES["bfloat16"] else a.get()
     return np.asarray(a, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- targets (issue 11)
+
+def check_targets(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The targets of issue 11 from the records of one run.
+
+    Each check has a value (None when the run did not measure it), a target and whether it was
+    met (None when not measured). cosattn means the cupy backend.
+    """
+    ok = [r for r in results if r["status"] == "ok"]
+
+    def attention(impl: str, mode: str, B: int, H: int, S: int) -> dict[str, Any] | None:
+        return next((r for r in ok if r["kind"] == "attention" and r["impl"] == impl
+                     and (r["mode"], r["B"], r["H"], r["S"], r["D"], r["dtype"])
+                     == (mode, B, H, S, 128, "bfloat16")), None)
+
+    def step(impl: str, B: int, H: int) -> dict[str, Any] | None:
+        return next((r for r in ok if r["kind"] == "step" and r["impl"] == impl
+                     and (r["B"], r["H"], r["D"]) == (B, H, 128)), None)
+
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, op: str, target: float) -> None:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        checks.append({"name": name, "value": value, "target": f"{op} {target:g}", "met": met})
+
+    for S in (8192, 16384, 32768, 65536):
+        r = attention("cosattn:cupy", "fwd", 8, 16, S)
+        check(f"forward bf16 B8 H16 D128 S{S}: fraction of copy bandwidth",
+              None if r is None else r["fraction_of_copy"], ">=", 0.9)
+    r = attention("cosattn:cupy", "fwd", 1, 8, 65536)
+    check("forward bf16 B1 H8 D128 S65536: fraction of copy bandwidth",
+          None if r is None else r["fraction_of_copy"], ">=", 0.6)
+    ours = attention("cosattn:cupy", "fwdbwd", 8, 16, 16384)
+    for other, factor in (("fla", 2.0), ("sdpa", 5.0)):
+        theirs = attention(other, "fwdbwd", 8, 16, 16384)
+        check(f"forward+backward bf16 B8 H16 D128 S16384: speed-up over {other}",
+              None if ours is None or theirs is None else theirs["median_s"] / ours["median_s"],
+              ">=", factor)
+    r = step("cosattn:cupy", 64, 16)
+    check("step B64 H16 D128 (B*H = 1024): fraction of copy bandwidth on the state",
+          None if r is None else r["fraction_of_copy"], ">=", 0.8)
+    r = step("cosattn:cupy", 1, 16)
+    check("step B1 H16 D128: device time per step (us)",
+          None if r is None else r["device_time_per_step_s"] * 1e6, "<=", 10)
+    check("step B1 H16 D128: host time per call (us)",
+          None if r is None else r["host_time_per_call_s"] * 1e6, "<=", 40)
+    ratios = []
+    for r in ok:
+        if r["impl"] != "cosattn:numba":
+            continue
+        twin = next((c for c in ok if c["impl"] == "cosattn:cupy" and all(
+            c.get(k) == r.get(k) for k in ("kind", "mode", "B", "H", "S", "D", "dtype"))), None)
+        if twin is not None:
+            key = "median_s" if r["kind"] == "attention" else "device_time_per_step_s"
+            ratios.append(r[key] / twin[key])
+    check("numba time over cupy time, worst case on the same shapes",
+          max(ratios) if ratios else None, "<=", 3.0)
+    measured = [c["met"] for c in checks if c["met"] is not None]
+    return {"checks": checks, "measured": len(measured), "all_met": bool(measured)
+            and all(measured)}
 
 
 # ---------------------------------------------------------------- output
@@ -579,24 +702,25 @@ def markdown(data: dict[str, Any]) -> str:
             if k in dev) + "  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + "  ",
         f"Copy bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']})  ",
-        f"Config: B={cfg['B']}, H={cfg['H']}, causal, m given; {cfg['warmup']} warm-up run(s), "
-        f"median of up to {cfg['repeats']} timed runs.",
+        f"Config: causal, m given; {cfg['warmup']} warm-up run(s), median of "
+        f"{cfg['min_repeats']} to {cfg['repeats']} timed runs.",
         "",
         "Cells: median ms (achieved bandwidth over the minimum bytes, as % of the copy "
         "bandwidth); peak extra device memory in the JSON.",
     ]
     attention = [r for r in data["results"] if r["kind"] == "attention"]
     impls = list(dict.fromkeys(r["impl"] for r in attention))
+    shapes = [tuple(s) for s in cfg["shapes"]]
     for dtype in cfg["dtypes"]:
-        for D in cfg["D"]:
-            for mode in cfg["modes"]:
-                what = "forward" if mode == "fwd" else "forward + backward"
-                lines += ["", f"## {dtype}, D={D}, {what}", ""]
-                found = {(r["impl"], r["S"]): r for r in attention
-                         if (r["mode"], r["D"], r["dtype"]) == (mode, D, dtype)}
-                rows = [[S, *(hx.cell(found.get((impl, S)), _attention_cell) for impl in impls)]
-                        for S in cfg["S"]]
-                lines.append(hx.markdown_table(["S", *impls], rows))
+        for mode in cfg["modes"]:
+            what = "forward" if mode == "fwd" else "forward + backward"
+            lines += ["", f"## {dtype}, {what}", ""]
+            found = {(r["impl"], (r["B"], r["H"], r["S"], r["D"])): r for r in attention
+                     if (r["mode"], r["dtype"]) == (mode, dtype)}
+            rows = [[shape_label(*shape),
+                     *(hx.cell(found.get((impl, shape)), _attention_cell) for impl in impls)]
+                    for shape in sorted(shapes)]
+            lines.append(hx.markdown_table(["shape", *impls], rows))
     steps = [r for r in data["results"] if r["kind"] == "step"]
     if steps:
         lines += ["", "## Recurrent step", ""]
@@ -610,6 +734,12 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(hx.markdown_table(["impl", "B", "H", "D", "dtype", "steps",
                                         "device us/step", "host us/call", "state bandwidth"],
                                        rows))
+    targets = data["targets"]
+    lines += ["", "## Targets (issue 11)", ""]
+    rows = [[c["name"], "-" if c["value"] is None else f"{c['value']:.3g}", c["target"],
+             {True: "yes", False: "NO", None: "not measured"}[c["met"]]]
+            for c in targets["checks"]]
+    lines.append(hx.markdown_table(["target", "value", "wanted", "met"], rows))
     agree = data["agreement"]
     lines += ["", "## Agreement with the float64 reference "
               f"({', '.join(f'{k}={v}' for k, v in agree['shape'].items())}, float32)", ""]
@@ -637,24 +767,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda, or cpu for a dry run of the same code with NumPy at tiny sizes")
-    p.add_argument("--quick", action="store_true", help="the small profile of the GPU check")
-    p.add_argument("--S", type=int, nargs="+", help="sequence lengths")
-    p.add_argument("--D", type=int, nargs="+", help="head sizes (Dk = Dv)")
+    p.add_argument("--quick", action="store_true", help="the small profile (a short rerun)")
+    p.add_argument("--shapes", type=parse_shape, nargs="+", metavar="BxHxSxD",
+                   help="attention shapes, e.g. 8x16x16384x128 (Dk = Dv = D)")
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES))
-    p.add_argument("--B", type=int)
-    p.add_argument("--H", type=int)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--backends", nargs="*", choices=("cupy", "numba", "numpy"),
+                   help="cosattn backends to run (default: the device's; none: baselines only)")
     p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--repeats", type=int, help="timed runs per case, at most")
+    p.add_argument("--min-repeats", type=int, default=3,
+                   help="timed runs per case before --max-seconds may stop it")
     p.add_argument("--warmup", type=int)
     p.add_argument("--max-seconds", type=float, default=20.0,
-                   help="stop repeating a case after this long, once 3 runs are done")
+                   help="stop repeating a case after this long, once --min-repeats are done")
     p.add_argument("--steps", type=int, help="back-to-back steps per step measurement")
     p.add_argument("--no-step", action="store_true", help="skip the step benchmark")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     profile = PROFILES[(args.device, args.quick)]
-    for key in ("S", "D", "dtypes", "B", "H", "repeats", "warmup", "steps"):
+    for key in ("shapes", "dtypes", "repeats", "warmup", "steps"):
         if getattr(args, key) is None:
             setattr(args, key, profile[key])
     args.step_shapes = profile["step_shapes"]
@@ -670,11 +802,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot use a CUDA device: {type(exc).__name__}: {exc}\n"
               "(--device cpu runs the same code with NumPy as a dry run)", file=sys.stderr)
         return 2
+    if args.backends is None:
+        args.backends = list(runtime.backends)
     stem = "gpu_bench" + ("_dry" if args.device == "cpu" else "") + ("_quick" if args.quick else "")
-    config = {"device": args.device, "quick": args.quick, "B": args.B, "H": args.H,
-              "S": list(args.S), "D": list(args.D), "dtypes": list(args.dtypes),
-              "modes": list(args.modes), "baselines": list(args.baselines),
-              "repeats": args.repeats, "warmup": args.warmup, "max_seconds": args.max_seconds,
+    config = {"device": args.device, "quick": args.quick,
+              "shapes": [list(s) for s in args.shapes], "dtypes": list(args.dtypes),
+              "modes": list(args.modes), "backends": list(args.backends),
+              "baselines": list(args.baselines),
+              "repeats": args.repeats, "min_repeats": min(args.repeats, args.min_repeats),
+              "warmup": args.warmup, "max_seconds": args.max_seconds,
               "steps": None if args.no_step else args.steps,
               "step_shapes": None if args.no_step else [list(s) for s in args.step_shapes],
               "memory_fraction": MEMORY_FRACTION}
@@ -685,32 +821,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     data["copy_bandwidth"] = runtime.copy_bandwidth()
     copy_bw = data["copy_bandwidth"]["bytes_per_s"]
     print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
-    data["agreement"] = agreement(runtime, args.baselines)
+    data["agreement"] = agreement(runtime, args.backends, args.baselines)
     print("agreement with the reference:", "ok" if data["agreement"]["ok"] else "FAILED",
           flush=True)
     data["results"] = results = []
 
     def save() -> None:
+        data["targets"] = check_targets(results)
         hx.write_json(args.out / f"{stem}.json", data)
         (args.out / f"{stem}.md").write_text(markdown(data))
 
-    impls = impl_names(runtime, args.baselines)
-    for dtype_name in args.dtypes:
-        for D in args.D:
-            for S in args.S:
-                x = make_inputs(runtime.xp, args.B, args.H, S, D, DTYPES[dtype_name])
-                for mode in args.modes:
-                    for impl in impls:
-                        rec = run_case(runtime, impl, mode, x, copy_bw, args)
-                        results.append(rec)
-                        print(f"{dtype_name:8s} D={D:3d} S={S:6d} {mode:6s} {impl:13s} "
-                              + hx.cell(rec, _attention_cell), flush=True)
-                del x
-                save()
-    if not args.no_step:
+    if not args.no_step:  # first: quick, and a run cut short by a time limit still has them
         for B, H, D in args.step_shapes:
             for dtype_name in args.dtypes:
-                for backend in runtime.backends:
+                for backend in args.backends:
                     rec = run_step(runtime, f"cosattn:{backend}", B, H, D, DTYPES[dtype_name],
                                    args.steps, copy_bw)
                     results.append(rec)
@@ -718,6 +842,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         rec, lambda r: f"{r['device_time_per_step_s'] * 1e6:.1f} us/step, "
                                        f"{r['host_time_per_call_s'] * 1e6:.1f} us/call"),
                           flush=True)
+        save()
+    impls = impl_names(args.backends, args.baselines)
+    for dtype_name in args.dtypes:
+        for B, H, S, D in args.shapes:
+            x = make_inputs(runtime.xp, B, H, S, D, DTYPES[dtype_name])
+            for mode in args.modes:
+                for impl in impls:
+                    rec = run_case(runtime, impl, mode, x, copy_bw, args)
+                    results.append(rec)
+                    print(f"{dtype_name:8s} {shape_label(B, H, S, D):22s} {mode:6s} "
+                          f"{impl:13s} " + hx.cell(rec, _attention_cell), flush=True)
+            del x
+            save()
     data["finished"] = hx.now()
     save()
     print(f"wrote {args.out / stem}.{{json,md}}")

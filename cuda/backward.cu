@@ -1,73 +1,69 @@
-// Cottention backward (SPEC.md, "Backward") as four sweeps of common.cuh, in two kernels.
+// Cottention backward (docs/spec.md, "Backward") as four sweeps of common.cuh, in two kernels.
 //
 // Each gradient is a sweep with other roles (causal modes shown; bidirectional runs the same
 // roles through the global mode and has no states):
 //   1. o    = fwd(Q = q̂', K = k̂', V = ṽ,  from kv0)    -> δq_i = do_i · o_i        (= q̂_i · dq̂_i)
 //   2. dṽ   = rev(Q = k̂', K = q̂', V = do, from dkv)   -> dv, δk_j = ṽ_j · dṽ_j   (= k̂_j · dk̂_j),
 //                                                         dm, dkv0 (the final state)
-//   3. dq̂   = fwd(Q = do, K = ṽ,  V = k̂', from kv0ᵀ)  -> dq = (real dq̂ - q̂ δq [|q| > eps]) / max(|q|, eps)
-//   4. dk̂   = rev(Q = ṽ,  K = do, V = q̂', from dkvᵀ)  -> dk = (real dk̂ - k̂ δk [|k| > eps]) / max(|k|, eps)
+//   3. dq̂   = fwd(Q = do, K = ṽ,  V = k̂', from kv0ᵀ)  -> dq = (dq̂ - q̂ δq [|q| > eps]) / max(|q|, eps)
+//   4. dk̂   = rev(Q = ṽ,  K = do, V = q̂', from dkvᵀ)  -> dk = (dk̂ - k̂ δk [|k| > eps]) / max(|k|, eps)
 // The normalisation needs each row's inner product q̂_i · dq̂_i. When one block of
 // queries_keys_kernel (sweeps 3 and 4, a block per (b, h, slice of Dk)) holds all of Dk, it sums
 // it from its own tile. Otherwise the identity q̂_i · dq̂_i = do_i · o_i (and k̂_j · dk̂_j = ṽ_j ·
 // dṽ_j) lets values_kernel (sweeps 1 and 2, a block per (b, h, slice of Dv)) compute it from
 // slices of Dv: it writes per-slice partial sums, which queries_keys_kernel adds up in a fixed
 // order. values_kernel also writes per-slice partial sums of dm, which dm_kernel adds up. No
-// atomics: the gradients are the same bits from run to run.
+// atomics: the gradients are the same bits from run to run. The epilogues select padded rows
+// away: dq, dk and dv are +0 there, and their partial sums of δq, δk and dm are 0, whatever q, k,
+// v or do hold at those rows (docs/spec.md, "Bad input").
 #include "common.cuh"
 
 namespace cosattn {
 
 // Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), or null when queries_keys_kernel
 // does not need them (sweep 1 is then skipped), dm_part (B, H, nsv) or null, holding
-// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns.
-// dout, dv: (B, H, S, Dv) strided; dkv: contiguous (B, H, Dv, Dk) or null; dkv0: contiguous
-// (B, H, Dv, Dk), written when given (an incoming state). Other arguments as forward_kernel.
-template <typename T, int DK, int DV, int C, int SL>
-__global__ void __launch_bounds__(kThreads) values_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ dout, T* __restrict__ dv, const acc_t<T>* __restrict__ m,
-    const bool* __restrict__ mask, const acc_t<T>* __restrict__ kv0,
-    const index_t* __restrict__ count0, const acc_t<T>* __restrict__ dkv,
-    acc_t<T>* __restrict__ dkv0, acc_t<T>* __restrict__ dq_part, acc_t<T>* __restrict__ dk_part,
-    acc_t<T>* __restrict__ dm_part, index_t B, index_t H, index_t S, index_t Dk, index_t Dv,
-    index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd, index_t k_sb, index_t k_sh,
-    index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh, index_t v_ss, index_t v_sd,
-    index_t do_sb, index_t do_sh, index_t do_ss, index_t do_sd, index_t dv_sb, index_t dv_sh,
-    index_t dv_ss, index_t dv_sd, index_t mask_sb, index_t mask_ss, acc_t<T> eps,
-    index_t causal) {
+// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
+// incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
+template <typename T, int W, int C, int SL>
+__global__ void __launch_bounds__(kThreads) values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
-  using Smem = Shared<T, C, SL>;
-  const int dk = DK > 0 ? DK : int(Dk);
-  const int dvn = DV > 0 ? DV : int(Dv);
+  using Smem = Shared<T, W, C, SL>;
+  const int dk = int(p.Dk);
+  const int dvn = int(p.Dv);
   const index_t slices = (dvn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
   const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t H = p.H, B = p.B, S = p.S;
   const index_t h = bh % H, b = bh / H;
+  const A* kv0 = static_cast<const A*>(p.kv0);
+  const A* dkv = static_cast<const A*>(p.dkv);
+  A* dkv0 = static_cast<A*>(p.dkv0);
+  A* dq_part = static_cast<A*>(p.dq_part);
+  A* dk_part = static_cast<A*>(p.dk_part);
+  A* dm_part = static_cast<A*>(p.dm_part);
 
-  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
-                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dk, S, mask,
-                                         mask_sb, mask_ss, count0, m, eps, b, h);
-
-  Block<T, DK, C, SL> block(seq, dk, int(slice) * SL, dvn);
+  const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
+  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn);
   block.begin();
-  const Rows<const T> vrows = rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h);
-  const Rows<const T> drows = rows_of(dout, do_sb, do_sh, do_ss, do_sd, b, h);
-  const Rows<T> dvrows = rows_of(dv, dv_sb, dv_sh, dv_ss, dv_sd, b, h);
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
+  const Rows<T> dvrows = rows_of(p.dv, p.dv_stride, b, h);
   const index_t state_offset = (b * H + h) * index_t(dvn) * dk;
   const index_t part_offset = ((slice * B + b) * H + h) * S;
-  const Mode forward = causal ? Mode::kForward : Mode::kGlobal;
-  const Mode reverse = causal ? Mode::kReverse : Mode::kGlobal;
+  const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
+  const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
   const Smem& sm = block.sm;
   const int lane = lane_id();
 
-  // Sweep 1: o, then δq_i over this slice = Σ_a do_ia o_ia.
+  // Sweep 1: o, then δq_i over this slice = Σ_a do_ia o_ia (0 on padded rows).
   auto delta_q = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
       A sum = 0;
-      for (int c = lane; c < cols; c += kWarp) {
-        sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out[r * Smem::kLdO + c];
+      if (sm.real[r] != A(0)) {
+        for (int c = lane; c < cols; c += kWarp) {
+          sum += Num<T>::load(drows(t0 + r, c0 + c)) * sm.out[r * Smem::kLdO + c];
+        }
       }
       sum = warp_sum(sum);
       if (lane == 0) dq_part[part_offset + t0 + r] = sum;
@@ -79,20 +75,26 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
               kv0 == nullptr ? nullptr : kv0 + state_offset, false, nullptr, true, true, delta_q);
   }
 
-  // Sweep 2: dṽ; dv = real w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm.
+  // Sweep 2: dṽ; dv = w dṽ, δk_j over this slice = Σ_a ṽ_ja dṽ_ja, dm (+0, 0 and nothing on
+  // padded rows).
   A dm = 0;  // this warp's rows; summed over the warps in order at the end
   auto values = [&](index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
+      const bool real = sm.real[r] != A(0);
       const A w = sm.w[r];
       A sum = 0;
       for (int c = lane; c < cols; c += kWarp) {
-        const A g = sm.out[r * Smem::kLdO + c];
-        sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
-        dvrows(t0 + r, c0 + c) = Num<T>::store(w * g);
+        A dvx = 0;
+        if (real) {
+          const A g = sm.out[r * Smem::kLdO + c];
+          sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
+          dvx = w * g;
+        }
+        dvrows(t0 + r, c0 + c) = Num<T>::store(dvx);
       }
       sum = warp_sum(sum);
       if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
-      dm -= sum * sm.lnc[r];
+      if (real) dm -= sum * sm.lnc[r];
     }
   };
   block.run(reverse, Operand<T>{seq.k, dk, Scale::kKey}, Operand<T>{seq.q, dk, Scale::kQuery},
@@ -111,59 +113,53 @@ __global__ void __launch_bounds__(kThreads) values_kernel(
   }
 }
 
-// dq, dk: (B, H, S, Dk) strided; nsv: the slices of Dv values_kernel used; dq_part, dk_part
-// null when a block holds all of Dk. Other arguments as values_kernel. The contraction runs over
-// Dv here and a block owns a slice of Dk.
-template <typename T, int DK, int DV, int C, int SL>
-__global__ void __launch_bounds__(kThreads) queries_keys_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ dout, T* __restrict__ dq, T* __restrict__ dk,
-    const acc_t<T>* __restrict__ m, const bool* __restrict__ mask,
-    const acc_t<T>* __restrict__ kv0, const index_t* __restrict__ count0,
-    const acc_t<T>* __restrict__ dkv, const acc_t<T>* __restrict__ dq_part,
-    const acc_t<T>* __restrict__ dk_part, index_t B, index_t H, index_t S, index_t Dk,
-    index_t Dv, index_t nsv, index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd,
-    index_t k_sb, index_t k_sh, index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh,
-    index_t v_ss, index_t v_sd, index_t do_sb, index_t do_sh, index_t do_ss, index_t do_sd,
-    index_t dq_sb, index_t dq_sh, index_t dq_ss, index_t dq_sd, index_t dk_sb, index_t dk_sh,
-    index_t dk_ss, index_t dk_sd, index_t mask_sb, index_t mask_ss, acc_t<T> eps,
-    index_t causal) {
+// dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
+// a block owns a slice of Dk; nsv is the number of slices of Dv values_kernel used.
+template <typename T, int W, int C, int SL>
+__global__ void __launch_bounds__(kThreads) queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
-  using Smem = Shared<T, C, SL>;
-  const int dkn = DK > 0 ? DK : int(Dk);
-  const int dvn = DV > 0 ? DV : int(Dv);
+  using Smem = Shared<T, W, C, SL>;
+  const int dkn = int(p.Dk);
+  const int dvn = int(p.Dv);
   const index_t slices = (dkn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
   const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t H = p.H, B = p.B, S = p.S, nsv = p.nsv;
   const index_t h = bh % H, b = bh / H;
+  const A* kv0 = static_cast<const A*>(p.kv0);
+  const A* dkv = static_cast<const A*>(p.dkv);
+  const A* dq_part = static_cast<const A*>(p.dq_part);
+  const A* dk_part = static_cast<const A*>(p.dk_part);
 
-  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
-                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dkn, S, mask,
-                                         mask_sb, mask_ss, count0, m, eps, b, h);
-
-  Block<T, DV, C, SL> block(seq, dvn, int(slice) * SL, dkn);
+  const Sequence<T> seq = sequence_of<T>(p, dkn, b, h);
+  Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn);
   block.begin();
-  const Rows<const T> vrows = rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h);
-  const Rows<const T> drows = rows_of(dout, do_sb, do_sh, do_ss, do_sd, b, h);
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
   const index_t state_offset = (b * H + h) * index_t(dvn) * dkn;
   const index_t part_stride = B * H * S;
   const index_t part_offset = (b * H + h) * S;
-  const Mode forward = causal ? Mode::kForward : Mode::kGlobal;
-  const Mode reverse = causal ? Mode::kReverse : Mode::kGlobal;
+  const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
+  const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
   const Smem& sm = block.sm;
   const int lane = lane_id();
 
-  // dx = (real dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps), with x̂ · dx̂ summed over this
-  // tile (part null: the block holds all of Dk) or over values_kernel's partials.
+  // dx = (dx̂ - x̂ (x̂ · dx̂) [|x| > eps]) / max(|x|, eps) on real rows, with x̂ · dx̂ summed over
+  // this tile (part null: the block holds all of Dk) or over values_kernel's partials; +0 on
+  // padded rows, whose x is not read.
   auto normalise = [&](const Rows<const T>& x, const Rows<T>& dx, const A* part, const A* den,
                        const A* big, index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
-      const A d = den[r], real = sm.real[r];
+      if (sm.real[r] == A(0)) {
+        for (int c = lane; c < cols; c += kWarp) dx(t0 + r, c0 + c) = Num<T>::store(A(0));
+        continue;
+      }
+      const A d = den[r];
       A inner = 0;
       if (part == nullptr) {
         for (int c = lane; c < cols; c += kWarp) {
-          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * (real * sm.out[r * Smem::kLdO + c]);
+          inner += Num<T>::load(x(t0 + r, c0 + c)) / d * sm.out[r * Smem::kLdO + c];
         }
         inner = warp_sum(inner);
       } else {
@@ -172,13 +168,12 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
       inner *= big[r];
       for (int c = lane; c < cols; c += kWarp) {
         const A xh = Num<T>::load(x(t0 + r, c0 + c)) / d;
-        const A g = real * sm.out[r * Smem::kLdO + c];
-        dx(t0 + r, c0 + c) = Num<T>::store((g - xh * inner) / d);
+        dx(t0 + r, c0 + c) = Num<T>::store((sm.out[r * Smem::kLdO + c] - xh * inner) / d);
       }
     }
   };
-  const Rows<T> dqrows = rows_of(dq, dq_sb, dq_sh, dq_ss, dq_sd, b, h);
-  const Rows<T> dkrows = rows_of(dk, dk_sb, dk_sh, dk_ss, dk_sd, b, h);
+  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
+  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
 
   // Sweep 3: dq̂.
   block.run(forward, Operand<T>{drows, dvn, Scale::kNone}, Operand<T>{vrows, dvn, Scale::kValue},
@@ -195,15 +190,17 @@ __global__ void __launch_bounds__(kThreads) queries_keys_kernel(
 }
 
 // dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_b Σ_slice dm_part[b, h, slice], in that order.
-template <typename A>
-__global__ void __launch_bounds__(kThreads) dm_kernel(const A* __restrict__ dm_part,
-                                                      const A* __restrict__ m, A* __restrict__ dm,
-                                                      index_t B, index_t H, index_t nsv) {
-  for (index_t h = index_t(blockIdx.x) * kThreads + threadIdx.x; h < H;
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p) {
+  using A = acc_t<T>;
+  const A* dm_part = static_cast<const A*>(p.dm_part);
+  const A* m = static_cast<const A*>(p.m);
+  A* dm = static_cast<A*>(p.dm);
+  for (index_t h = index_t(blockIdx.x) * kThreads + threadIdx.x; h < p.H;
        h += index_t(gridDim.x) * kThreads) {
     A total = 0;
-    for (index_t b = 0; b < B; ++b) {
-      for (index_t s = 0; s < nsv; ++s) total += dm_part[(b * H + h) * nsv + s];
+    for (index_t b = 0; b < p.B; ++b) {
+      for (index_t s = 0; s < p.nsv; ++s) total += dm_part[(b * p.H + h) * p.nsv + s];
     }
     const A sig = sigmoid(m[h]);
     dm[h] = total * sig * (A(1) - sig);

@@ -1,10 +1,15 @@
 // Device code shared by the cosattn kernels (forward.cu, backward.cu, step.cu).
 //
-// Notation of SPEC.md: B, H, S, Dk, Dv; q̂ = q / max(|q|, eps); counts c_j; stabiliser
-// w_j = max(1, c_j)^(-sigmoid(m_h)); ṽ_j = real_j w_j v_j; a primed vector is multiplied by real
-// (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
+// Notation of docs/spec.md: B, H, S, Dk, Dv; q̂ = q / max(|q|, eps); counts c_j; stabiliser
+// w_j = max(1, c_j)^(-sigmoid(m_h)); ṽ_j = real_j w_j v_j; a primed vector is zero at padded
+// positions (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
 //
-// Every kernel is made of *sweeps* of the chunked algorithm (DESIGN.md). A sweep has three
+// Padding holds anything (docs/spec.md, "Bad input"): NaN, Inf or uninitialised memory at a
+// padded position of q, k, v or do reaches no result. Padded rows are never read: their norms
+// are not taken, their tile rows are selected to zero (before any 16-bit split), and the
+// epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+//
+// Every kernel is made of *sweeps* of the chunked algorithm (docs/design.md). A sweep has three
 // operands, Q and K (C x Dq tiles: the contraction runs over Dq) and V (a C x SL tile: this
 // block's slice of the output columns), and a state (SL x Dq, fp32; fp64 for double):
 //
@@ -17,14 +22,15 @@
 // state slice in shared memory and hands each chunk's Out tile to an epilogue.
 //
 // Per chunk the prologue reads the mask (a running count carried by the block gives c_j), the
-// stabiliser w_j and the row norms of q and k; the tile loads apply them, so q, k and v are
-// never normalised or copied outside the kernel. Products of half and bfloat16 tiles run on
-// tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split into a high
-// and a low 16-bit part, scaled by a power of two so that float16 cannot overflow. The tiles
-// computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way, and each
-// product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy. SPEC.md's
-// bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state or dm that is a
-// short sum whose terms cancel would miss them. Inputs taken as they are (do) have no low part.
+// stabiliser w_j and the row norms of q and k (of the real rows); the tile loads apply them, so
+// q, k and v are never normalised or copied outside the kernel. Products of half and bfloat16
+// tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
+// into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
+// The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
+// and each product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy.
+// docs/spec.md's bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state
+// or dm that is a short sum whose terms cancel would miss them. Inputs taken as they are (do)
+// have no low part.
 // float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed
 // order, so a result is the same bits from run to run.
 //
@@ -40,10 +46,93 @@ namespace cosattn {
 
 using index_t = long long;
 
+// Threads per block: the cupy backend owns the number (_cupy.THREADS) and hands it to the
+// compiler as a -D option, as it does COSATTN_STEP_ROWS (step.cu).
+#ifndef COSATTN_THREADS
+#error "compile with the cupy backend's options (_cupy.compile_options: -DCOSATTN_THREADS=...)"
+#endif
 constexpr int kWarp = 32;
-constexpr int kThreads = 128;
+constexpr int kThreads = COSATTN_THREADS;
 constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kAllLanes = 0xffffffffu;
+static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32 of them");
+
+// ---------------------------------------------------------------------------- parameters
+//
+// One parameter struct per kernel family (as FlashAttention's Flash_fwd_params), passed by
+// value. The cupy backend fills each in one place (_cupy._forward_params, _backward_params,
+// _step_params) from a NumPy structured dtype with the same layout: every field is 8 bytes
+// (pointers, index_t, double, arrays of index_t), so the layout has no padding, and
+// tests/test_cuda_emulated.py compares offsetof and sizeof with the dtype. Strides are in
+// elements, in the order of the canonical axes (B, H, S, D) or (B, H, D) of a step.
+
+// forward_kernel: q, k (B, H, S, Dk), v, o (B, H, S, Dv) strided; m (H,), mask (B, S), kv0 and
+// kv_out (contiguous (B, H, Dv, Dk), accumulation type), count0 (B,): null when absent.
+template <typename T>
+struct ForwardParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* o;
+  const void* m;
+  const bool* mask;
+  const void* kv0;
+  const index_t* count0;
+  void* kv_out;
+  index_t B, H, S, Dk, Dv;
+  index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
+  index_t mask_stride[2];
+  double eps;
+  index_t causal;
+};
+
+// values_kernel, queries_keys_kernel and dm_kernel (see backward.cu): the forward's inputs,
+// dout (like o), the gradients dq, dk, dv (like q, k, v), dkv (like kv0) and dkv0, the
+// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,).
+template <typename T>
+struct BackwardParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  const T* dout;
+  T* dq;
+  T* dk;
+  T* dv;
+  const void* m;
+  const bool* mask;
+  const void* kv0;
+  const index_t* count0;
+  const void* dkv;
+  void* dkv0;
+  void* dq_part;
+  void* dk_part;
+  void* dm_part;
+  void* dm;
+  index_t B, H, S, Dk, Dv, nsv;
+  index_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], dq_stride[4], dk_stride[4],
+      dv_stride[4];
+  index_t mask_stride[2];
+  double eps;
+  index_t causal;
+};
+
+// step_kernel and step_count_kernel: q, k (B, H, Dk), v, o (B, H, Dv), kv (B, H, Dv, Dk) of
+// the state's type, count (B,), m (H,) or null, mask (B,) or null.
+template <typename T>
+struct StepParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* o;
+  void* kv;
+  index_t* count;
+  const void* m;
+  const bool* mask;
+  index_t B, H, Dk, Dv;
+  index_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], kv_stride[4];
+  index_t mask_stride;
+  double eps;
+};
 
 // ------------------------------------------------------------------------------------ numbers
 
@@ -163,14 +252,14 @@ struct Rows {
   __device__ T& operator()(index_t s, index_t d) const { return ptr[s * ss + d * sd]; }
 };
 
+// The rows of (b, h) of a strided (B, H, S, D) array with element strides stride[0..3].
 template <typename T>
-__device__ Rows<T> rows_of(T* base, index_t sb, index_t sh, index_t ss, index_t sd, index_t b,
-                           index_t h) {
-  return Rows<T>{base + b * sb + h * sh, ss, sd};
+__device__ Rows<T> rows_of(T* base, const index_t* stride, index_t b, index_t h) {
+  return Rows<T>{base + b * stride[0] + h * stride[1], stride[2], stride[3]};
 }
 
-// Which row scale a tile takes while it is loaded.
-enum class Scale { kNone, kQuery, kKey, kValue };  // 1, real/|q|, real/|k|, real w
+// Which row scale a tile takes while it is loaded (padded rows are zero whatever the scale).
+enum class Scale { kNone, kQuery, kKey, kValue };  // 1, 1/max(|q|, eps), 1/max(|k|, eps), w
 
 template <typename T>
 struct Operand {
@@ -191,40 +280,36 @@ struct Sequence {
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
+
+  __device__ bool real(index_t t) const { return mask == nullptr || mask[t * mask_ss]; }
 };
 
-// Sequence (b, h): q and k are its rows, mask (B, S), count0 (B,) and m (H,) may be null.
-template <typename T>
-__device__ Sequence<T> sequence_of(Rows<const T> q, Rows<const T> k, int dk, index_t S,
-                                   const bool* mask, index_t mask_sb, index_t mask_ss,
-                                   const index_t* count0, const acc_t<T>* m, acc_t<T> eps,
-                                   index_t b, index_t h) {
+// Sequence (b, h) of a call whose parameters P (ForwardParams or BackwardParams) hold q, k,
+// mask, count0, m and eps.
+template <typename T, typename P>
+__device__ Sequence<T> sequence_of(const P& p, int dk, index_t b, index_t h) {
+  using A = acc_t<T>;
   Sequence<T> seq;
-  seq.q = q;
-  seq.k = k;
+  seq.q = rows_of(p.q, p.q_stride, b, h);
+  seq.k = rows_of(p.k, p.k_stride, b, h);
   seq.Dk = dk;
-  seq.S = S;
-  seq.mask = mask == nullptr ? nullptr : mask + b * mask_sb;
-  seq.mask_ss = mask_ss;
-  seq.n0 = count0 == nullptr ? 0 : count0[b];
-  seq.has_m = m != nullptr;
-  seq.sig = m == nullptr ? acc_t<T>(0) : sigmoid(m[h]);
-  seq.eps = eps;
+  seq.S = p.S;
+  seq.mask = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride[0];
+  seq.mask_ss = p.mask_stride[1];
+  seq.n0 = p.count0 == nullptr ? 0 : p.count0[b];
+  seq.has_m = p.m != nullptr;
+  seq.sig = p.m == nullptr ? A(0) : sigmoid(static_cast<const A*>(p.m)[h]);
+  seq.eps = A(p.eps);
   return seq;
 }
 
 // --------------------------------------------------------------------------- shared memory
 
-template <typename X>
-__device__ __forceinline__ X* take(unsigned char* base, size_t& at, size_t n) {
-  X* p = reinterpret_cast<X*>(base + at);
-  at += (n * sizeof(X) + 127) / 128 * 128;
-  return p;
-}
-
-// The dynamic shared memory of a sweep block, carved in this order (the cupy backend computes
-// the same total in _shared_bytes: keep the two in step). DqP is Dq rounded up to 16.
-template <typename T, int C, int SL>
+// The dynamic shared memory of a sweep block for tiles of W columns, carved in this order, each
+// piece starting on 128 bytes. kBytes is the total a launch must give: the cupy backend reads it
+// back from the built module (the table cosattn_layout, see _cupy.module_text) instead of
+// computing it again.
+template <typename T, int W, int C, int SL>
 struct Shared {
   using A = acc_t<T>;
   static constexpr bool kMma = Num<T>::mma;
@@ -232,51 +317,74 @@ struct Shared {
   // 16 bytes, the FMA loops prefer odd ones.
   static constexpr int kPadT = kMma ? 8 : 1;
   static constexpr int kPadA = kMma ? 4 : 1;
+  static constexpr int kLdX = W + kPadT;   // q and k tiles and the 16-bit state parts
+  static constexpr int kLdSt = W + kPadA;  // state
   static constexpr int kLdV = SL + kPadT;  // v tile
   static constexpr int kLdS = C + kPadA;   // scores
   static constexpr int kLdO = SL + kPadA;  // out tile
   static constexpr int kLdP = C + kPadT;   // probabilities (masked scores) in T
 
-  int ld_x;   // q and k tiles and the 16-bit state parts: DqP + kPadT
-  int ld_st;  // state: DqP + kPadA
+  static constexpr size_t piece(size_t bytes) { return (bytes + 127) / 128 * 128; }
+  static constexpr size_t kTileX = piece(size_t(C) * kLdX * sizeof(T));
+  static constexpr size_t kTileV = piece(size_t(C) * kLdV * sizeof(T));
+  static constexpr size_t kTileP = kMma ? piece(size_t(C) * kLdP * sizeof(T)) : 0;
+  static constexpr size_t kStateX = kMma ? piece(size_t(SL) * kLdX * sizeof(T)) : 0;
+  static constexpr size_t kQ = 0;
+  static constexpr size_t kK = kQ + kTileX;
+  static constexpr size_t kV = kK + kTileX;
+  static constexpr size_t kScores = kV + kTileV;
+  static constexpr size_t kOut = kScores + piece(size_t(C) * kLdS * sizeof(A));
+  static constexpr size_t kState = kOut + piece(size_t(C) * kLdO * sizeof(A));
+  static constexpr size_t kP = kState + piece(size_t(SL) * kLdSt * sizeof(A));
+  static constexpr size_t kStateHi = kP + kTileP;
+  static constexpr size_t kStateLo = kStateHi + kStateX;
+  static constexpr size_t kQLo = kStateLo + kStateX;
+  static constexpr size_t kKLo = kQLo + (kMma ? kTileX : 0);
+  static constexpr size_t kVLo = kKLo + (kMma ? kTileX : 0);
+  static constexpr size_t kPLo = kVLo + (kMma ? kTileV : 0);
+  static constexpr size_t kRows = kPLo + kTileP;
+  static constexpr size_t kRed = kRows + piece(size_t(7) * C * sizeof(A));
+  static constexpr size_t kScalars = kRed + piece(32 * sizeof(A));
+  static constexpr size_t kInts = kScalars + piece(8 * sizeof(A));
+  static constexpr size_t kBytes = kInts + piece(40 * sizeof(index_t));
+
   T *q, *k, *v, *p, *state_hi, *state_lo;
   T *q_lo, *k_lo, *v_lo, *p_lo;
   A *scores, *out, *state;
   A *real, *w, *lnc, *qden, *kden, *qbig, *kbig;  // per row of the chunk
-  A* red;       // block reductions
-  A* scalars;   // [0]: 1 / scale of the split state
+  A* red;         // block reductions
+  A* scalars;     // [0]: 1 / scale of the split state
   index_t* ints;  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
 
-  __device__ Shared(unsigned char* base, int DqP) : ld_x(DqP + kPadT), ld_st(DqP + kPadA) {
-    size_t at = 0;
-    q = take<T>(base, at, size_t(C) * ld_x);
-    k = take<T>(base, at, size_t(C) * ld_x);
-    v = take<T>(base, at, size_t(C) * kLdV);
-    scores = take<A>(base, at, size_t(C) * kLdS);
-    out = take<A>(base, at, size_t(C) * kLdO);
-    state = take<A>(base, at, size_t(SL) * ld_st);
-    p = state_hi = state_lo = q_lo = k_lo = v_lo = p_lo = nullptr;
-    if (kMma) {
-      p = take<T>(base, at, size_t(C) * kLdP);
-      state_hi = take<T>(base, at, size_t(SL) * ld_x);
-      state_lo = take<T>(base, at, size_t(SL) * ld_x);
-      q_lo = take<T>(base, at, size_t(C) * ld_x);
-      k_lo = take<T>(base, at, size_t(C) * ld_x);
-      v_lo = take<T>(base, at, size_t(C) * kLdV);
-      p_lo = take<T>(base, at, size_t(C) * kLdP);
-    }
-    A* rows = take<A>(base, at, size_t(7) * C);
-    real = rows;
-    w = rows + C;
-    lnc = rows + 2 * C;
-    qden = rows + 3 * C;
-    kden = rows + 4 * C;
-    qbig = rows + 5 * C;
-    kbig = rows + 6 * C;
-    red = take<A>(base, at, 32);
-    scalars = take<A>(base, at, 8);
-    ints = take<index_t>(base, at, 40);
+  template <typename X>
+  static __device__ X* at(unsigned char* base, size_t offset) {
+    return reinterpret_cast<X*>(base + offset);
   }
+
+  explicit __device__ Shared(unsigned char* base)
+      : q(at<T>(base, kQ)),
+        k(at<T>(base, kK)),
+        v(at<T>(base, kV)),
+        p(kMma ? at<T>(base, kP) : nullptr),
+        state_hi(kMma ? at<T>(base, kStateHi) : nullptr),
+        state_lo(kMma ? at<T>(base, kStateLo) : nullptr),
+        q_lo(kMma ? at<T>(base, kQLo) : nullptr),
+        k_lo(kMma ? at<T>(base, kKLo) : nullptr),
+        v_lo(kMma ? at<T>(base, kVLo) : nullptr),
+        p_lo(kMma ? at<T>(base, kPLo) : nullptr),
+        scores(at<A>(base, kScores)),
+        out(at<A>(base, kOut)),
+        state(at<A>(base, kState)),
+        real(at<A>(base, kRows)),
+        w(real + C),
+        lnc(real + 2 * C),
+        qden(real + 3 * C),
+        kden(real + 4 * C),
+        qbig(real + 5 * C),
+        kbig(real + 6 * C),
+        red(at<A>(base, kRed)),
+        scalars(at<A>(base, kScalars)),
+        ints(at<index_t>(base, kInts)) {}
 };
 
 __device__ __forceinline__ unsigned char* dynamic_shared() {
@@ -366,26 +474,26 @@ __device__ __noinline__ void gemm(A* c, int ldc, const X* a, const typename Same
 enum class Mode { kForward, kReverse, kGlobal };
 
 // One thread block of a sweep kernel: a (b, h) and the output columns [c0, c0 + cols) of Dout.
-// DQ is the contraction width when it is specialised, 0 when it is only known at run time.
-template <typename T, int DQ, int C, int SL>
+// Its tiles are W columns wide (a multiple of 16, known at compile time); the contraction runs
+// over the first Dq <= W of them, the others are zero.
+template <typename T, int W, int C, int SL>
 struct Block {
   using A = acc_t<T>;
-  using Smem = Shared<T, C, SL>;
+  using Smem = Shared<T, W, C, SL>;
   static constexpr bool kMma = Num<T>::mma;
-  static_assert(C % 16 == 0 && SL % 16 == 0, "tiles are made of 16 x 16 pieces");
+  static_assert(C % 16 == 0 && SL % 16 == 0 && W % 16 == 0, "tiles are made of 16 x 16 pieces");
   static_assert(C <= 64, "the count scan gives each lane at most two rows");
 
   Smem sm;
   Sequence<T> seq;
-  int Dq, DqP;     // contraction width and its multiple of 16
+  int Dq;  // contraction width
   int c0, Dout, cols;
   bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are loaded
 
   __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout)
-      : sm(dynamic_shared(), ((DQ > 0 ? DQ : dq) + 15) / 16 * 16),
+      : sm(dynamic_shared()),
         seq(sequence),
-        Dq(DQ > 0 ? DQ : dq),
-        DqP((Dq + 15) / 16 * 16),
+        Dq(dq),
         c0(col0),
         Dout(dout),
         cols(dout - col0 < SL ? dout - col0 : SL) {}
@@ -395,9 +503,7 @@ struct Block {
     index_t n = seq.S;
     if (seq.mask != nullptr) {
       n = 0;
-      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) {
-        n += seq.mask[t * seq.mask_ss] ? 1 : 0;
-      }
+      for (index_t t = threadIdx.x; t < seq.S; t += kThreads) n += seq.real(t) ? 1 : 0;
       n = block_sum(n, sm.ints + 8);
     }
     if (threadIdx.x == 0) sm.ints[1] = n;
@@ -414,7 +520,7 @@ struct Block {
     for (int i = 0; i < R; ++i) {
       const int r = lane * R + i;
       int f = 0;
-      if (r < rows) f = seq.mask == nullptr ? 1 : int(seq.mask[(t0 + r) * seq.mask_ss]);
+      if (r < rows) f = seq.real(t0 + r) ? 1 : 0;
       flag[i] = f;
       sum += f;
     }
@@ -445,12 +551,13 @@ struct Block {
   }
 
   // max(|x_r|, eps) and [|x_r| > eps] for the rows of the chunk, one warp per row. Rows are
-  // divided by the first, as SPEC.md writes it (so a row of one entry becomes exactly ±1).
+  // divided by the first, as docs/spec.md writes it (so a row of one entry becomes exactly ±1).
+  // Padded rows are not read (their norm could be NaN or Inf): they get eps and 0, never used.
   __device__ __noinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
                                      A* big) {
     for (int r = warp_id(); r < C; r += kWarps) {
       A sum = 0;
-      if (r < rows) {
+      if (r < rows && seq.real(t0 + r)) {
         for (int d = lane_id(); d < seq.Dk; d += kWarp) {
           const A e = Num<T>::load(x(t0 + r, d));
           sum += e * e;
@@ -474,21 +581,21 @@ struct Block {
   }
 
   // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, scaled per row, into a
-  // C x width tile (zero outside); with a low tile, the rounding error of the scaled values goes
-  // there. Returns whether it did (operands taken as they are have none).
+  // C x width tile; zero outside them and on padded rows, which are not read. With a low tile,
+  // the rounding error of the scaled values goes there. Returns whether it did (operands taken
+  // as they are have none).
   __device__ __noinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
                                     int rows, int col0, int ncols, int width) {
     const bool normed = op.scale == Scale::kQuery || op.scale == Scale::kKey;
     const A* den = op.scale == Scale::kQuery ? sm.qden : sm.kden;
-    const A* scale = normed ? sm.real : op.scale == Scale::kValue ? sm.w : nullptr;
-    const bool split = low != nullptr && scale != nullptr;
+    const bool split = low != nullptr && op.scale != Scale::kNone;
     for (int idx = int(threadIdx.x); idx < C * width; idx += kThreads) {
       const int r = idx / width, c = idx % width;
       A x = 0;
-      if (r < rows && c < ncols) {
+      if (r < rows && c < ncols && sm.real[r] != A(0)) {
         x = Num<T>::load(op.x(t0 + r, col0 + c));
         if (normed) x /= den[r];
-        if (scale != nullptr) x *= scale[r];
+        if (op.scale == Scale::kValue) x *= sm.w[r];
       }
       const T hi = Num<T>::store(x);
       dst[r * ld + c] = hi;
@@ -498,10 +605,10 @@ struct Block {
   }
 
   __device__ void load_q(const Operand<T>& op, index_t t0, int rows) {
-    q_low = load(op, sm.q, sm.q_lo, sm.ld_x, t0, rows, 0, Dq, DqP);
+    q_low = load(op, sm.q, sm.q_lo, Smem::kLdX, t0, rows, 0, Dq, W);
   }
   __device__ void load_k(const Operand<T>& op, index_t t0, int rows) {
-    k_low = load(op, sm.k, sm.k_lo, sm.ld_x, t0, rows, 0, Dq, DqP);
+    k_low = load(op, sm.k, sm.k_lo, Smem::kLdX, t0, rows, 0, Dq, W);
   }
   __device__ void load_v(const Operand<T>& op, index_t t0, int rows) {
     v_low = load(op, sm.v, sm.v_lo, Smem::kLdV, t0, rows, c0, cols, SL);
@@ -510,13 +617,13 @@ struct Block {
   // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
   // when there is none.
   __device__ __noinline__ void load_state(const A* state0, bool transposed) {
-    for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
-      const int r = idx / DqP, c = idx % DqP;
+    for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
+      const int r = idx / W, c = idx % W;
       A x = 0;
       if (state0 != nullptr && r < cols && c < Dq) {
         x = transposed ? state0[index_t(c) * Dout + c0 + r] : state0[index_t(c0 + r) * Dq + c];
       }
-      sm.state[r * sm.ld_st + c] = x;
+      sm.state[r * Smem::kLdSt + c] = x;
     }
     __syncthreads();
   }
@@ -524,7 +631,7 @@ struct Block {
   __device__ __noinline__ void store_state(A* out) {
     for (int idx = int(threadIdx.x); idx < cols * Dq; idx += kThreads) {
       const int r = idx / Dq, c = idx % Dq;
-      out[index_t(c0 + r) * Dq + c] = sm.state[r * sm.ld_st + c];
+      out[index_t(c0 + r) * Dq + c] = sm.state[r * Smem::kLdSt + c];
     }
   }
 
@@ -533,8 +640,8 @@ struct Block {
   __device__ __noinline__ void split_state() {
     if constexpr (kMma) {
       float big = 0.0f;
-      for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
-        big = fmaxf(big, fabsf(sm.state[idx / DqP * sm.ld_st + idx % DqP]));
+      for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
+        big = fmaxf(big, fabsf(sm.state[idx / W * Smem::kLdSt + idx % W]));
       }
       big = block_max(big, sm.red);
       int e = 0;
@@ -542,12 +649,12 @@ struct Block {
       e = e < -100 ? -100 : (e > 100 ? 100 : e);
       const float scale = ldexpf(1.0f, 14 - e);
       if (threadIdx.x == 0) sm.scalars[0] = ldexpf(1.0f, e - 14);
-      for (int idx = int(threadIdx.x); idx < SL * DqP; idx += kThreads) {
-        const int r = idx / DqP, c = idx % DqP;
-        const float x = sm.state[r * sm.ld_st + c] * scale;
+      for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
+        const int r = idx / W, c = idx % W;
+        const float x = sm.state[r * Smem::kLdSt + c] * scale;
         const T h = Num<T>::store(x);
-        sm.state_hi[r * sm.ld_x + c] = h;
-        sm.state_lo[r * sm.ld_x + c] = Num<T>::store(x - Num<T>::load(h));
+        sm.state_hi[r * Smem::kLdX + c] = h;
+        sm.state_lo[r * Smem::kLdX + c] = Num<T>::store(x - Num<T>::load(h));
       }
       __syncthreads();
     }
@@ -556,19 +663,19 @@ struct Block {
   // Out (accumulate: +=) Q Stateᵀ.
   __device__ __noinline__ void inter(bool accumulate) {
     if constexpr (kMma) {
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, low(q_low, sm.q_lo), sm.ld_x, sm.state_hi,
-                        sm.state_lo, sm.ld_x, C, SL, DqP, sm.scalars[0], accumulate);
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, low(q_low, sm.q_lo), Smem::kLdX, sm.state_hi,
+                        sm.state_lo, Smem::kLdX, C, SL, W, sm.scalars[0], accumulate);
     } else {
-      gemm<false, true>(sm.out, Smem::kLdO, sm.q, nullptr, sm.ld_x, sm.state, nullptr, sm.ld_st,
-                        C, SL, DqP, A(1), accumulate);
+      gemm<false, true>(sm.out, Smem::kLdO, sm.q, nullptr, Smem::kLdX, sm.state, nullptr, Smem::kLdSt,
+                        C, SL, W, A(1), accumulate);
     }
     __syncthreads();
   }
 
   // Out = mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i.
   __device__ __noinline__ void intra(Mode mode) {
-    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, low(q_low, sm.q_lo), sm.ld_x, sm.k,
-                      low(k_low, sm.k_lo), sm.ld_x, C, C, DqP, A(1), false);
+    gemm<false, true>(sm.scores, Smem::kLdS, sm.q, low(q_low, sm.q_lo), Smem::kLdX, sm.k,
+                      low(k_low, sm.k_lo), Smem::kLdX, C, C, W, A(1), false);
     __syncthreads();
     for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
       const int i = idx / C, j = idx % C;
@@ -595,8 +702,8 @@ struct Block {
 
   // State += Vᵀ K for the chunk in the tiles.
   __device__ __noinline__ void absorb() {
-    gemm<true, false>(sm.state, sm.ld_st, sm.v, low(v_low, sm.v_lo), Smem::kLdV, sm.k,
-                      low(k_low, sm.k_lo), sm.ld_x, SL, DqP, C, A(1), true);
+    gemm<true, false>(sm.state, Smem::kLdSt, sm.v, low(v_low, sm.v_lo), Smem::kLdV, sm.k,
+                      low(k_low, sm.k_lo), Smem::kLdX, SL, W, C, A(1), true);
   }
 
   static __device__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }

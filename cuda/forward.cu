@@ -1,56 +1,48 @@
-// Cottention forward (SPEC.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
+// Cottention forward (docs/spec.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
 //
 // One block per (b, h, slice of SL columns of Dv); the grid is B * H * ceil(Dv / SL) blocks of
-// kThreads threads, with the dynamic shared memory of Shared<T, C, SL> for DqP = Dk rounded up
-// to 16. Causal: one sweep over the chunks from the incoming state kv0 (or zero), the outgoing
-// state written to kv_out when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first,
-// then o = Q̂' Stateᵀ).
+// kThreads threads, with Shared<T, W, C, SL>::kBytes of dynamic shared memory. Causal: one sweep
+// over the chunks from the incoming state kv0 (or zero), the outgoing state written to kv_out
+// when it is given. Bidirectional: the global sweep (State = K̂'ᵀ Ṽ first, then o = Q̂' Stateᵀ).
+// Padded rows of o are +0.
 #include "common.cuh"
 
 namespace cosattn {
 
-// q, k: (B, H, S, Dk), v, o: (B, H, S, Dv), strided (element strides *_sb, *_sh, *_ss, *_sd).
-// m: (H,) or null; mask: (B, S) or null; kv0, kv_out: contiguous (B, H, Dv, Dk) or null;
-// count0: (B,) or null. DK, DV: the head sizes when specialised (0: Dk, Dv at run time).
-template <typename T, int DK, int DV, int C, int SL>
-__global__ void __launch_bounds__(kThreads) forward_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-    const acc_t<T>* __restrict__ m, const bool* __restrict__ mask,
-    const acc_t<T>* __restrict__ kv0, const index_t* __restrict__ count0,
-    acc_t<T>* __restrict__ kv_out, index_t B, index_t H, index_t S, index_t Dk, index_t Dv,
-    index_t q_sb, index_t q_sh, index_t q_ss, index_t q_sd, index_t k_sb, index_t k_sh,
-    index_t k_ss, index_t k_sd, index_t v_sb, index_t v_sh, index_t v_ss, index_t v_sd,
-    index_t o_sb, index_t o_sh, index_t o_ss, index_t o_sd, index_t mask_sb, index_t mask_ss,
-    acc_t<T> eps, index_t causal) {
+// W: the tile width, a multiple of 16 at least Dk and Dv; C: the chunk; SL: the slice of Dv.
+template <typename T, int W, int C, int SL>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
-  const int dk = DK > 0 ? DK : int(Dk);
-  const int dv = DV > 0 ? DV : int(Dv);
+  const int dk = int(p.Dk), dv = int(p.Dv);
   const index_t slices = (dv + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
   const index_t bh = index_t(blockIdx.x) / slices;
-  const index_t h = bh % H, b = bh / H;
+  const index_t h = bh % p.H, b = bh / p.H;
 
-  const Sequence<T> seq = sequence_of<T>(rows_of(q, q_sb, q_sh, q_ss, q_sd, b, h),
-                                         rows_of(k, k_sb, k_sh, k_ss, k_sd, b, h), dk, S, mask,
-                                         mask_sb, mask_ss, count0, m, eps, b, h);
-
-  Block<T, DK, C, SL> block(seq, dk, int(slice) * SL, dv);
+  const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
+  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dv);
   block.begin();
   const Operand<T> Q{seq.q, dk, Scale::kQuery};
   const Operand<T> K{seq.k, dk, Scale::kKey};
-  const Operand<T> V{rows_of(v, v_sb, v_sh, v_ss, v_sd, b, h), dv, Scale::kValue};
-  const Rows<T> out = rows_of(o, o_sb, o_sh, o_ss, o_sd, b, h);
-  const index_t state_offset = (b * H + h) * index_t(dv) * dk;
+  const Operand<T> V{rows_of(p.v, p.v_stride, b, h), dv, Scale::kValue};
+  const Rows<T> out = rows_of(p.o, p.o_stride, b, h);
+  const index_t state_offset = (b * p.H + h) * index_t(dv) * dk;
+  const A* kv0 = static_cast<const A*>(p.kv0);
+  A* kv_out = static_cast<A*>(p.kv_out);
 
   const int c0 = block.c0, cols = block.cols;
   const A* tile = block.sm.out;
+  const A* real = block.sm.real;
   auto write = [&](index_t t0, int rows) {
     for (int idx = int(threadIdx.x); idx < rows * SL; idx += kThreads) {
       const int r = idx / SL, c = idx % SL;
-      if (c < cols) out(t0 + r, c0 + c) = Num<T>::store(tile[r * Shared<T, C, SL>::kLdO + c]);
+      if (c < cols) {
+        const A x = real[r] != A(0) ? tile[r * Shared<T, W, C, SL>::kLdO + c] : A(0);
+        out(t0 + r, c0 + c) = Num<T>::store(x);
+      }
     }
   };
-  block.run(causal ? Mode::kForward : Mode::kGlobal, Q, K, V,
+  block.run(p.causal ? Mode::kForward : Mode::kGlobal, Q, K, V,
             kv0 == nullptr ? nullptr : kv0 + state_offset, false,
             kv_out == nullptr ? nullptr : kv_out + state_offset, true, true, write);
 }

@@ -1,88 +1,144 @@
-// The recurrent step (SPEC.md, "The RNN form"), one token per batch row:
+// The recurrent step (docs/spec.md, "The RNN form"), one token per batch row:
 //   count += real;  kv += real w(count) v k̂ᵀ;  o = real kv q̂
 // step_kernel updates kv in place and writes o; step_count_kernel then adds real to count. The
 // count is shared by the H heads of a row, so it changes in a second launch, after every block
-// of the first has read it. Neither kernel allocates or synchronises with the host: a decode loop
-// of them can be captured in a CUDA graph. The state is read and written once per step.
+// of the first has read it. Neither kernel allocates or synchronises with the host: a decode
+// loop of them can be captured in a CUDA graph. The state is read and written once per step,
+// 16 bytes per access where its rows are contiguous and aligned (the usual contiguous state),
+// one element per access otherwise.
+// A padded row (mask false) is skipped, not multiplied by 0: its q, k and v are not read, its o
+// is +0, and its kv and count are not written, so they keep their bits (-0.0 + 0.0 would be
+// +0.0; docs/spec.md, "Bad input").
 #include "common.cuh"
+
+#ifndef COSATTN_STEP_ROWS
+#error "compile with the cupy backend's options (_cupy.compile_options: -DCOSATTN_STEP_ROWS=...)"
+#endif
 
 namespace cosattn {
 
-constexpr int kStepRows = 16;  // rows of kv (entries of Dv) per block
+constexpr int kStepRows = COSATTN_STEP_ROWS;  // rows of kv per block: _cupy.STEP_ROWS
 
-// q, k: (B, H, Dk), v, o: (B, H, Dv) strided (element strides); kv: (B, H, Dv, Dk) strided, of
-// the state's type St (the arithmetic is done in St); count: (B,); m: (H,) or null; mask: (B,)
-// or null. Grid: B * H * ceil(Dv / kStepRows) blocks; dynamic shared memory: 2 Dk + kWarps St
-// values.
+// Entries of a state row moved by one 16-byte access, and the access.
+template <typename St>
+struct Vec;
+template <>
+struct Vec<float> {
+  static constexpr int n = 4;
+  static __device__ __forceinline__ void load(const float* p, float (&x)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  }
+  static __device__ __forceinline__ void store(float* p, const float (&x)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  }
+};
+template <>
+struct Vec<double> {
+  static constexpr int n = 2;
+  static __device__ __forceinline__ void load(const double* p, double (&x)[2]) {
+    const double2 v = *reinterpret_cast<const double2*>(p);
+    x[0] = v.x, x[1] = v.y;
+  }
+  static __device__ __forceinline__ void store(double* p, const double (&x)[2]) {
+    *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
+  }
+};
+
+// kv row a of (b, h) += va k̂, and the lane's share of (kv row) · q̂. d runs over the lane's
+// entries, N at a time; N > 1 moves them as one Vec<St>.
+template <typename T, typename St, int N>
+__device__ __forceinline__ St update_row(St* row, index_t sd, const T* q, index_t q_sd,
+                                         const T* k, index_t k_sd, index_t Dk, St va,
+                                         St inv_q, St inv_k) {
+  St sum = 0;
+  for (index_t d0 = index_t(lane_id()) * N; d0 < Dk; d0 += index_t(kWarp) * N) {
+    St x[N];
+    if constexpr (N > 1) {
+      Vec<St>::load(row + d0, x);
+    } else {
+      x[0] = row[d0 * sd];
+    }
+    for (int i = 0; i < N; ++i) {
+      const St kh = St(Num<T>::load(k[(d0 + i) * k_sd])) * inv_k;
+      const St qh = St(Num<T>::load(q[(d0 + i) * q_sd])) * inv_q;
+      x[i] += va * kh;
+      sum += x[i] * qh;
+    }
+    if constexpr (N > 1) {
+      Vec<St>::store(row + d0, x);
+    } else {
+      row[d0 * sd] = x[0];
+    }
+  }
+  return sum;
+}
+
+// The dynamic shared memory of a step block: the block reductions.
+template <typename St>
+constexpr size_t kStepShared = kWarps * sizeof(St);
+
+// St: the state's type (the arithmetic is done in it). Grid: B * H * ceil(Dv / kStepRows)
+// blocks of kThreads threads with kStepShared<St> bytes of dynamic shared memory.
 template <typename T, typename St>
-__global__ void __launch_bounds__(kThreads) step_kernel(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-    St* __restrict__ kv, const index_t* __restrict__ count, const acc_t<T>* __restrict__ m,
-    const bool* __restrict__ mask, index_t B, index_t H, index_t Dk, index_t Dv, index_t q_sb,
-    index_t q_sh, index_t q_sd, index_t k_sb, index_t k_sh, index_t k_sd, index_t v_sb,
-    index_t v_sh, index_t v_sd, index_t o_sb, index_t o_sh, index_t o_sd, index_t kv_sb,
-    index_t kv_sh, index_t kv_sv, index_t kv_sd, index_t mask_sb, St eps) {
-  St* qh = reinterpret_cast<St*>(dynamic_shared());
-  St* kh = qh + Dk;
-  St* scratch = kh + Dk;
-
-  const index_t groups = (Dv + kStepRows - 1) / kStepRows;
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams<T> p) {
+  St* scratch = reinterpret_cast<St*>(dynamic_shared());
+  const index_t groups = (p.Dv + kStepRows - 1) / kStepRows;
   const index_t group = index_t(blockIdx.x) % groups;
   const index_t bh = index_t(blockIdx.x) / groups;
-  const index_t h = bh % H, b = bh / H;
+  const index_t h = bh % p.H, b = bh / p.H;
+  T* o = p.o + b * p.o_stride[0] + h * p.o_stride[1];
 
+  if (p.mask != nullptr && !p.mask[b * p.mask_stride]) {  // the whole block: before any barrier
+    for (int i = int(threadIdx.x); i < kStepRows; i += kThreads) {
+      const index_t a = group * kStepRows + i;
+      if (a < p.Dv) o[a * p.o_stride[2]] = Num<T>::store(acc_t<T>(0));
+    }
+    return;
+  }
+
+  const T* q = p.q + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* k = p.k + b * p.k_stride[0] + h * p.k_stride[1];
+  const index_t q_sd = p.q_stride[2], k_sd = p.k_stride[2];
   St qq = 0, kk = 0;
-  for (index_t d = threadIdx.x; d < Dk; d += kThreads) {
-    const St x = St(Num<T>::load(q[b * q_sb + h * q_sh + d * q_sd]));
-    const St y = St(Num<T>::load(k[b * k_sb + h * k_sh + d * k_sd]));
-    qh[d] = x;
-    kh[d] = y;
+  for (index_t d = threadIdx.x; d < p.Dk; d += kThreads) {
+    const St x = St(Num<T>::load(q[d * q_sd]));
+    const St y = St(Num<T>::load(k[d * k_sd]));
     qq += x * x;
     kk += y * y;
   }
   qq = block_sum(qq, scratch);
   kk = block_sum(kk, scratch);
-  const St qden = max_(sqrt_(qq), eps);
-  const St kden = max_(sqrt_(kk), eps);
-  for (index_t d = threadIdx.x; d < Dk; d += kThreads) {
-    qh[d] /= qden;
-    kh[d] /= kden;
-  }
-  __syncthreads();
+  const St eps = St(p.eps);
+  const St inv_q = St(1) / max_(sqrt_(qq), eps);
+  const St inv_k = St(1) / max_(sqrt_(kk), eps);
+  const acc_t<T>* m = static_cast<const acc_t<T>*>(p.m);
+  const St w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(p.count[b] + 1));
 
-  const bool real = mask == nullptr || mask[b * mask_sb];
-  const index_t c = count[b] + (real ? 1 : 0);
-  St w = 0;
-  if (real) w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(c));
-
-  const int lane = lane_id();
+  St* kv = static_cast<St*>(p.kv) + b * p.kv_stride[0] + h * p.kv_stride[1];
+  const index_t sv = p.kv_stride[2], sd = p.kv_stride[3];
+  constexpr int N = Vec<St>::n;
+  const bool packed = sd == 1 && p.Dk % N == 0 && sv % N == 0 &&
+                      reinterpret_cast<unsigned long long>(kv) % 16 == 0;
+  const T* v = p.v + b * p.v_stride[0] + h * p.v_stride[1];
   for (int i = warp_id(); i < kStepRows; i += kWarps) {
     const index_t a = group * kStepRows + i;
-    if (a >= Dv) break;
-    const St va = w * St(Num<T>::load(v[b * v_sb + h * v_sh + a * v_sd]));
-    St* row = kv + b * kv_sb + h * kv_sh + a * kv_sv;
-    St sum = 0;
-    for (index_t d = lane; d < Dk; d += kWarp) {
-      St x = row[d * kv_sd];
-      if (real) {
-        x += va * kh[d];
-        row[d * kv_sd] = x;
-      }
-      sum += x * qh[d];
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      o[b * o_sb + h * o_sh + a * o_sd] = Num<T>::store(acc_t<T>(sum * St(real ? 1 : 0)));
-    }
+    if (a >= p.Dv) break;
+    const St va = w * St(Num<T>::load(v[a * p.v_stride[2]]));
+    St* row = kv + a * sv;
+    const St sum = warp_sum(packed ? update_row<T, St, N>(row, sd, q, q_sd, k, k_sd, p.Dk, va,
+                                                          inv_q, inv_k)
+                                   : update_row<T, St, 1>(row, sd, q, q_sd, k, k_sd, p.Dk, va,
+                                                          inv_q, inv_k));
+    if (lane_id() == 0) o[a * p.o_stride[2]] = Num<T>::store(acc_t<T>(sum));
   }
 }
 
-// count[b] += real_b, after step_kernel.
-__global__ void __launch_bounds__(kThreads) step_count_kernel(index_t* __restrict__ count,
-                                                              const bool* __restrict__ mask,
-                                                              index_t B, index_t mask_sb) {
+// count[b] += 1 where the token is real, after step_kernel; padded rows are not written.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) step_count_kernel(const StepParams<T> p) {
   const index_t b = index_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (b < B) count[b] += (mask == nullptr || mask[b * mask_sb]) ? 1 : 0;
+  if (b < p.B && (p.mask == nullptr || p.mask[b * p.mask_stride])) p.count[b] += 1;
 }
 
 }  // namespace cosattn

@@ -97,6 +97,12 @@ def make_case(rng, B, H, S, Dk, Dv, dtype, *, mask="none", m=True, state=False, 
     return case
 
 
+def assert_same_bits(x, y, name: str) -> None:
+    """``x`` and ``y`` are the same array, bit for bit (NaN payloads and signed zeros too)."""
+    np.testing.assert_array_equal(x, y, err_msg=name)
+    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{name}: signed zeros differ"
+
+
 def assert_padding_zero(x, mask, name: str) -> None:
     """Every padded position of ``x`` (B, H, S, D) is +0 (docs/spec.md, "Bad input")."""
     if mask is None:

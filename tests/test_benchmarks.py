@@ -1,19 +1,36 @@
 """The benchmark harnesses: baselines against the reference, memory estimates against measured
-peaks, the bandwidth and skip arithmetic, and smoke runs of the CPU benchmark and of the GPU
-benchmark's NumPy dry path (tiny sizes, a few seconds in all)."""
+peaks, the bandwidth, skip and target arithmetic, smoke runs of the CPU benchmark and of the GPU
+scripts' NumPy dry paths (tiny sizes, a few seconds in all), and the GPU check's plan: its
+steps, time and file limits in a dry run, the precompiler's cache key, the wheel gathering."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from benchmarks import baselines, cpu_bench, gpu_bench, gpu_smoke, serve_bench
+from benchmarks import (
+    baselines,
+    cpu_bench,
+    gather_wheels,
+    gpu_bench,
+    gpu_profile,
+    gpu_smoke,
+    gpu_variants,
+    precompile,
+    serve_bench,
+)
+from cosattn import reference
 
 from helpers import TOL, case_id, make_case, reference_backward, reference_forward, rel_err
 
@@ -93,7 +110,7 @@ def test_gpu_case_over_the_free_memory_is_skipped_with_its_need():
 def test_cpu_bench_quick_writes_its_results(tmp_path):
     B, H, D, sizes = 1, 2, 16, (128, 192)
     assert cpu_bench.main(["--quick", "--S", *map(str, sizes), "--H", str(H), "--D", str(D),
-                           "--repeats", "2", "--out", str(tmp_path)]) == 0
+                           "--repeats", "2", "--rounds", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_bench_quick.json").read_text())
     assert data["command"].startswith("python -m benchmarks.cpu_bench --quick")
     for key in ("cpu", "cpu_count", "numpy", "blas", "python", "load_average"):
@@ -114,8 +131,13 @@ def test_cpu_bench_quick_writes_its_results(tmp_path):
         if impl.startswith("appendix"):  # ... and the cumulative sum, (B, H, S, D, D) float32
             assert r["peak_extra_bytes"] >= B * H * S * D * D * 4
     assert not data["targets"]["evaluated"]
+    margin = data["margin"]
+    assert {c["name"] for c in margin["checks"]} == set(cpu_bench.MARGIN_TARGETS)
+    assert all(c["value"] > 0 for c in margin["checks"])
+    assert set(margin["dtype_seconds"]) == {f"{d} {m}" for d in cpu_bench.MARGIN_DTYPES
+                                            for m in ("fwd", "fwdbwd")}
     md = (tmp_path / "cpu_bench_quick.md").read_text()
-    assert data["command"] in md and "## forward + backward" in md
+    assert data["command"] in md and "## forward + backward" in md and "## Margin rows" in md
     assert (tmp_path / "cpu_bench_quick.png").stat().st_size > 0
 
 
@@ -161,7 +183,9 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert checked == {"cosattn:numpy", "appendix", "quadratic"}
     attention = [r for r in data["results"] if r["kind"] == "attention"]
     cfg = data["config"]
-    assert len(attention) == len(cfg["S"]) * len(cfg["dtypes"]) * len(cfg["D"]) * 2 * 5
+    assert len(attention) == len(cfg["shapes"]) * len(cfg["dtypes"]) * 2 * 5
+    assert {(r["B"], r["H"], r["S"], r["D"]) for r in attention} == {
+        tuple(s) for s in gpu_bench.PROFILES["cpu", True]["shapes"]}
     for r in attention:
         if r["impl"] == "fla" or (r["impl"] == "sdpa" and not HAS_TORCH):
             assert r["status"] == "unavailable"
@@ -181,7 +205,9 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
         assert r["bytes_per_s"] == pytest.approx(
             gpu_bench.step_state_bytes(r["B"], r["H"], r["D"], r["D"])
             / r["device_time_per_step_s"])
-    assert "## Recurrent step" in (tmp_path / "gpu_bench_dry_quick.md").read_text()
+    assert data["targets"]["measured"] == 0  # the targets' shapes are not in a dry run
+    md = (tmp_path / "gpu_bench_dry_quick.md").read_text()
+    assert "## Recurrent step" in md and "## Targets (issue 11)" in md
 
 
 def test_serve_bench_quick_writes_its_results(tmp_path):
@@ -226,6 +252,204 @@ def test_gpu_smoke_checks_pass_on_the_numpy_backend():
     assert gpu_smoke.main(["--device", "cpu"]) == 0
 
 
+def _attention(impl, mode, B, H, S, seconds, fraction=None):
+    return {"kind": "attention", "impl": impl, "status": "ok", "dtype": "bfloat16", "D": 128,
+            "mode": mode, "B": B, "H": H, "S": S, "median_s": seconds,
+            "fraction_of_copy": fraction}
+
+
+def _step(impl, B, device_s, host_s, fraction):
+    return {"kind": "step", "impl": impl, "status": "ok", "dtype": "bfloat16", "D": 128, "B": B,
+            "H": 16, "device_time_per_step_s": device_s, "host_time_per_call_s": host_s,
+            "fraction_of_copy": fraction}
+
+
+def test_gpu_bench_evaluates_the_targets_of_issue_11():
+    results = [
+        _attention("cosattn:cupy", "fwd", 8, 16, 8192, 1.0, 0.95),
+        _attention("cosattn:cupy", "fwd", 8, 16, 16384, 2.0, 0.85),
+        _attention("cosattn:cupy", "fwd", 1, 8, 65536, 1.0, 0.61),
+        _attention("cosattn:cupy", "fwdbwd", 8, 16, 16384, 1.0),
+        _attention("fla", "fwdbwd", 8, 16, 16384, 2.5),
+        _attention("sdpa", "fwdbwd", 8, 16, 16384, 4.0),
+        _attention("cosattn:numba", "fwdbwd", 8, 16, 16384, 2.9),
+        _attention("cosattn:numba", "fwd", 8, 16, 8192, 3.5),
+        _step("cosattn:cupy", 64, 1e-5, 2e-5, 0.7),
+        _step("cosattn:cupy", 1, 8e-6, 5e-5, 0.01),
+        _step("cosattn:numba", 1, 2e-5, 5e-5, 0.01),
+        {"kind": "attention", "impl": "cosattn:cupy", "mode": "fwd", "B": 8, "H": 16,
+         "S": 32768, "D": 128, "dtype": "bfloat16", "status": "error", "reason": "no memory"},
+    ]
+    targets = gpu_bench.check_targets(results)
+    got = {c["name"]: (c["value"], c["met"]) for c in targets["checks"]}
+    fwd = "forward bf16 B8 H16 D128 S{}: fraction of copy bandwidth"
+    fwdbwd = "forward+backward bf16 B8 H16 D128 S16384: speed-up over {}"
+    assert got == {
+        fwd.format(8192): (0.95, True), fwd.format(16384): (0.85, False),
+        fwd.format(32768): (None, None), fwd.format(65536): (None, None),
+        "forward bf16 B1 H8 D128 S65536: fraction of copy bandwidth": (0.61, True),
+        fwdbwd.format("fla"): (2.5, True), fwdbwd.format("sdpa"): (4.0, False),
+        "step B64 H16 D128 (B*H = 1024): fraction of copy bandwidth on the state": (0.7, False),
+        "step B1 H16 D128: device time per step (us)": (pytest.approx(8.0), True),
+        "step B1 H16 D128: host time per call (us)": (pytest.approx(50.0), False),
+        "numba time over cupy time, worst case on the same shapes": (3.5, False),
+    }
+    assert targets["measured"] == 9 and targets["all_met"] is False
+
+
+def test_device_normal_rounds_bfloat16_through_its_bits_as_ml_dtypes_does():
+    """The GPU path (integer rounding, no bfloat16 arithmetic), run on NumPy arrays."""
+    bf16 = gpu_bench.DTYPES["bfloat16"]
+    not_numpy = SimpleNamespace(random=np.random, uint32=np.uint32, uint16=np.uint16,
+                                int16=np.int16)
+    got = gpu_bench.device_normal(not_numpy, (64, 1000), bf16, seed=4)
+    want = np.random.default_rng(4).standard_normal((64, 1000), dtype=np.float32).astype(bf16)
+    assert got.dtype == bf16 and got.tobytes() == want.tobytes()
+
+
+def test_gpu_variants_lists_one_default_variant_without_the_backend_hook(monkeypatch):
+    from cosattn.backends import _cupy
+
+    monkeypatch.delattr(_cupy, "VARIANTS", raising=False)
+    assert list(gpu_variants.variants()) == ["default"]
+
+
+def test_gpu_variants_dry_run_times_and_measures_every_listed_variant(tmp_path, monkeypatch):
+    from cosattn.backends import _cupy
+
+    names = ("three-pass", "single-pass")
+    entered = []
+
+    @contextlib.contextmanager
+    def variant(name):
+        entered.append(name)
+        yield
+
+    monkeypatch.setattr(_cupy, "VARIANTS", names, raising=False)
+    monkeypatch.setattr(_cupy, "variant", variant, raising=False)
+    assert gpu_variants.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_variants_dry_quick.json").read_text())
+    profile = gpu_variants.PROFILES["cpu", True]
+    assert [(r["variant"], r["dtype"]) for r in data["results"]] == [
+        (n, d) for n in names for d in profile["dtypes"]]
+    assert entered == [n for n in names for _ in profile["dtypes"]]
+    for r in data["results"]:
+        assert set(r["errors"]["random"]) == {"o", "kv", "dq", "dk", "dv", "dm", "dkv0"}
+        assert set(r["errors"]["cancelling"]) == {"o", "kv", "dq", "dk", "dv", "dm"}
+        assert r["ok"] and all(e <= r["bound"] for kind in gpu_variants.KINDS
+                               for e in r["errors"][kind].values())
+        assert [(t["shape"], t["mode"]) for t in r["timings"]] == [
+            (list(s), m) for s in profile["timing_shapes"] for m in gpu_bench.MODES]
+        assert all(t["status"] == "ok" and t["fraction_of_copy"] > 0 for t in r["timings"])
+    assert "## Errors" in (tmp_path / "gpu_variants_dry_quick.md").read_text()
+
+
+def test_cancelling_inputs_cancel():
+    """Each output of the cancelling inputs is a small fraction of the size of its terms."""
+    x = gpu_variants.make_inputs("cancelling", 1, 2, 256, 16, np.dtype(np.float32))
+    f = {n: x[n].astype(np.float64) for n in ("q", "k", "v")}
+    qh, kh = (reference.normalize(f[n])[0] for n in ("q", "k"))
+    c = reference.counts(np.ones((1, 256), bool), np.zeros(1, np.int64), True)
+    vt = reference.weights(x["m"], c, 2)[..., None] * f["v"]
+    o, _, _ = reference.forward(f["q"], f["k"], f["v"], x["m"].astype(np.float64))
+    sizes = np.abs(np.tril(qh @ kh.swapaxes(-1, -2))) @ np.abs(vt)
+    assert np.linalg.norm(sizes) > 30 * np.linalg.norm(o)
+
+
+def test_gpu_profile_makes_its_calls_on_the_cpu():
+    assert gpu_profile.main(["--device", "cpu"]) == 0
+
+
+def test_precompile_builds_each_module_through_the_backends_own_build(monkeypatch):
+    """Every kernel of the module through _cupy._kernel on device 0, so the cache holds what
+    the backend looks up; a failure is reported with its message, not raised."""
+    from cosattn.backends import _cupy
+
+    built = []
+    monkeypatch.setattr(_cupy, "_kernel", lambda spec, e, device: built.append((spec, e, device)))
+    spec = _cupy.all_specs()[0]
+    result = precompile.build(spec)
+    assert result["ok"] and result["spec"] == spec
+    assert built == [(spec, e, 0) for e in spec.expressions]
+
+    def fails(spec, expression, device):
+        raise RuntimeError("NVRTC says no")
+
+    monkeypatch.setattr(_cupy, "_kernel", fails)
+    result = precompile.build(spec)
+    assert not result["ok"] and "NVRTC says no" in result["error"]
+
+
+def test_precompile_lists_every_module(capsys):
+    from cosattn.backends import _cupy
+
+    assert precompile.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(_cupy.all_specs()) + 1
+
+
+def test_gather_wheels_keeps_the_newest_version_of_each(tmp_path):
+    names = ["fla_core-0.5.0-py3-none-any.whl", "fla_core-0.6.0-py3-none-any.whl",
+             "setuptools-80.1.0-py3-none-any.whl", "setuptools-80.0.9-py3-none-any.whl",
+             "numpy-2.1.0-cp312-cp312-manylinux_2_17_x86_64.whl"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    removed = gather_wheels.prune(tmp_path)
+    assert sorted(p.name for p in removed) == [names[0], names[3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[1], names[2], names[4]])
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+STATUS = re.compile(r"^(\w+): exit (\d+) after \d+ s \(limit (\d+) s, group (\w)\)$", re.M)
+
+
+def _dry_check(tmp_path, *args, fail=""):
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_FAIL=fail, TMPDIR=str(tmp_path))
+    run = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", *args, str(out)],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    return run, out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(("mode", "budget"), [("full", 480), ("quick", 180)])
+def test_gpu_check_goes_on_after_a_failure_within_its_time_and_file_limits(tmp_path, mode,
+                                                                          budget):
+    run, out = _dry_check(tmp_path, *(["--quick"] if mode == "quick" else []), fail="memcheck")
+    assert run.returncode == 1, run.stdout + run.stderr
+    summary = (out / "summary.txt").read_text()
+    steps = STATUS.findall(summary)
+    names = {"setup", "precompile", "pytest_cupy", "memcheck", "racecheck", "gpu_bench",
+             "gpu_variants"}
+    if mode == "full":
+        names |= {"pytest_numba", "synccheck", "initcheck", "examples", "fla_warmup", "ncu"}
+    assert {s[0] for s in steps} == names
+    assert {s[0]: s[1] for s in steps} == {n: "1" if n == "memcheck" else "0" for n in names}
+    limits: dict[str, int] = {}
+    for _, _, limit, group in steps:
+        limits[group] = max(limits.get(group, 0), int(limit))
+    # each group's longest limit, 5 s to kill an overrunning step, 15 s for the rest
+    assert sum(limits.values()) + 5 * len(limits) + 15 <= budget, limits
+    assert "command: bash benchmarks/gpu_check.sh --dry-run" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "summary.txt"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(m.name).name for m in tar.getmembers() if m.isfile()}
+    assert {f"{n}.log" for n in names} | {"summary.txt"} <= logs
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_runs_only_the_steps_asked_for(tmp_path):
+    run, out = _dry_check(tmp_path, "--only", "pytest_cupy,ncu")
+    assert run.returncode == 0, run.stdout + run.stderr
+    ran = {s[0] for s in STATUS.findall((out / "summary.txt").read_text())}
+    assert ran == {"setup", "pytest_cupy", "ncu"}
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck")
+def test_gpu_check_script_passes_shellcheck():
+    subprocess.run(["shellcheck", str(GPU_CHECK)], check=True)

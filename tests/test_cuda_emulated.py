@@ -1,12 +1,14 @@
 """The CUDA kernels of cuda/, run on the CPU through a host emulation of CUDA (tests/cuda_host).
 
 g++ compiles the kernel sources of ``cuda/`` with stand-ins for the CUDA headers (a block
-runs as threads with barriers; wmma, half and bfloat16 are emulated), and the cupy backend's own
-Python code (shapes, strides, temporaries, launch geometry, shared memory sizes) drives them:
-``_cupy._launch`` is replaced by the emulator, everything else is the real path through
-``cosattn.forward``/``backward``/``RecurrentState.step`` with ``backend="cupy"``. What this cannot
-show: timing, real tensor-core rounding and memory-model effects; tests/test_cupy.py checks those
-on a GPU. Skipped when no C++17 compiler is found ($CXX, default g++; $CXXFLAGS are added, e.g.
+runs as threads with barriers; wmma, half and bfloat16 are emulated) and the cupy backend's
+``-D`` options, and the backend's own Python code drives them: ``cupy.RawModule`` is replaced by
+:class:`EmulatedModule`, so the real build path (``_cupy._kernel``, its lock, the table of
+shared-memory sizes read back from the module) and the real launch path (``_cupy._launch``
+with the parameter structs) run, through ``cosattn.forward``/``backward``/
+``RecurrentState.step`` with ``backend="cupy"``. What this cannot show: timing, real
+tensor-core rounding and memory-model effects; tests/test_cupy.py checks those on a GPU. Skipped
+when no C++17 compiler is found ($CXX, default g++; $CXXFLAGS are added, e.g.
 ``-fsanitize=address`` with ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)``).
 """
 
@@ -17,6 +19,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,24 +50,30 @@ CXX = os.environ.get("CXX", "g++")
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 DTYPES = (F16, BFLOAT16, F32, F64)
 
-# The (dtype, head) instances built: the general path and D = 16 for every dtype, and the
-# multi-slice specialised tilings D = 64 (tensor cores) and D = 128 (FMA loops).
-INSTANCES = [(d, h) for d in DTYPES for h in (16, _cupy.GENERAL)] + [(F16, 64), (F32, 128)]
+# The (dtype, tile width) instances built: widths 16 and 64 for every dtype (head sizes up to the
+# width, equal or not), and W = 128 in float32 (several slices of the FMA loops).
+INSTANCES = [(d, W) for d in DTYPES for W in (16, 64)] + [(F32, 128)]
+# (Dk, Dv) drawn for each width: each pair runs on that width (_cupy.width).
+HEAD_SIZES = {16: [(16, 16), (1, 1), (5, 7), (16, 9)],
+              64: [(64, 64), (33, 16), (48, 48), (20, 40)],
+              128: [(128, 128), (65, 100)]}
 STEPS = [(F32, F32), (F16, F32), (BFLOAT16, F64), (F64, F64)]
 
 
 def _instance_id(instance: tuple[np.dtype, int]) -> str:
-    dtype, head = instance
-    return f"{dtype}-{'general' if head == _cupy.GENERAL else f'D{head}'}"
+    dtype, W = instance
+    return f"{dtype}-W{W}"
 
 
 def _specs() -> list[_cupy.ModuleSpec]:
-    specs = [make(dtype, head) for dtype, head in INSTANCES
+    specs = [make(dtype, W) for dtype, W in INSTANCES
              for make in (_cupy.forward_spec, _cupy.backward_spec)]
     return specs + [_cupy.step_spec(dtype, state) for dtype, state in STEPS]
 
 
 REGISTRY = """\
+#include <cstddef>
+
 #include "forward.cu"
 #include "backward.cu"
 #include "step.cu"
@@ -73,36 +83,100 @@ namespace cosattn {{
 alignas(128) unsigned char cosattn_shared[emu::kSharedCapacity];
 }}
 
-static const emu::Entry kEntries[] = {{
-{entries}
+struct Kernel {{
+  const char* expression;
+  emu::Launcher launch;
+  unsigned long long shared;  // the spec's shared-memory expression, evaluated by the compiler
 }};
+
+static const Kernel kKernels[] = {{
+{kernels}
+}};
+
+struct Field {{
+  const char* name;
+  std::size_t offset, size;
+}};
+
+{structs}
+
+static const Kernel* find(const char* expression) {{
+  for (const Kernel& kernel : kKernels) {{
+    if (std::strcmp(kernel.expression, expression) == 0) return &kernel;
+  }}
+  return nullptr;
+}}
 
 extern "C" int cosattn_emulated_launch(const char* expression, unsigned grid, unsigned block,
                                        std::size_t shared, void** args) {{
-  for (const emu::Entry& entry : kEntries) {{
-    if (std::strcmp(entry.expression, expression) == 0) {{
-      try {{
-        entry.launch(grid, block, shared, args);
-      }} catch (const std::exception&) {{
-        return 2;
-      }}
-      return 0;
-    }}
+  const Kernel* kernel = find(expression);
+  if (kernel == nullptr) return 1;
+  try {{
+    kernel->launch(grid, block, shared, args);
+  }} catch (const std::exception&) {{
+    return 2;
   }}
-  return 1;
+  return 0;
+}}
+
+extern "C" long long cosattn_emulated_shared(const char* expression) {{
+  const Kernel* kernel = find(expression);
+  return kernel == nullptr ? -1 : (long long)kernel->shared;
+}}
+
+// sizeof(struct), or the offset and size of one of its fields; -1 when unknown.
+extern "C" long long cosattn_emulated_layout(const char* name, const char* field, int size) {{
+{layouts}
+  return -1;
 }}
 """
 
-ENTRY = ('  {{"{e}", [](unsigned g, unsigned b, std::size_t s, void** a) {{ '
-         'emu::run(&{e}, g, b, s, a); }}}},')
+KERNEL = ('  {{"{e}", [](unsigned g, unsigned b, std::size_t s, void** a) {{ '
+          'emu::run(&{e}, g, b, s, a); }}, (unsigned long long)({shared})}},')
+
+# Each parameter struct is checked in every dtype it is instantiated with.
+STRUCT = """\
+using {alias} = cosattn::{name}<{ctype}>;
+static const Field k{alias}[] = {{
+{fields}
+}};"""
+
+LAYOUT = """\
+  if (std::strcmp(name, "{alias}") == 0) {{
+    if (field == nullptr) return sizeof({alias});
+    for (const Field& f : k{alias}) {{
+      if (std::strcmp(f.name, field) == 0) return size ? f.size : f.offset;
+    }}
+  }}"""
+
+
+def _struct_alias(name: str, dtype: np.dtype) -> str:
+    return f"{name}_{_cupy.CTYPES[dtype].strip('_')}"
+
+
+def _registry() -> str:
+    kernels = sorted({(e, shared) for spec in _specs()
+                      for e, shared in zip(spec.expressions, spec.shared, strict=True)})
+    structs, layouts = [], []
+    for name, dtype in _cupy.PARAMS.items():
+        for input_dtype in DTYPES:
+            alias = _struct_alias(name, input_dtype)
+            fields = "\n".join(f'  {{"{f}", offsetof({alias}, {f}), sizeof({alias}::{f})}},'
+                               for f in dtype.names)
+            structs.append(STRUCT.format(alias=alias, name=name,
+                                         ctype=_cupy.CTYPES[input_dtype], fields=fields))
+            layouts.append(LAYOUT.format(alias=alias))
+    return REGISTRY.format(kernels="\n".join(KERNEL.format(e=e, shared=shared)
+                                             for e, shared in kernels),
+                           structs="\n\n".join(structs), layouts="\n".join(layouts))
 
 
 def _build(cache: Path) -> Path:
-    expressions = sorted({e for spec in _specs() for e in spec.expressions})
-    source = REGISTRY.format(entries="\n".join(ENTRY.format(e=e) for e in expressions))
+    source = _registry()
     kernels = _cupy.source_folder()
     flags = ["-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-fPIC", "-shared", "-w",
              *os.environ.get("CXXFLAGS", "").split(),
+             *(f"-D{name}={value}" for name, value in _cupy.DEFINES.items()),
              "-include", str(HOST / "emulation.h"), f"-I{HOST}", f"-I{kernels}"]
     digest = hashlib.sha256(source.encode())
     for folder in (HOST, kernels):
@@ -130,30 +204,88 @@ def emulator(request, tmp_path_factory):
         library = _build(folder)
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"{CXX} could not build the CUDA host emulation:\n{exc.stderr[-3000:]}")
-    return ctypes.CDLL(str(library))
+    library = ctypes.CDLL(str(library))
+    library.cosattn_emulated_shared.restype = ctypes.c_longlong
+    library.cosattn_emulated_layout.restype = ctypes.c_longlong
+    library.cosattn_emulated_layout.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+    return library
 
 
-_CTYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-           np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+class EmulatedKernel:
+    """What ``RawModule.get_function`` returns: a launch runs the kernel in the emulation, one
+    launch at a time (the emulation has one set of blocks, fibers and shared memory)."""
+
+    device = threading.Lock()
+
+    def __init__(self, emulator: ctypes.CDLL, expression: str, launches: list):
+        self.emulator, self.expression, self.launches = emulator, expression, launches
+        self.max_dynamic_shared_size_bytes = 0
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple, *, shared_mem: int = 0) -> None:
+        (params,) = args  # one parameter struct, passed by value
+        assert params.dtype in _cupy.PARAMS.values(), params.dtype
+        assert block == (_cupy.THREADS,)
+        if shared_mem > _cupy.STATIC_SHARED_LIMIT:
+            assert self.max_dynamic_shared_size_bytes >= shared_mem
+        self.launches.append((self.expression, grid[0], shared_mem))
+        data = ctypes.create_string_buffer(params.tobytes(), params.dtype.itemsize)
+        slots = (ctypes.c_void_p * 1)(ctypes.addressof(data))
+        with self.device:
+            status = self.emulator.cosattn_emulated_launch(
+                self.expression.encode(), grid[0], block[0], ctypes.c_size_t(shared_mem), slots)
+        assert status == 0, f"emulated launch of {self.expression} failed ({status})"
+
+
+class EmulatedTable:
+    """What ``RawModule.get_global("cosattn_layout")`` returns: the module's table of shared
+    memory, as the compiler evaluated the spec's expressions."""
+
+    def __init__(self, values: list[int]):
+        self.values = np.array(values, dtype=np.uint64)
+
+    def copy_to_host(self, pointer: int, size: int) -> None:
+        assert size == self.values.nbytes
+        ctypes.memmove(pointer, self.values.ctypes.data, size)
+
+
+class EmulatedModule:
+    """Stands in for ``cupy.RawModule``: checks what it is given and counts its builds."""
+
+    emulator: ctypes.CDLL
+    launches: list
+    builds: list
+    delay = 0.0  # seconds a build takes (the concurrent first-use test)
+
+    def __init__(self, *, code: str, options: tuple, name_expressions: tuple):
+        assert options == _cupy.compile_options()
+        assert f"{_cupy.LAYOUT_TABLE}[]" in code
+        self.expressions = name_expressions
+        self.builds.append(name_expressions)
+        time.sleep(self.delay)
+
+    def get_function(self, expression: str) -> EmulatedKernel:
+        assert expression in self.expressions
+        return EmulatedKernel(self.emulator, expression, self.launches)
+
+    def get_global(self, name: str) -> EmulatedTable:
+        assert name == _cupy.LAYOUT_TABLE
+        values = [self.emulator.cosattn_emulated_shared(e.encode()) for e in self.expressions]
+        assert min(values) >= 0, "an expression the emulation was not built with"
+        return EmulatedTable(values)
 
 
 @pytest.fixture
 def cupy_on_host(monkeypatch, emulator):
-    """Route backend="cupy" to the emulated kernels for NumPy arrays; records the launches."""
-    launches = []
-
-    def launch(spec, expression, grid, shared, args, p):
-        assert expression in spec.expressions
-        launches.append((expression, grid, shared))
-        if grid == 0:
-            return
-        values = [_CTYPES[np.dtype(type(a))](a) for a in args]
-        slots = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        status = emulator.cosattn_emulated_launch(expression.encode(), grid, _cupy.THREADS,
-                                                  ctypes.c_size_t(shared), slots)
-        assert status == 0, f"emulated launch of {expression} failed ({status})"
-
-    monkeypatch.setattr(_cupy, "_launch", launch)
+    """Route backend="cupy" to the emulated kernels for NumPy arrays through the backend's own
+    build and launch code; returns the launches (expression, grid, shared memory)."""
+    cupy = pytest.importorskip("cupy")
+    launches: list = []
+    module = type("Module", (EmulatedModule,), {"emulator": emulator, "launches": launches,
+                                                "builds": []})
+    monkeypatch.setattr(cupy, "RawModule", module)
+    monkeypatch.setattr(_cupy, "_modules", {})
+    monkeypatch.setattr(_cupy, "_capability", lambda device: 90)
+    monkeypatch.setattr(_cupy, "_shared_limit", lambda device: 227 * 1024)
     monkeypatch.setattr(_cupy, "unavailable", lambda: None)
     monkeypatch.setattr(_cupy, "DEVICE", "cpu")
     return launches
@@ -187,14 +319,11 @@ class Problem:
 
 @st.composite
 def problems(draw, instance):
-    """A problem for the built ``instance`` (dtype, head): odd sizes, S across chunk boundaries,
+    """A problem for the built ``instance`` (dtype, width): odd sizes, S across chunk boundaries,
     masks, m, states, layouts, and padding that holds NaN, Inf or 1e30 (docs/spec.md, "Bad
     input")."""
-    dtype, head = instance
-    if head == _cupy.GENERAL:
-        Dk, Dv = draw(st.sampled_from([(1, 1), (5, 7), (20, 40), (33, 16), (48, 48), (16, 17)]))
-    else:
-        Dk = Dv = head
+    dtype, W = instance
+    Dk, Dv = draw(st.sampled_from(HEAD_SIZES[W]))
     causal = draw(st.booleans())
     state = causal and draw(st.booleans())
     return Problem(dtype, draw(st.integers(1, 2)), draw(st.integers(1, 3)),
@@ -237,16 +366,66 @@ def test_large_entries_zero_rows_and_long_sequences(dtype, cupy_on_host):
     check_backward(case, causal=True, backend="cupy")
 
 
-def test_launch_geometry_and_shared_memory(cupy_on_host):
-    """Grids cover B * H * slices; shared memory is what _shared_bytes says for the instance."""
+def test_launch_geometry_and_shared_memory(cupy_on_host, emulator):
+    """Grids cover B * H * slices; the shared memory of a launch is the kernel's own layout size
+    (Shared<...>::kBytes, read back from the module), which its carving fits (the emulation
+    stops a kernel that writes past it)."""
     rng = np.random.default_rng(3)
     c = make_case(rng, 2, 3, 20, 16, 16, F16)
     cosattn.forward(c.q, c.k, c.v, c.m, backend="cupy")
     (expression, grid, shared), = cupy_on_host
-    C, SL = _cupy.tiles(F16, 16)
-    assert expression == _cupy.forward_spec(F16, 16).expressions[0]
+    _, SL = _cupy.tiles(F16, 16)
+    spec = _cupy.forward_spec(F16, 16)
+    assert expression == spec.expressions[0]
     assert grid == 2 * 3 * (16 // SL)
-    assert shared == _cupy._shared_bytes(F16, 16, C, SL)
+    assert shared == emulator.cosattn_emulated_shared(expression.encode()) > 0
+
+
+@pytest.mark.parametrize("struct", list(_cupy.PARAMS))
+def test_parameter_structs_have_the_cpp_layout(struct, emulator):
+    """The NumPy dtype a launch fills is the C++ struct, field for field, in every dtype."""
+    dtype = _cupy.PARAMS[struct]
+    for input_dtype in DTYPES:
+        alias = _struct_alias(struct, input_dtype).encode()
+        assert emulator.cosattn_emulated_layout(alias, None, 0) == dtype.itemsize, alias
+        for name in dtype.names:
+            field, offset = dtype.fields[name][:2]
+            assert emulator.cosattn_emulated_layout(alias, name.encode(), 0) == offset, name
+            assert emulator.cosattn_emulated_layout(alias, name.encode(), 1) == field.itemsize
+
+
+def test_first_use_from_many_threads_builds_each_module_once(cupy_on_host):
+    """8 threads make their first calls at once: the real build path under its lock compiles
+    each module once (the fake RawModule takes 50 ms to build), nobody deadlocks, and every
+    thread gets the same bits."""
+    EmulatedModule.delay = 0.05
+    try:
+        rng = np.random.default_rng(7)
+        c = make_case(rng, 1, 2, 20, 16, 16, F32, mask="inner")
+        results: dict[int, tuple] = {}
+        start = threading.Barrier(8)
+
+        def work(i: int) -> None:
+            start.wait()
+            o = cosattn.forward(c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
+            grads = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
+            results[i] = (o, *grads)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a first use deadlocked"
+        builds = type(_cupy._modules[_cupy.forward_spec(F32, 16)][0]).builds
+        assert sorted(builds) == sorted([_cupy.forward_spec(F32, 16).expressions,
+                                         _cupy.backward_spec(F32, 16).expressions])
+        assert sorted(results) == list(range(8))
+        for i in range(1, 8):
+            for a, b in zip(results[0], results[i], strict=True):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        EmulatedModule.delay = 0.0
 
 
 def test_step_matches_the_forward(cupy_on_host):

@@ -17,6 +17,7 @@ from helpers import (
     Case,
     assert_close,
     assert_padding_zero,
+    assert_same_bits,
     case_id,
     make_case,
     reference_forward,
@@ -158,12 +159,6 @@ def _zeros_in_padding(case: Case) -> Case:
                                         for n in ("q", "k", "v", "do")})
 
 
-def _assert_same_bits(x, y, name):
-    """``x`` and ``y`` are the same array, bit for bit (signed zeros too)."""
-    np.testing.assert_array_equal(x, y, err_msg=name)
-    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{name}: signed zeros differ"
-
-
 @pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
 @pytest.mark.parametrize("mask", PADDED_KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -177,7 +172,7 @@ def test_padding_holds_anything(dtype, causal, mask, junk):
     got = _run_attention(case, causal=causal, state=causal)
     expected = _run_attention(_zeros_in_padding(case), causal=causal, state=causal)
     for name, x, y in zip(("o", "kv", "count"), got, expected, strict=False):  # o alone if bidir.
-        _assert_same_bits(x, y, name)
+        assert_same_bits(x, y, name)
     assert_padding_zero(got[0], case.mask, "o")
     ref = reference_forward(case, causal)
     assert_close(got[0], ref[0], dtype, "o")
@@ -207,15 +202,15 @@ def test_step_graph_padding_holds_anything(mask, junk):
                 "q": c.q[:, :, t], "k": c.k[:, :, t], "v": c.v[:, :, t], "m": c.m,
                 "mask": c.mask[:, t], "kv": kv, "count": count})
             padded = ~c.mask[:, t]
-            _assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
-            _assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
+            assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
+            assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
             outs.append(o)
             kv, count = kv_next, count_next
         return np.stack(outs, axis=2), kv, count
 
     got = run(case)
     for name, x, y in zip(("o", "kv", "count"), got, run(_zeros_in_padding(case)), strict=True):
-        _assert_same_bits(x, y, name)
+        assert_same_bits(x, y, name)
     assert_padding_zero(got[0], case.mask, "o")
     o_ref, kv_ref, count_ref = reference_forward(case)
     assert_close(got[0], o_ref, np.float32, "o")

@@ -19,13 +19,20 @@ def test_ci_runs_the_readme_test_command():
     assert command in (ROOT / "README.md").read_text()
 
 
-def test_wheel_ships_cuda_sources_reference_and_types(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel pip builds from this checkout."""
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(folder), str(ROOT)],
         check=True, capture_output=True,
     )
-    (wheel,) = tmp_path.glob("cosattn-*.whl")
+    (built,) = folder.glob("cosattn-*.whl")
+    return built
+
+
+def test_wheel_ships_cuda_sources_reference_and_types(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     sources = sorted(p.name for p in (ROOT / "cuda").iterdir() if re.search(r"\.cuh?$", p.name))
     for name in sources:
@@ -35,13 +42,7 @@ def test_wheel_ships_cuda_sources_reference_and_types(tmp_path):
     assert not any(n.startswith(("reference/", "cuda/", "tests/")) for n in names)
 
 
-def test_installed_wheel_finds_its_cuda_sources(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("cosattn-*.whl")
+def test_installed_wheel_finds_its_cuda_sources(wheel, tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     found = subprocess.run(

@@ -5,7 +5,7 @@ import pytest
 
 from cosattn import reference
 
-from helpers import JUNK, MASK_KINDS, assert_padding_zero, make_mask
+from helpers import JUNK, MASK_KINDS, assert_padding_zero, assert_same_bits, make_mask
 
 SHAPES = [(1, 1, 1, 1, 1), (2, 3, 7, 4, 5), (2, 2, 9, 3, 3)]
 
@@ -112,12 +112,6 @@ def _fill_padding(x, mask, value):
     return np.where(mask[:, None, :, None], x, value)
 
 
-def _assert_same_bits(x, y, name):
-    """``x`` and ``y`` are the same array, bit for bit (NaN payloads and signed zeros too)."""
-    np.testing.assert_array_equal(x, y, err_msg=name)
-    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{name}: signed zeros differ"
-
-
 @pytest.mark.parametrize("junk", JUNK_VALUES, ids=str)
 @pytest.mark.parametrize("mask_kind", PADDED_KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -146,7 +140,7 @@ def test_padding_holds_anything(causal, mask_kind, junk):
         if value is None:
             assert got[name] is None, name
         else:
-            _assert_same_bits(got[name], value, name)
+            assert_same_bits(got[name], value, name)
     for name in ("o", "dq", "dk", "dv"):
         assert_padding_zero(got[name], mask, name)
 
@@ -168,7 +162,7 @@ def test_rnn_padding_holds_anything(mask_kind, junk):
     zeros = [_fill_padding(x[n], mask, 0.0) for n in "qkv"]
     expected = reference.forward_rnn(*zeros, x["m"], mask=mask, kv0=x["kv0"], count0=x["count0"])
     for name, got, value in zip(("o", "kv", "count"), (o, kv, count), expected, strict=True):
-        _assert_same_bits(got, value, name)
+        assert_same_bits(got, value, name)
     assert_padding_zero(o, mask, "o")
     kv, count = x["kv0"], x["count0"]
     for t in range(S):
@@ -176,6 +170,6 @@ def test_rnn_padding_holds_anything(mask_kind, junk):
         _, kv_next, count_next = reference.forward_rnn(*token, x["m"], mask=mask[:, t:t + 1],
                                                        kv0=kv, count0=count)
         padded = ~mask[:, t]
-        _assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
-        _assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
+        assert_same_bits(kv_next[padded], kv[padded], f"kv after masked step {t}")
+        assert_same_bits(count_next[padded], count[padded], f"count after masked step {t}")
         kv, count = kv_next, count_next

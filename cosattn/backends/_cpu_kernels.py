@@ -77,3 +77,120 @@ def step(kv: np.ndarray, count: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.
                     dot += x * qh[j]
                 o[b, h, i] = dot
         count[s] = c
+
+
+# --- the chunked algorithm's prologue and epilogues: one pass over each array ----------------
+# Arrays ``x`` are (B, H, S, D) in float32 or float64 (16-bit inputs are cast by the caller);
+# padded buffers are (B, H, n, D) with n >= S a whole number of chunks; ``mask`` is (B, S)
+# bool, or (0, 0) when every token is real; a padded row is never read and its output is +0.
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray,
+              inv: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``out[.., s, :] = x_s / max(|x_s|, eps)`` (zero past S and where padded) and
+    ``inv[.., s] = 1 / max(|x_s|, eps)`` (1/eps where padded, as for a zero row)."""
+    B, H, S, D = x.shape
+    norm = np.empty(1, out.dtype)  # the norm in the output's dtype, so the division is too
+    for b in range(B):
+        for h in range(H):
+            for s in range(S):
+                if mask.size and not mask[b, s]:
+                    out[b, h, s] = 0.0
+                    inv[b, h, s] = 1.0 / eps
+                    continue
+                sq = 0.0
+                for d in range(D):
+                    sq += x[b, h, s, d] * x[b, h, s, d]
+                norm[0] = max(math.sqrt(sq), eps)
+                n = norm[0]
+                for d in range(D):
+                    out[b, h, s, d] = x[b, h, s, d] / n
+                inv[b, h, s] = 1.0 / n
+            out[b, h, S:] = 0.0
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def scaled_rows(x: np.ndarray, mask: np.ndarray, w: np.ndarray,
+                out: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``out[.., s, :] = w[.., s] x_s`` (``w`` (B, H, S), or (0, 0, 0) for 1), zero past S and
+    where padded."""
+    B, H, S, D = x.shape
+    for b in range(B):
+        for h in range(H):
+            for s in range(S):
+                if mask.size and not mask[b, s]:
+                    out[b, h, s] = 0.0
+                elif w.size:
+                    scale = w[b, h, s]
+                    for d in range(D):
+                        out[b, h, s, d] = x[b, h, s, d] * scale
+                else:
+                    out[b, h, s] = x[b, h, s]
+            out[b, h, S:] = 0.0
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def rows_out(src: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """``out = src[:, :, :S]``, +0 where padded (``out`` (B, H, S, D), any strides)."""
+    B, H, S = out.shape[:3]
+    for b in range(B):
+        for h in range(H):
+            for s in range(S):
+                if mask.size and not mask[b, s]:
+                    out[b, h, s] = 0.0
+                else:
+                    out[b, h, s] = src[b, h, s]
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def unit_rows_backward(g: np.ndarray, xh: np.ndarray, inv: np.ndarray, mask: np.ndarray,
+                       eps: float, out: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """The normalisation's backward, docs/spec.md "Backward": ``out_s = (g_s - x̂_s (x̂_s ·
+    g_s)) / |x_s|`` where ``|x_s| > eps``, else ``g_s / eps``; +0 where padded. ``g`` and
+    ``xh`` are padded buffers, ``out`` (B, H, S, D) may be ``g`` itself."""
+    B, H, S, D = out.shape
+    big = 1.0 / eps
+    inner = np.empty(1, g.dtype)  # x̂ · g in the buffers' dtype
+    for b in range(B):
+        for h in range(H):
+            for s in range(S):
+                if mask.size and not mask[b, s]:
+                    out[b, h, s] = 0.0
+                    continue
+                r = inv[b, h, s]
+                inner[0] = 0.0
+                if r < big:
+                    for d in range(D):
+                        inner[0] += xh[b, h, s, d] * g[b, h, s, d]
+                c = inner[0]
+                for d in range(D):
+                    out[b, h, s, d] = (g[b, h, s, d] - xh[b, h, s, d] * c) * r
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def values_backward(dvt: np.ndarray, vt: np.ndarray, w: np.ndarray, log_c: np.ndarray,
+                    mask: np.ndarray, dm_terms: np.ndarray,
+                    out: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``out_s = w_s dṽ_s`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] =
+    Σ_s (dṽ_s · ṽ_s) ln max(1, c_s)`` (``log_c`` (B, S)); ``out`` may be ``dvt`` itself."""
+    B, H, S, D = out.shape
+    for b in range(B):
+        for h in range(H):
+            total = 0.0
+            for s in range(S):
+                if mask.size and not mask[b, s]:
+                    out[b, h, s] = 0.0
+                    continue
+                if w.size == 0:
+                    out[b, h, s] = dvt[b, h, s]
+                    continue
+                dot = 0.0
+                for d in range(D):
+                    dot += dvt[b, h, s, d] * vt[b, h, s, d]
+                total += dot * log_c[b, s]
+                scale = w[b, h, s]
+                for d in range(D):
+                    out[b, h, s, d] = dvt[b, h, s, d] * scale
+            if w.size:
+                dm_terms[b, h] = total

@@ -1,17 +1,23 @@
 """The CuPy backend: the CUDA C++ kernels of ``cuda/`` compiled at run time by NVRTC.
 
-A kernel is *described* by a :class:`ModuleSpec` (a source file and the template instances to
-take from it: :func:`forward_spec`, :func:`backward_spec`, :func:`step_spec`, and
-:func:`all_specs` for every one the backend can ask for) and *built* by :func:`_function`, which
-compiles a spec with ``cupy.RawModule`` on first use, under a lock, once per device. The source
-string has ``common.cuh`` pasted in place of its ``#include``, so CuPy's disk cache key covers
-every line that is compiled. The NVRTC test compiles :func:`all_specs` from the same
-:func:`source_text` with the same :data:`OPTIONS`.
+A kernel is *described* by a :class:`ModuleSpec` (a source file, the template instances to take
+from it and the dynamic shared memory each needs, as a C++ expression: :func:`forward_spec`,
+:func:`backward_spec`, :func:`step_spec`, and :func:`all_specs` for what the NVRTC test
+compiles) and *built* by :func:`_kernel`, which compiles a spec with ``cupy.RawModule`` on first
+use, under a lock, once per process. The source string (:func:`module_text`) has ``common.cuh``
+pasted in place of its ``#include``, so CuPy's disk cache key covers every line that is
+compiled, and ends with the table ``cosattn_layout`` of the shared-memory sizes, which the build
+reads back: the layout has one owner, the kernel's ``Shared`` struct. The numbers Python owns
+(threads per block, rows per step block) reach the compiler as ``-D`` options
+(:func:`compile_options`); the tile sizes are template arguments (:data:`TILES`).
+
+Every kernel takes one parameter struct (``ForwardParams``, ``BackwardParams``, ``StepParams``
+of ``cuda/common.cuh``), filled here in one place each (:func:`_forward_params`,
+:func:`_backward_params`, :func:`_step_params`) as a NumPy structured scalar of the matching
+dtype (:data:`PARAMS`): CuPy passes it to the kernel by value.
 
 Kernels run on the caller's stream (``Problem.stream``), temporaries are allocated on it, and
-nothing synchronises with the host. Launch geometry and shared memory sizes mirror the kernels:
-``THREADS`` is ``kThreads`` of common.cuh, :func:`_shared_bytes` follows ``Shared``, ``STEP_ROWS``
-is ``kStepRows`` of step.cu.
+nothing synchronises with the host after a module is built.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 
 from .._call import BackwardCall, ForwardCall, Problem, StepCall
 from .._device import namespace
-from .._dtypes import INPUT_DTYPES, STATE_DTYPES, accumulation
+from .._dtypes import INPUT_DTYPES, STATE_DTYPES
 from . import ceil_div
 
 DEVICE = "cuda"
@@ -42,80 +48,101 @@ MIN_CAPABILITY = 80  # wmma on bfloat16 tiles needs sm_80
 HEADER = "common.cuh"
 SOURCES = ("forward.cu", "backward.cu", "step.cu")
 HEADERS_NEEDED = ("cuda_fp16.h", "cuda_bf16.h", "mma.h")
-OPTIONS = ("--std=c++17",)  # plus -I for the CUDA headers (include_dirs)
+OPTIONS = ("--std=c++17",)  # plus the -D of DEFINES and -I for the CUDA headers (include_dirs)
+LAYOUT_TABLE = "cosattn_layout"  # the per-module table of dynamic shared memory (module_text)
 
-THREADS = 128
-STEP_ROWS = 16
+THREADS = 128  # threads per block of every kernel (kThreads of common.cuh)
+STEP_ROWS = 16  # rows of kv per block of the step kernel (kStepRows)
+DEFINES = {"COSATTN_THREADS": THREADS, "COSATTN_STEP_ROWS": STEP_ROWS}
 STATIC_SHARED_LIMIT = 48 * 1024  # beyond it a kernel must opt in
 
-# Head sizes with their own instances (Dk = Dv = D); any other pair runs the general instance,
-# written with head size 0.
-SPECIALISED = (16, 32, 64, 128, 256)
-GENERAL = 0
-HEAD_SIZES = (*SPECIALISED, GENERAL)
+# Tile widths W with their own sweep instances: (Dk, Dv) runs on the smallest W >= max(Dk, Dv),
+# or, past the last, on W = max(Dk, Dv) rounded up to WIDE_STEP (compiled when first asked for;
+# WIDE_EXAMPLE is the one the NVRTC test builds). Widths are compile-time constants in every
+# instance; columns past Dk or Dv are zero.
+WIDTHS = (16, 32, 64, 128, 256)
+WIDE_STEP = 64
+WIDE_EXAMPLE = 320
 
 CTYPES = dict(zip(INPUT_DTYPES, ("__half", "__nv_bfloat16", "float", "double"), strict=True))
 
-# (chunk C, slice SL) per input itemsize and head size: SL columns of the output per block, chunks
-# of C tokens; chosen so that _shared_bytes stays under ~100 KiB (every sm_80+ GPU) except for
-# float64 at D = 256 (104 KiB: A100, H100) and large general sizes.
+# (chunk C, slice SL) per input itemsize and tile width: SL columns of the output per block,
+# chunks of C tokens; chosen so that a block's shared memory stays under ~100 KiB (every sm_80+
+# GPU) except for float64 at W = 256 (104 KiB: A100, H100) and wider tiles. "wide": W > 256.
 TILES = {
-    2: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (16, 16), GENERAL: (32, 16)},
-    4: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (32, 16), GENERAL: (32, 16)},
-    8: {16: (32, 16), 32: (32, 32), 64: (32, 32), 128: (16, 32), 256: (16, 16), GENERAL: (16, 16)},
+    2: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (16, 16), "wide": (16, 16)},
+    4: {16: (64, 16), 32: (64, 32), 64: (32, 32), 128: (32, 32), 256: (32, 16), "wide": (16, 16)},
+    8: {16: (32, 16), 32: (32, 32), 64: (32, 32), 128: (16, 32), 256: (16, 16), "wide": (16, 16)},
 }
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """What to compile: one source of ``cuda/`` and the template instances to take from it.
+    """What to compile: one source of ``cuda/``, the template instances to take from it, and
+    for each the dynamic shared memory its launches need, as a C++ constant expression.
 
-    ``expressions`` are C++ name expressions such as ``cosattn::forward_kernel<float, 64, 64,
-    32, 32>``, handed to NVRTC (``name_expressions``) and used to look the kernels up.
+    ``expressions`` are C++ name expressions such as ``cosattn::forward_kernel<float, 64, 32,
+    32>``, handed to NVRTC (``name_expressions``) and used to look the kernels up; ``shared``
+    holds, in the same order, expressions such as ``cosattn::Shared<float, 64, 32, 32>::kBytes``
+    (``"0"`` for none), evaluated by the compiler into the module's table (:func:`module_text`).
     """
 
     source: str
     expressions: tuple[str, ...]
+    shared: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.shared) != len(self.expressions):
+            raise ValueError("one shared-memory expression per kernel expression")
 
 
 def _ctype(dtype: Any) -> str:
     return CTYPES[np.dtype(dtype)]
 
 
-def head_size(Dk: int, Dv: int) -> int:
-    """The head-size template argument for ``(Dk, Dv)``: D when specialised, else GENERAL."""
-    return Dk if Dk == Dv and Dk in SPECIALISED else GENERAL
+def width(Dk: int, Dv: int) -> int:
+    """The tile width W of the sweep instance that runs head sizes ``(Dk, Dv)``."""
+    D = max(Dk, Dv)
+    for W in WIDTHS:
+        if D <= W:
+            return W
+    return ceil_div(D, WIDE_STEP) * WIDE_STEP
 
 
-def tiles(dtype: Any, D: int) -> tuple[int, int]:
-    """``(C, SL)``: the chunk length and the output columns per block."""
-    return TILES[np.dtype(dtype).itemsize][D]
+def tiles(dtype: Any, W: int) -> tuple[int, int]:
+    """``(C, SL)``: the chunk length and the output columns per block at tile width ``W``."""
+    return TILES[np.dtype(dtype).itemsize][W if W in WIDTHS else "wide"]
 
 
-def _instance(name: str, dtype: Any, D: int) -> str:
-    C, SL = tiles(dtype, D)
-    return f"cosattn::{name}<{_ctype(dtype)}, {D}, {D}, {C}, {SL}>"
+def _sweep(names: tuple[str, ...], dtype: Any, W: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    C, SL = tiles(dtype, W)
+    args = f"{_ctype(dtype)}, {W}, {C}, {SL}"
+    return (tuple(f"cosattn::{name}<{args}>" for name in names),
+            (f"cosattn::Shared<{args}>::kBytes",) * len(names))
 
 
-def forward_spec(dtype: Any, D: int) -> ModuleSpec:
-    return ModuleSpec("forward.cu", (_instance("forward_kernel", dtype, D),))
+def forward_spec(dtype: Any, W: int) -> ModuleSpec:
+    return ModuleSpec("forward.cu", *_sweep(("forward_kernel",), dtype, W))
 
 
-def backward_spec(dtype: Any, D: int) -> ModuleSpec:
-    return ModuleSpec("backward.cu", (_instance("values_kernel", dtype, D),
-                                      _instance("queries_keys_kernel", dtype, D),
-                                      f"cosattn::dm_kernel<{_ctype(accumulation(dtype))}>"))
+def backward_spec(dtype: Any, W: int) -> ModuleSpec:
+    sweeps, shared = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W)
+    return ModuleSpec("backward.cu", (*sweeps, f"cosattn::dm_kernel<{_ctype(dtype)}>"),
+                      (*shared, "0"))
 
 
 def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
-    return ModuleSpec("step.cu", (f"cosattn::step_kernel<{_ctype(dtype)}, {_ctype(state_dtype)}>",
-                                  "cosattn::step_count_kernel"))
+    args = f"{_ctype(dtype)}, {_ctype(state_dtype)}"
+    return ModuleSpec("step.cu", (f"cosattn::step_kernel<{args}>",
+                                  f"cosattn::step_count_kernel<{_ctype(dtype)}>"),
+                      (f"cosattn::kStepShared<{_ctype(state_dtype)}>", "0"))
 
 
 def all_specs() -> list[ModuleSpec]:
-    """Every module this backend can build (what the NVRTC test compiles)."""
-    specs = [make(dtype, head_size) for make in (forward_spec, backward_spec)
-             for dtype in INPUT_DTYPES for head_size in HEAD_SIZES]
+    """Every module of the widths up to 256, one wider (WIDE_EXAMPLE), and the step for each
+    input and state dtype: what the NVRTC test compiles."""
+    specs = [make(dtype, W) for make in (forward_spec, backward_spec)
+             for dtype in INPUT_DTYPES for W in (*WIDTHS, WIDE_EXAMPLE)]
     specs += [step_spec(dtype, state) for dtype in INPUT_DTYPES for state in STATE_DTYPES
               if not (dtype == np.float64 and state == np.float32)]
     return specs
@@ -140,6 +167,14 @@ def source_text(name: str) -> str:
     if include not in text:
         raise RuntimeError(f"cuda/{name} does not include {HEADER}")
     return text.replace(include, header)
+
+
+def module_text(spec: ModuleSpec) -> str:
+    """What NVRTC compiles for ``spec``: :func:`source_text` and the table of the dynamic shared
+    memory of its kernels, in the order of ``spec.expressions``, computed by the compiler."""
+    table = ", ".join(f"(unsigned long long)({e})" for e in spec.shared)
+    return (f"{source_text(spec.source)}\n"
+            f'extern "C" __constant__ unsigned long long {LAYOUT_TABLE}[] = {{{table}}};\n')
 
 
 @functools.cache
@@ -167,7 +202,9 @@ def include_dirs() -> tuple[str, ...] | None:
 
 
 def compile_options() -> tuple[str, ...]:
-    return OPTIONS + tuple(f"-I{folder}" for folder in include_dirs() or ())
+    """NVRTC's options: OPTIONS, DEFINES as -D, and -I for the CUDA headers."""
+    return (OPTIONS + tuple(f"-D{name}={value}" for name, value in DEFINES.items())
+            + tuple(f"-I{folder}" for folder in include_dirs() or ()))
 
 
 @functools.cache
@@ -204,11 +241,23 @@ def _capability(device: int) -> int:
 # ------------------------------------------------------------------------------------ build
 
 _lock = threading.Lock()
-_modules: dict[ModuleSpec, Any] = {}
+_modules: dict[ModuleSpec, tuple[Any, tuple[int, ...]]] = {}
 
 
-def _kernel(spec: ModuleSpec, expression: str, device: int) -> Any:
-    """The compiled kernel ``expression`` of ``spec``, built under a lock on first use.
+def _layout(module: Any, spec: ModuleSpec) -> tuple[int, ...]:
+    """The module's table of dynamic shared memory, one entry per expression of ``spec``.
+
+    Read from the device once, when the module is built (a copy on the legacy default stream,
+    like the build itself).
+    """
+    values = np.zeros(len(spec.shared), dtype=np.uint64)
+    module.get_global(LAYOUT_TABLE).copy_to_host(values.ctypes.data, values.nbytes)
+    return tuple(int(v) for v in values)
+
+
+def _kernel(spec: ModuleSpec, expression: str, device: int) -> tuple[Any, int]:
+    """The compiled kernel ``expression`` of ``spec`` and the dynamic shared memory its launches
+    need, built under a lock on first use.
 
     A ``cupy.RawModule`` compiles its source once (and keeps the binary in CuPy's disk cache);
     CuPy loads it on each device that runs it.
@@ -221,31 +270,39 @@ def _kernel(spec: ModuleSpec, expression: str, device: int) -> Any:
             f"{MIN_CAPABILITY % 10} or newer; cuda:{device} has {_capability(device)}"
         )
     with _lock:
-        module = _modules.get(spec)
-        if module is None:
-            module = _modules[spec] = cupy.RawModule(
-                code=source_text(spec.source), options=compile_options(),
-                name_expressions=spec.expressions)
-        return module.get_function(expression)
+        built = _modules.get(spec)
+        if built is None:
+            module = cupy.RawModule(code=module_text(spec), options=compile_options(),
+                                    name_expressions=spec.expressions)
+            built = _modules[spec] = (module, _layout(module, spec))
+        module, layout = built
+        return module.get_function(expression), layout[spec.expressions.index(expression)]
 
 
-def _launch(spec: ModuleSpec, expression: str, grid: int, shared: int, args: tuple,
-            p: Problem) -> None:
-    """Run ``expression`` on ``grid`` blocks of THREADS threads on the current stream."""
-    if grid == 0:
+@functools.cache
+def _shared_limit(device: int) -> int:
+    """The most dynamic shared memory a block may opt in to on ``device``."""
+    import cupy
+
+    return int(cupy.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+def _launch(launch: Launch, params: Any, p: Problem) -> None:
+    """Run ``launch`` with its parameter struct on blocks of THREADS threads on the current
+    stream."""
+    if launch.grid == 0:
         return
-    kernel = _kernel(spec, expression, p.device.index)
+    device = p.device.index
+    kernel, shared = _kernel(launch.spec, launch.expression, device)
     if shared > STATIC_SHARED_LIMIT:
-        import cupy
-
-        limit = cupy.cuda.Device(p.device.index).attributes["MaxSharedMemoryPerBlockOptin"]
+        limit = _shared_limit(device)
         if shared > limit:
             raise ValueError(
-                f"{expression} needs {shared} bytes of shared memory per block for these head "
-                f"sizes; cuda:{p.device.index} offers {limit}. Use the numpy backend for them"
+                f"{launch.expression} needs {shared} bytes of shared memory per block for these "
+                f"head sizes; cuda:{device} offers {limit}. Use the numpy backend for them"
             )
         kernel.max_dynamic_shared_size_bytes = shared
-    kernel((grid,), (THREADS,), args, shared_mem=shared)
+    kernel((launch.grid,), (THREADS,), (params,), shared_mem=shared)
 
 
 def _stream(p: Problem) -> contextlib.AbstractContextManager[Any]:
@@ -260,59 +317,154 @@ def _stream(p: Problem) -> contextlib.AbstractContextManager[Any]:
     return cupy.cuda.ExternalStream(p.stream, p.device.index)
 
 
-# ----------------------------------------------------------------------------- arguments
+# ------------------------------------------------------------------------------- launches
 
 
-def _ptr(x: Any) -> np.uint64:
-    """A device pointer argument; null for None. (NumPy arrays: the host emulation test.)"""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the module, the kernel and the number of blocks."""
+
+    spec: ModuleSpec
+    expression: str
+    grid: int
+
+
+def forward_launches(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int) -> list[Launch]:
+    """The forward's launch: a block per (b, h, slice of SL columns of Dv)."""
+    W = width(Dk, Dv)
+    spec = forward_spec(dtype, W)
+    _, SL = tiles(dtype, W)
+    return [Launch(spec, spec.expressions[0], B * H * ceil_div(Dv, SL))]
+
+
+def backward_launches(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
+                      with_m: bool) -> list[Launch]:
+    """The backward's launches (see backward.cu): values_kernel per (b, h, slice of Dv),
+    queries_keys_kernel per (b, h, slice of Dk), and dm_kernel over the heads when ``m`` is
+    given."""
+    W = width(Dk, Dv)
+    spec = backward_spec(dtype, W)
+    values, queries_keys, dm = spec.expressions
+    _, SL = tiles(dtype, W)
+    launches = [Launch(spec, values, B * H * ceil_div(Dv, SL)),
+                Launch(spec, queries_keys, B * H * ceil_div(Dk, SL))]
+    if with_m:
+        launches.append(Launch(spec, dm, ceil_div(H, THREADS)))
+    return launches
+
+
+def step_launches(dtype: Any, state_dtype: Any, B: int, H: int, Dv: int) -> list[Launch]:
+    """The step's launches: step_kernel per (b, h, group of STEP_ROWS rows of kv), then
+    step_count_kernel over the batch rows."""
+    spec = step_spec(dtype, state_dtype)
+    update, advance = spec.expressions
+    return [Launch(spec, update, B * H * ceil_div(Dv, STEP_ROWS)),
+            Launch(spec, advance, ceil_div(B, THREADS))]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _struct(pointers: tuple[str, ...], ints: tuple[str, ...],
+            strides: tuple[tuple[str, int], ...], tail: tuple[tuple[str, str], ...]) -> np.dtype:
+    fields = ([(name, np.uint64) for name in pointers] + [(name, np.int64) for name in ints]
+              + [(name, np.int64, (n,)) for name, n in strides] + list(tail))
+    return np.dtype(fields, align=True)
+
+
+def _strided(n: int, *names: str) -> tuple[tuple[str, int], ...]:
+    return tuple((name, n) for name in names)
+
+
+# The NumPy dtypes of the parameter structs of cuda/common.cuh (field for field; the emulated
+# tests compare offsets and sizes with the C++ layout).
+PARAMS = {
+    "ForwardParams": _struct(
+        ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out"), ("B", "H", "S", "Dk", "Dv"),
+        (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride"), ("mask_stride", 2)),
+        (("eps", np.float64), ("causal", np.int64))),
+    "BackwardParams": _struct(
+        ("q", "k", "v", "dout", "dq", "dk", "dv", "m", "mask", "kv0", "count0", "dkv", "dkv0",
+         "dq_part", "dk_part", "dm_part", "dm"), ("B", "H", "S", "Dk", "Dv", "nsv"),
+        (*_strided(4, "q_stride", "k_stride", "v_stride", "do_stride", "dq_stride",
+                   "dk_stride", "dv_stride"), ("mask_stride", 2)),
+        (("eps", np.float64), ("causal", np.int64))),
+    "StepParams": _struct(
+        ("q", "k", "v", "o", "kv", "count", "m", "mask"), ("B", "H", "Dk", "Dv"),
+        (*_strided(3, "q_stride", "k_stride", "v_stride", "o_stride"), ("kv_stride", 4)),
+        (("mask_stride", np.int64), ("eps", np.float64))),
+}
+
+
+def _params(struct: str, **values: Any) -> np.void:
+    """A parameter struct as a NumPy structured scalar; every field must be given."""
+    dtype = PARAMS[struct]
+    if set(values) != set(dtype.names):
+        raise TypeError(f"{struct}: fields {sorted(set(dtype.names) ^ set(values))} differ")
+    params = np.zeros((), dtype=dtype)
+    for name, value in values.items():
+        params[name] = value
+    return params[()]
+
+
+def _ptr(x: Any) -> int:
+    """A device pointer; 0 (null) for None. (NumPy arrays: the host emulation test.)"""
     if x is None:
-        return np.uint64(0)
+        return 0
     if isinstance(x, np.ndarray):
-        return np.uint64(x.ctypes.data)
-    return np.uint64(x.data.ptr)
+        return x.ctypes.data
+    return x.data.ptr
 
 
-def _strides(x: Any, n: int) -> tuple[np.int64, ...]:
+def _strides(x: Any, n: int) -> tuple[int, ...]:
     """Element strides of ``x``; n zeros for None."""
     if x is None:
-        return (np.int64(0),) * n
+        return (0,) * n
     size = x.dtype.itemsize
     if any(s % size for s in x.strides):
         raise ValueError(f"strides {x.strides} are not multiples of the itemsize {size}")
-    return tuple(np.int64(s // size) for s in x.strides)
+    return tuple(s // size for s in x.strides)
 
 
-def _ints(*values: int) -> tuple[np.int64, ...]:
-    return tuple(np.int64(v) for v in values)
+def _forward_params(call: ForwardCall, kv0: Any, count0: Any, kv_out: Any) -> np.void:
+    p = call.p
+    return _params("ForwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
+                   o=_ptr(call.o), m=_ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(kv0),
+                   count0=_ptr(count0), kv_out=_ptr(kv_out), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
+                   Dv=p.Dv, q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
+                   v_stride=_strides(call.v, 4), o_stride=_strides(call.o, 4),
+                   mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
 
 
-def _round16(n: int) -> int:
-    return ceil_div(n, 16) * 16
+def _backward_params(call: BackwardCall, nsv: int, **temporaries: Any) -> np.void:
+    """``temporaries``: kv0, count0, dkv (contiguous copies), dkv0, dq_part, dk_part, dm_part,
+    dm (None where absent)."""
+    p = call.p
+    return _params("BackwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
+                   dout=_ptr(call.do), dq=_ptr(call.dq), dk=_ptr(call.dk), dv=_ptr(call.dv),
+                   m=_ptr(call.m), mask=_ptr(call.mask),
+                   **{name: _ptr(x) for name, x in temporaries.items()},
+                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, nsv=nsv,
+                   q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
+                   v_stride=_strides(call.v, 4), do_stride=_strides(call.do, 4),
+                   dq_stride=_strides(call.dq, 4), dk_stride=_strides(call.dk, 4),
+                   dv_stride=_strides(call.dv, 4), mask_stride=_strides(call.mask, 2),
+                   eps=p.eps, causal=int(p.causal))
 
 
-def _shared_bytes(dtype: Any, DqP: int, C: int, SL: int) -> int:
-    """Dynamic shared memory of a sweep block: ``Shared<T, C, SL>`` of common.cuh."""
-    dtype = np.dtype(dtype)
-    t = dtype.itemsize
-    a = 8 if dtype == np.float64 else 4
-    mma = t == 2
-    pad_t, pad_a = (8, 4) if mma else (1, 1)
-    sizes = [C * (DqP + pad_t) * t, C * (DqP + pad_t) * t, C * (SL + pad_t) * t,
-             C * (C + pad_a) * a, C * (SL + pad_a) * a, SL * (DqP + pad_a) * a]
-    if mma:  # probabilities, the state's two parts, the low parts of q, k, v, probabilities
-        sizes += [C * (C + pad_t) * t, SL * (DqP + pad_t) * t, SL * (DqP + pad_t) * t,
-                  C * (DqP + pad_t) * t, C * (DqP + pad_t) * t, C * (SL + pad_t) * t,
-                  C * (C + pad_t) * t]
-    sizes += [7 * C * a, 32 * a, 8 * a, 40 * 8]
-    return sum(ceil_div(s, 128) * 128 for s in sizes)
+def _step_params(call: StepCall) -> np.void:
+    p = call.p
+    return _params("StepParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
+                   o=_ptr(call.o), kv=_ptr(call.kv), count=_ptr(call.count), m=_ptr(call.m),
+                   mask=_ptr(call.mask), B=p.B, H=p.H, Dk=p.Dk, Dv=p.Dv,
+                   q_stride=_strides(call.q, 3), k_stride=_strides(call.k, 3),
+                   v_stride=_strides(call.v, 3), o_stride=_strides(call.o, 3),
+                   kv_stride=_strides(call.kv, 4), mask_stride=_strides(call.mask, 1)[0],
+                   eps=p.eps)
 
 
 def _contiguous(xp: Any, x: Any, dtype: Any) -> Any:
     return None if x is None else xp.ascontiguousarray(x, dtype=dtype)
-
-
-def _mask_strides(mask: Any) -> tuple[np.int64, ...]:
-    return _strides(mask, 2)
 
 
 # ------------------------------------------------------------------------------- backend
@@ -332,84 +484,54 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
                 return None
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
             return kv, count
-        D = head_size(p.Dk, p.Dv)
-        spec = forward_spec(p.dtype, D)
-        C, SL = tiles(p.dtype, D)
         kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
-        args = (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(call.m), _ptr(mask),
-                _ptr(_contiguous(xp, kv0, p.acc)), _ptr(_contiguous(xp, call.count0, np.int64)),
-                _ptr(kv_out), *_ints(p.B, p.H, p.S, p.Dk, p.Dv), *_strides(call.q, 4),
-                *_strides(call.k, 4), *_strides(call.v, 4), *_strides(call.o, 4),
-                *_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
-        _launch(spec, spec.expressions[0], p.B * p.H * ceil_div(p.Dv, SL),
-                _shared_bytes(p.dtype, _round16(p.Dk), C, SL), args, p)
+        params = _forward_params(call, _contiguous(xp, kv0, p.acc),
+                                 _contiguous(xp, call.count0, np.int64), kv_out)
+        for launch in forward_launches(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv):
+            _launch(launch, params, p)
         if not call.want_state:
             return None
         return kv_out.astype(p.state_dtype, copy=False), count
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:
-    p, kv0, m, mask = call.p, call.kv0, call.m, call.mask
-    q, k, v, do, dq, dk, dv = call.q, call.k, call.v, call.do, call.dq, call.dk, call.dv
+    p, kv0, m = call.p, call.kv0, call.m
     xp = namespace(p.device)
     with _stream(p):
         if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
-            dq[...] = 0
-            dk[...] = 0
-            dv[...] = 0
+            call.dq[...] = 0
+            call.dk[...] = 0
+            call.dv[...] = 0
             dm = None if m is None else xp.zeros(p.H, dtype=p.acc)
             if kv0 is None:
                 return dm, None
             return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
-        D = head_size(p.Dk, p.Dv)
-        spec = backward_spec(p.dtype, D)
-        values, queries_keys, dm_reduce = spec.expressions
-        C, SL = tiles(p.dtype, D)
+        _, SL = tiles(p.dtype, width(p.Dk, p.Dv))
         nsv, nsk = ceil_div(p.Dv, SL), ceil_div(p.Dk, SL)
-        kv0c = _contiguous(xp, kv0, p.acc)
-        dkvc = _contiguous(xp, call.dkv, p.acc)
-        count0c = _contiguous(xp, call.count0, np.int64)
         # Partial sums of q̂ · dq̂ and k̂ · dk̂ over slices of Dv, when a block of the second kernel
         # holds a slice of Dk only (see backward.cu).
         dq_part = dk_part = None
         if nsk > 1:
             dq_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
             dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
-        dm_part = None if m is None else xp.empty((p.B, p.H, nsv), dtype=p.acc)
-        dkv0 = None if kv0 is None else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
-        sizes = _ints(p.B, p.H, p.S, p.Dk, p.Dv)
-        tail = (*_mask_strides(mask), p.acc.type(p.eps), np.int64(p.causal))
-        _launch(spec, values, p.B * p.H * nsv,
-                _shared_bytes(p.dtype, _round16(p.Dk), C, SL),
-                (_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(dv), _ptr(m), _ptr(mask),
-                 _ptr(kv0c), _ptr(count0c), _ptr(dkvc), _ptr(dkv0), _ptr(dq_part),
-                 _ptr(dk_part), _ptr(dm_part), *sizes, *_strides(q, 4), *_strides(k, 4),
-                 *_strides(v, 4), *_strides(do, 4), *_strides(dv, 4), *tail), p)
-        _launch(spec, queries_keys, p.B * p.H * nsk,
-                _shared_bytes(p.dtype, _round16(p.Dv), C, SL),
-                (_ptr(q), _ptr(k), _ptr(v), _ptr(do), _ptr(dq), _ptr(dk), _ptr(m), _ptr(mask),
-                 _ptr(kv0c), _ptr(count0c), _ptr(dkvc), _ptr(dq_part), _ptr(dk_part), *sizes,
-                 np.int64(nsv), *_strides(q, 4), *_strides(k, 4), *_strides(v, 4),
-                 *_strides(do, 4), *_strides(dq, 4), *_strides(dk, 4), *tail), p)
-        dm = None
+        dm_part = dm = None
         if m is not None:
+            dm_part = xp.empty((p.B, p.H, nsv), dtype=p.acc)
             dm = xp.empty(p.H, dtype=p.acc)
-            _launch(spec, dm_reduce, ceil_div(p.H, THREADS), 0,
-                    (_ptr(dm_part), _ptr(m), _ptr(dm), *_ints(p.B, p.H, nsv)), p)
+        dkv0 = None if kv0 is None else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
+        params = _backward_params(
+            call, nsv, kv0=_contiguous(xp, kv0, p.acc),
+            count0=_contiguous(xp, call.count0, np.int64),
+            dkv=_contiguous(xp, call.dkv, p.acc), dkv0=dkv0, dq_part=dq_part, dk_part=dk_part,
+            dm_part=dm_part, dm=dm)
+        for launch in backward_launches(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv, m is not None):
+            _launch(launch, params, p)
         return dm, None if dkv0 is None else dkv0.astype(kv0.dtype, copy=False)
 
 
 def step(call: StepCall) -> None:
-    p, kv, count, mask = call.p, call.kv, call.count, call.mask
-    state_dtype = np.dtype(kv.dtype)
-    spec = step_spec(p.dtype, state_dtype)
-    update, advance = spec.expressions
+    p = call.p
+    params = _step_params(call)
     with _stream(p):
-        _launch(spec, update, p.B * p.H * ceil_div(p.Dv, STEP_ROWS),
-                (2 * p.Dk + THREADS // 32) * state_dtype.itemsize,
-                (_ptr(call.q), _ptr(call.k), _ptr(call.v), _ptr(call.o), _ptr(kv), _ptr(count),
-                 _ptr(call.m), _ptr(mask), *_ints(p.B, p.H, p.Dk, p.Dv), *_strides(call.q, 3),
-                 *_strides(call.k, 3), *_strides(call.v, 3), *_strides(call.o, 3),
-                 *_strides(kv, 4), *_strides(mask, 1), state_dtype.type(p.eps)), p)
-        _launch(spec, advance, ceil_div(p.B, THREADS), 0,
-                (_ptr(count), _ptr(mask), np.int64(p.B), *_strides(mask, 1)), p)
+        for launch in step_launches(p.dtype, call.kv.dtype, p.B, p.H, p.Dv):
+            _launch(launch, params, p)

@@ -15,7 +15,8 @@ dk̂          ṽ      do     q̂'     dstateᵀ         i ≥ j      1
 dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (dv), dm
 ==========  =====  =====  =====  ==============  =========  ======================
 
-(q̂' is q̂ times the mask; bidirectional sweeps sum over every position and carry no state.)
+(Scales are those of real tokens: every operand and output is zero at padded positions, so q̂'
+is q̂ there. Bidirectional sweeps sum over every position and carry no state.)
 Every launch has one block per sequence (a batch row, or one of the ``cu_seqlens`` of a packed
 row, read by the kernels on the device: nothing waits for the host to learn the lengths), and
 a pool's prefill and step read and write the named slots of the pool directly.
@@ -32,7 +33,7 @@ import numpy as np
 
 from .._call import BackwardCall, Call, ForwardCall, StepCall
 from .._device import namespace
-from .._dtypes import BFLOAT16
+from .._dtypes import BFLOAT16, accumulation
 from . import ceil_div
 
 try:
@@ -82,15 +83,15 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     ``dtype``; ``Dx``, ``Dz`` are the sizes of its x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
-        "o": ((K.NORM_MASKED, K.NORM, K.VALUE, K.RAW), False, False),
-        "dq": ((K.RAW, K.VALUE, K.NORM, K.MASKED), False, True),
-        "dk": ((K.VALUE, K.RAW, K.NORM_MASKED, K.RAW), True, True),
-        "dv": ((K.NORM, K.NORM_MASKED, K.RAW, K.VALUE), True, False),
+        "o": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "dq": ((K.RAW, K.VALUE, K.NORM, K.RAW), False, True),
+        "dk": ((K.VALUE, K.RAW, K.NORM, K.RAW), True, True),
+        "dv": ((K.NORM, K.NORM, K.RAW, K.VALUE), True, False),
     }[output]
     direction = K.ALL if not causal else K.REVERSE if reverse else K.FORWARD
     dtype = np.dtype(dtype)
     cfg = config or CONFIG
-    TD, TZ = K.tiles(K.accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
+    TD, TZ = K.tiles(accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
     return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
                        cfg.threads, TD, TZ)
 

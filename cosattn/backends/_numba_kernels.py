@@ -7,19 +7,28 @@ kernel per operation and dtype). Building compiles it for the current device; th
 alone is what the PTX tests compile for sm_80 and sm_90. Everything the backend runs is one of
 these:
 
-- the *sweep*: the chunked algorithm of DESIGN.md as one primitive. For one (b, h) and a tile of
-  ``TZ`` output columns, a thread block walks the chunks in order (or in reverse) keeping its
-  slice of the state ``St`` (TZ x Dx, accumulation dtype) in shared memory, and computes::
+- the *sweep*: the chunked algorithm of docs/design.md as one primitive. For one sequence (a
+  batch row, or a ``cu_seqlens`` span of a packed row), one head and a tile of ``TZ`` output
+  columns, a thread block walks the chunks in order (or in reverse)
+  keeping its slice of the state ``St`` (TZ x Dx, accumulation dtype) in shared memory, and
+  computes::
 
       out_i = St_0 · x_i + Σ_{j ≤ i} (x_i · y_j) z_j     (j ≥ i in reverse, every j when ALL)
       St    = St_0 + Σ_j z_j y_jᵀ
 
   where each operand is an input array times a per-token scale computed in the kernel (cosine
-  normalisation, mask, stabiliser ``w``). The forward is one sweep (x=q̂', y=k̂, z=ṽ); the
+  normalisation, stabiliser ``w``). The forward is one sweep (x=q̂', y=k̂, z=ṽ); the
   backward is three (dq̂, dk̂ and dṽ, see ``_numba.py``), the last one also reducing ``dm``.
 - ``normalise_backward``: ``(g - x̂ (x̂·g)) / |x|`` per row, for dq and dk;
 - ``step``: the recurrent step for every (b, h), the state updated in place;
 - ``count_total`` / ``count_step`` and ``dm_finish``: the small reductions around them.
+
+Padding holds anything (docs/spec.md, "Bad input"): a padded token's row of an input is never
+read, whatever it holds (NaN, Inf, uninitialised memory). The sweep selects zero for it in
+every operand (never a multiplication by 0: NaN · 0 is NaN, and 0 times a negative is -0) and
+writes +0 at padded positions of its output; ``normalise_backward`` reads the mask too and
+writes +0 there without reading ``x``. The step reads nothing of a padded token and skips its
+writes to the state, so ``kv`` keeps its bits.
 
 Reductions go through shared memory (no warp shuffles, so the Numba simulator runs the same
 code) and always in a fixed order (no atomics): results are deterministic. bfloat16 arrays
@@ -38,10 +47,13 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .._dtypes import BFLOAT16
+from .._dtypes import BFLOAT16, accumulation
+from . import ceil_div
 
-# Operand and output scales: what each token's row is multiplied by.
-RAW, NORM, NORM_MASKED, VALUE, MASKED = range(5)
+# Operand and output scales: what a real token's row is multiplied by (1, 1 / |row|, w).
+RAW, NORM, VALUE = range(3)
+# A padded token's row is zero in every operand and output, so the mask needs no scale of its
+# own (q̂' of docs/spec.md is q̂ here).
 # Which positions j a sweep's output i sums over.
 FORWARD, REVERSE, ALL = range(3)
 
@@ -50,20 +62,18 @@ ROWS = 32  # rows one block of the normalisation epilogue handles
 SHARED_BYTES = 48 * 1024  # shared memory a block may use without opting in
 # dtype objects (not scalar types) for shared and local arrays: the simulator needs them
 _U32, _F32, _I64 = np.dtype(np.uint32), np.dtype(np.float32), np.dtype(np.int64)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def accumulation(dtype: np.dtype) -> np.dtype:
-    """float64 for float64 inputs, else float32."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+_BOOL = np.dtype(np.bool_)
 
 
 def bits(dtype: np.dtype) -> np.dtype:
     """The dtype kernels see for an input dtype: bfloat16 arrays arrive as their uint16 bits."""
     return np.dtype(np.uint16) if dtype == BFLOAT16 else dtype
+
+
+@cuda.jit(device=True)
+def _sigmoid(x: Any, one: Any) -> Any:
+    """``1 / (1 + e^-x)`` in the type of ``one`` (the accumulation dtype's 1)."""
+    return one / (one + math.exp(-x))
 
 
 def _array(dtype: Any, ndim: int) -> Any:
@@ -194,7 +204,7 @@ def tiles(acc: np.dtype, Dx: int, Dz: int, C: int, NT: int) -> tuple[int, int]:
 
 def _static_elements(C: int, NT: int, TD: int, TZ: int) -> int:
     """Accumulation-dtype elements of a sweep block's static shared arrays (the int64 ones
-    counted twice, enough for float32)."""
+    counted twice, enough for float32; the bool one as one each)."""
     return 2 * C * TD + C * TZ + C * C + 6 * C + 2 * C + NT + 2 * NT
 
 
@@ -203,8 +213,9 @@ class SweepSpec:
     """One instance of the sweep kernel.
 
     ``direction`` is FORWARD, REVERSE or ALL; ``x``, ``y``, ``z`` the scales of the operands
-    (RAW, NORM, NORM_MASKED or VALUE); ``out`` the output's (RAW, MASKED or VALUE); ``out_acc``
-    whether the output is an accumulation-dtype scratch array (else it has the input dtype);
+    and ``out`` the output's (RAW, NORM or VALUE, at real tokens: padded ones are zero);
+    ``out_acc`` whether the output is an accumulation-dtype scratch array (else it has the
+    input dtype);
     ``dm`` whether the block also reduces its share of the stabiliser gradient (when the call
     has ``m``); ``dtype`` the
     input dtype; ``C`` the chunk length, ``NT`` the threads of a block (a power of two, at
@@ -268,30 +279,25 @@ def _sweep_function(spec: SweepSpec) -> Any:
     dt = spec.acc
     acc = dt.type
     C, NT, TD, TZ = spec.C, spec.NT, spec.TD, spec.TZ
-    NA, NO = _ceil_div(C * C, NT), _ceil_div(C * TZ, NT)
+    NA, NO = ceil_div(C * C, NT), ceil_div(C * TZ, NT)
     C_TD, C_TZ, C_C = C * TD, C * TZ, C * C  # array sizes must be constants, not expressions
-    XK, YK, ZK, OK = spec.x, spec.y, spec.z, spec.out
+    X_SCALE, Y_SCALE, Z_SCALE, OUT_SCALE = spec.x, spec.y, spec.z, spec.out
     FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
     OUT_ACC, DM = spec.out_acc, spec.dm
     load, store = _converters(acc, spec.dtype == BFLOAT16)
     block_sum = _block_sum_fn(NT)
 
     @cuda.jit(device=True)
-    def scale(kind: Any, a: Any, b: Any, h: Any, s: Any, real: Any, w: Any, eps: Any) -> Any:
+    def scale(kind: Any, a: Any, b: Any, h: Any, s: Any, w: Any, eps: Any) -> Any:
         if kind == RAW:
             return acc(1)
-        if kind == MASKED:
-            return real
         if kind == VALUE:
-            return real * w
+            return w
         total = acc(0)
         for d in range(a.shape[3]):
             e = load(a, (b, h, s, d))
             total += e * e
-        inv = acc(1) / max(math.sqrt(total), eps)
-        if kind == NORM_MASKED:
-            return inv * real
-        return inv
+        return acc(1) / max(math.sqrt(total), eps)
 
     def sweep(x: Any, y: Any, z: Any, out: Any, s0: Any, s_out: Any, mask: Any, m: Any,
               count0: Any, v: Any, dm_part: Any, offsets: Any, slots: Any, initial: Any,
@@ -332,7 +338,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
         sz = cuda.shared.array(C, dt)
         so = cuda.shared.array(C, dt)
         lc = cuda.shared.array(C, dt)  # -ln max(1, c)
-        rl = cuda.shared.array(C, dt)  # 1 at real tokens, 0 at padding and past the end
+        real = cuda.shared.array(C, _BOOL)  # the scales above are set where this is True
         cnt = cuda.shared.array(C, _I64)
         red = cuda.shared.array((1, NT), _I64)
         redf = cuda.shared.array((1, NT), dt)
@@ -352,7 +358,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
             red[0, tid] = part
             total = block_sum(red, tid)
         n0 = count0[slot] if has_count0 and from_state else np.int64(0)
-        sig = acc(1) / (acc(1) + math.exp(-m[h])) if has_m else acc(0)
+        sig = _sigmoid(m[h], acc(1)) if has_m else acc(0)
         nchunks = (S + C - 1) // C
         dm_acc = acc(0)
         for npass in range(2 if BOTH else 1):
@@ -377,30 +383,22 @@ def _sweep_function(spec: SweepSpec) -> Any:
                 cuda.syncthreads()
                 if tid < C:
                     s = base + tid
-                    if s < S:
-                        p = start + s
-                        real = acc(1) if not has_mask or mask[b, p] else acc(0)
-                        rl[tid] = real
+                    p = start + s
+                    real[tid] = s < S and (not has_mask or mask[b, p])
+                    if real[tid]:
                         count = acc(max(np.int64(1), cnt[tid]))
                         w = math.pow(count, -sig) if has_m else acc(1)
-                        sx[tid] = scale(XK, x, b, h, p, real, w, eps)
-                        sy[tid] = scale(YK, y, b, h, p, real, w, eps)
-                        sz[tid] = scale(ZK, z, b, h, p, real, w, eps)
-                        so[tid] = scale(OK, z, b, h, p, real, w, eps)
+                        sx[tid] = scale(X_SCALE, x, b, h, p, w, eps)
+                        sy[tid] = scale(Y_SCALE, y, b, h, p, w, eps)
+                        sz[tid] = scale(Z_SCALE, z, b, h, p, w, eps)
+                        so[tid] = scale(OUT_SCALE, z, b, h, p, w, eps)
                         lc[tid] = -math.log(count)
-                    else:
-                        sx[tid] = acc(0)
-                        sy[tid] = acc(0)
-                        sz[tid] = acc(0)
-                        so[tid] = acc(0)
-                        lc[tid] = acc(0)
-                        rl[tid] = acc(0)
                 cuda.syncthreads()
                 if update:
                     for e in range(tid, C * TZ, NT):
                         r = e // TZ
                         t = e - r * TZ
-                        inside = t < tz and rl[r] != acc(0)  # padding is selected away
+                        inside = real[r] and t < tz
                         zs[e] = (load(z, (b, h, start + base + r, z0 + t)) * sz[r] if inside
                                  else acc(0))
                 for k in range(NA):
@@ -412,7 +410,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
                     for e in range(tid, C * TD, NT):
                         r = e // TD
                         dd = e - r * TD
-                        inside = dd < td and rl[r] != acc(0)
+                        inside = real[r] and dd < td
                         p = start + base + r
                         if emit:
                             xt[e] = load(x, (b, h, p, d0 + dd)) * sx[r] if inside else acc(0)
@@ -467,16 +465,18 @@ def _sweep_function(spec: SweepSpec) -> Any:
                             if not BOTH:
                                 for j in range(C):
                                     value += at[i * C + j] * zs[j * TZ + t]
-                            s = base + i
-                            if s < S and t < tz:
-                                value = value * so[i] if rl[i] != acc(0) else acc(0)
-                                if OUT_ACC:
-                                    out[b, h, start + s, z0 + t] = value
+                            p = start + base + i
+                            if base + i < S and t < tz:
+                                if real[i]:
+                                    value = value * so[i]
+                                    if DM and has_m:
+                                        dm_acc += value * load(v, (b, h, p, z0 + t)) * lc[i]
                                 else:
-                                    store(out, (b, h, start + s, z0 + t), value)
-                                if DM and has_m and rl[i] != acc(0):
-                                    dm_acc += (value * load(v, (b, h, start + s, z0 + t))
-                                               * lc[i])
+                                    value = acc(0)
+                                if OUT_ACC:
+                                    out[b, h, p, z0 + t] = value
+                                else:
+                                    store(out, (b, h, p, z0 + t), value)
                 cuda.syncthreads()
         if has_s_out:
             for e in range(tid, tz * Dx, NT):
@@ -494,11 +494,12 @@ def _sweep_function(spec: SweepSpec) -> Any:
 @functools.cache
 def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     """``out_i = (g_i - x̂_i (x̂_i · g_i)) / |x_i|`` where ``|x_i| > eps``, else ``g_i / eps``;
-    +0 where ``mask`` is False (selected: nothing of a padded x reaches ``out``).
+    +0 where token i is padding (``has_mask`` and not ``mask[b, i]``), and then ``x_i`` is not
+    read.
 
-    ``g`` (B, H, S, D) in acc, ``x`` and ``out`` (B, H, S, D) in the input dtype ``dtype``,
-    ``mask`` (B, S) bool or a dummy, the flag ``has_mask``, ``eps`` in acc. Grid
-    ``(ceil(S / ROWS), H, B)``, ``threads`` threads: ``lanes`` of them share a row.
+    ``g`` (B, H, S, D) in acc, as the sweep wrote it; ``x`` and ``out`` (B, H, S, D) in the
+    input dtype ``dtype``, ``mask`` (B, S) bool, ``eps`` in acc. Grid ``(ceil(S / ROWS), H,
+    B)``, ``threads`` threads: ``lanes`` of them share a row.
     """
     dt = accumulation(dtype)
     acc = dt.type
@@ -517,8 +518,9 @@ def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
         s0 = cuda.blockIdx.x * ROWS
         for r0 in range(0, min(ROWS, S - s0), rows):  # the same count for the whole block
             s = s0 + r0 + tid // lanes
+            real = s < S and (not has_mask or mask[b, s])
             part = acc(0)
-            if s < S:
+            if real:
                 for d in range(lane, D, lanes):
                     e = load(x, (b, h, s, d))
                     part += e * e
@@ -528,28 +530,31 @@ def normalise_backward(dtype: np.dtype, threads: int, lanes: int) -> Kernel:
             den = max(norm, eps)
             # x̂ by division, so that D = 1 gives x̂ = ±1 and the (zero) gradient exactly
             part = acc(0)
-            if s < S:
+            if real:
                 for d in range(lane, D, lanes):
                     part += load(x, (b, h, s, d)) / den * g[b, h, s, d]
             cuda.syncthreads()
             red[0, tid] = part
             lane_sums(red, tid)
             inner = red[0, first] if norm > eps else acc(0)  # x̂·g
-            if s < S:
-                real = not has_mask or mask[b, s]
+            if real:
                 for d in range(lane, D, lanes):
                     value = g[b, h, s, d] - load(x, (b, h, s, d)) / den * inner
-                    store(out, (b, h, s, d), value / den if real else acc(0))
+                    store(out, (b, h, s, d), value / den)
+            elif s < S:
+                for d in range(lane, D, lanes):
+                    store(out, (b, h, s, d), acc(0))
             cuda.syncthreads()
 
     io = bits(dtype)
     return Kernel(normalise_backward, (_array(dt, 4), _array(io, 4), _array(io, 4),
-                                       _array(np.bool_, 2), _FLAG, _scalar(dt)))
+                                       _array(_BOOL, 2), _FLAG, _scalar(dt)))
 
 
 @functools.cache
 def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
-    """One recurrent step: ``kv += real w v k̂ᵀ``, ``o = real kv q̂`` for every (b, h).
+    """One recurrent step for every (b, h): ``kv += w v k̂ᵀ``, ``o = kv q̂`` where the token is
+    real; where it is padding, ``o`` is +0 and ``kv`` is not written (it keeps its bits).
 
     ``kv`` (P, H, Dv, Dk) in ``state`` (float32 or float64, the dtype it accumulates in),
     ``count`` (P,) int64 the counts *before* the step, ``q, k`` (B, H, Dk), ``v`` and ``o``
@@ -558,7 +563,7 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     has_mask, pooled, has_initial``; ``eps`` in ``state``. Row b steps state b, or, ``pooled``,
     state ``slots[b]`` (none when that is outside the pool: a -1 entry, whose output is +0), from
     a zero state where ``initial[b]`` is False (the state then receives the step's outgoing
-    state, zeros for a masked row). Grid ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads
+    state, zeros for a padded row). Grid ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads
     (``lanes`` of them share a row of the state), dynamic shared memory ``2 Dk`` elements of
     ``state``. The counts are advanced afterwards by :data:`COUNT_STEP`.
     """
@@ -586,29 +591,30 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
         vectors = cuda.shared.array(0, dt)  # q̂ then k̂, 2 x Dk
         norms = cuda.shared.array((2, threads), dt)  # q·q and k·k
         red = cuda.shared.array((1, threads), dt)
+        real = not has_mask or mask[b]  # the same for the whole block
         qq = acc(0)
         kk = acc(0)
-        for d in range(tid, Dk, threads):
-            qd = load(q, (b, h, d))
-            kd = load(k, (b, h, d))
-            vectors[d] = qd
-            vectors[Dk + d] = kd
-            qq += qd * qd
-            kk += kd * kd
+        if real:  # a padded token's q, k and v are not read, and kv is not written
+            for d in range(tid, Dk, threads):
+                qd = load(q, (b, h, d))
+                kd = load(k, (b, h, d))
+                vectors[d] = qd
+                vectors[Dk + d] = kd
+                qq += qd * qd
+                kk += kd * kd
         norms[0, tid] = qq
         norms[1, tid] = kk
         block_sums(norms, tid)
         q_den = max(math.sqrt(norms[0, 0]), eps)
         k_den = max(math.sqrt(norms[1, 0]), eps)
-        for d in range(tid, Dk, threads):
-            vectors[d] = vectors[d] / q_den
-            vectors[Dk + d] = vectors[Dk + d] / k_den
-        real = not has_mask or mask[b]
+        if real:
+            for d in range(tid, Dk, threads):
+                vectors[d] = vectors[d] / q_den
+                vectors[Dk + d] = vectors[Dk + d] / k_den
         w = acc(1)
         if has_m:
             before = count[slot] if from_state else np.int64(0)
-            sig = acc(1) / (acc(1) + math.exp(-m[h]))
-            w = math.pow(acc(max(np.int64(1), before + 1)), -sig)
+            w = math.pow(acc(max(np.int64(1), before + 1)), -_sigmoid(m[h], acc(1)))
         cuda.syncthreads()
         for r0 in range(0, min(STEP_ROWS, Dv - row0), rows):  # the same for the whole block
             t = row0 + r0 + tid // lanes
@@ -717,7 +723,7 @@ def dm_finish(dt: np.dtype) -> Kernel:
             for b in range(parts.shape[0]):
                 for t in range(parts.shape[2]):
                     total += parts[b, h, t]
-            sig = acc(1) / (acc(1) + math.exp(-m[h]))
+            sig = _sigmoid(m[h], acc(1))
             dm[h] = total * (sig * (acc(1) - sig))
 
     return Kernel(dm_finish, (_array(dt, 3), _array(dt, 1), _array(dt, 1)))

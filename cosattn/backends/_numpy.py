@@ -3,11 +3,19 @@
 Sequences are cut into chunks of ``CHUNK`` tokens. Within a chunk the causal interaction is a
 small masked C x C product; across chunks it goes through per-chunk states (Dv x Dk) whose
 prefix sums are taken over the chunk axis. Nothing of size S x S or S x D x D is ever built.
-Accumulation is float32 (float64 for float64 inputs) whatever the input dtype.
+Accumulation is float32 (float64 for float64 inputs) whatever the input dtype. The products
+are NumPy's (BLAS); the elementwise work around them (normalisation, scaling, the output copy,
+the normalisation backward, ``dm``'s terms) runs as one fused pass per array in
+:mod:`._cpu_kernels`, as does the recurrent step.
 
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
-to zero as they are copied in, so nothing there reaches a sum, and padded outputs are set to +0
-at the end.
+to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
+as +0.
+
+Packed sequences (``cu_seqlens``) are copied by the same passes into a work layout in which
+every sequence starts a chunk (:class:`_Layout`); the running sums over chunks restart at each
+sequence. A pool's prefill gathers and scatters its N slots around the packed forward; a pool's
+step runs the fused step kernel on the slots in place.
 """
 
 from __future__ import annotations
@@ -44,14 +52,12 @@ class _Layout:
 
     Unpacked, row b's S tokens sit at positions 0 .. S-1, and the chunks of all rows form one
     segment, whose states are the call's B rows. Packed, sequence i (the positions ``src[i]``
-    .. ``src[i] + lengths[i] - 1`` of the one row) is copied to positions ``CHUNK * c0`` onward
-    for its segment of chunks ``segments[i] = (c0, c1)``: every sequence starts a chunk, no chunk
+    .. ``src[i] + lengths[i] - 1`` of the one row) sits at positions ``CHUNK * c0`` onward for
+    its segment of chunks ``segments[i] = (c0, c1)``: every sequence starts a chunk, no chunk
     holds two sequences, and the positions between sequences are zero. Its state is row i.
     """
 
-    S: int  # positions in use: the caller's S, or n when packed
     n: int
-    mask: Any  # (B, S) bool: real tokens at the positions in use, or None when all are real
     segments: list[tuple[int, int]]  # chunk ranges
     src: Any = None  # (N,) each sequence's first position in the caller's row; None unpacked
     lengths: Any = None  # (N,) tokens of each sequence
@@ -65,74 +71,69 @@ class _Layout:
         c0, c1 = self.segments[i]
         return slice(c0 * CHUNK, c1 * CHUNK)
 
-    def spans(self) -> list[tuple[int, int, int]]:
-        """Packed: ``(caller position, work position, length)`` of every sequence."""
-        return [(int(s0), c0 * CHUNK, int(L)) for s0, (c0, _), L in
-                zip(self.src, self.segments, self.lengths, strict=True)]
+    def pieces(self, S: int) -> list[tuple[slice, slice, slice]]:
+        """``(caller positions, work positions, their first rows)`` of every non-empty sequence
+        (of the whole row, unpacked: S tokens): the CPU kernels copy each piece in and out,
+        zeroing the work positions past its tokens."""
+        if self.src is None:
+            return [(slice(0, S), slice(0, self.n), slice(0, S))]
+        return [(slice(int(s0), int(s0) + int(L)), self.tokens(i),
+                 slice(c0 * CHUNK, c0 * CHUNK + int(L)))
+                for i, (s0, L, (c0, _)) in enumerate(zip(self.src, self.lengths, self.segments,
+                                                         strict=True)) if L]
 
 
 def _layout(call: ForwardCall | BackwardCall) -> _Layout:
     p = call.p
     if not call.packed:
         n = ceil_div(p.S, CHUNK) * CHUNK
-        return _Layout(p.S, n, call.mask, [(0, n // CHUNK)])
-    cu = call.cu_seqlens
-    lengths = np.diff(cu)
+        return _Layout(n, [(0, n // CHUNK)])
+    lengths = np.diff(call.cu_seqlens)
     chunks = -(-lengths // CHUNK)
     ends = np.cumsum(chunks)
     n = int(ends[-1]) * CHUNK if len(ends) else 0
-    layout = _Layout(n, n, None, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
-                     cu[:-1], lengths)
-    if call.mask is None:
-        return layout
-    mask = np.zeros((1, n), dtype=np.bool_)
-    for s0, d0, L in layout.spans():
-        mask[0, d0:d0 + L] = call.mask[0, s0:s0 + L]
-    return replace(layout, mask=mask)
+    return _Layout(n, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
+                   call.cu_seqlens[:-1], lengths)
 
 
-def _into(x: Any, layout: _Layout, acc: np.dtype) -> Any:
-    """``x`` (B, H, S, D) cast into a fresh C-contiguous work buffer (B, H, n, D), zero where no
-    real token sits (selected, whatever the padding holds)."""
-    B, H, S, D = x.shape
-    if layout.src is None:
-        buf = np.empty((B, H, layout.n, D), dtype=acc)
-        buf[:, :, :S] = x
-        buf[:, :, S:] = 0
+@dataclass
+class _Normalised:
+    """Normalised, scaled inputs in the work layout, zero where no real token sits
+    (B, H, n, D); per-token quantities at the caller's positions."""
+
+    qh: Any  # q_i / max(|q_i|, eps)
+    kh: Any  # k_j / max(|k_j|, eps)
+    vt: Any  # w_j * v_j
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (defined at the tokens' work positions)
+    k_inv: Any
+    c: Any  # token counts (B, S), int64
+    w: Any  # the stabiliser w_j, (B, H, S), or None without m
+
+
+def _readable(x: Any, acc: np.dtype) -> Any:
+    """``x`` as the CPU kernels read it: float32/float64 as it is (any strides), 16-bit cast."""
+    return x if x.dtype == acc else x.astype(acc)
+
+
+def _no_mask(mask: Any) -> Any:
+    """``mask`` (B, S) as the CPU kernels take it: (0, 0) when every token is real (and stays
+    so when sliced)."""
+    return _ALL_REAL if mask is None else mask
+
+
+def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
+    """Run an epilogue ``kernel(*args, target)`` writing ``out`` (B, H, S, D): straight into it
+    when it has the accumulation dtype, else into the first S rows of the padded buffer
+    ``buf`` (in place), then cast into ``out``."""
+    if out.dtype == buf.dtype:
+        kernel(*args, out)
     else:
-        buf = np.zeros((B, H, layout.n, D), dtype=acc)
-        for s0, d0, L in layout.spans():
-            buf[:, :, d0:d0 + L] = x[:, :, s0:s0 + L]
-    if layout.mask is not None:
-        np.copyto(buf[:, :, :layout.S], 0, where=~layout.mask[:, None, :, None])
-    return buf
+        rows = buf[:, :, : out.shape[2]]
+        kernel(*args, rows)
+        out[...] = rows
 
 
-def _out_of(work: Any, out: Any, mask: Any, layout: _Layout) -> None:
-    """Write the caller's output (B, H, S, D) from a work buffer (B, H, >= layout.S, D); padded
-    positions (``mask``, the caller's (B, S)) become +0."""
-    if layout.src is None:
-        out[...] = work[:, :, :out.shape[2]]
-    else:
-        for s0, d0, L in layout.spans():
-            out[:, :, s0:s0 + L] = work[:, :, d0:d0 + L]
-    if mask is not None:
-        np.copyto(out, 0, where=~mask[:, None, :, None])
-
-
-def _normalise(buf: Any, S: int, eps: float) -> Any:
-    """Scale rows of ``buf`` in place to unit norm; return ``1/max(|x|, eps)``."""
-    rows = buf[:, :, :S]
-    norm = np.maximum(np.sqrt(np.einsum("bhsd,bhsd->bhs", rows, rows)), eps)
-    rows /= norm[..., None]  # a division, as in docs/spec.md: for D = 1 it gives exactly +-1
-    return 1.0 / norm
-
-
-def _counts(p: Problem, layout: _Layout, count0: Any) -> Any:
-    """The token counts ``c`` (B, layout.S) of docs/spec.md, "Forward", step 2."""
-    mask = layout.mask
-    if layout.src is not None:
-        return _packed_counts(p, layout, count0)
+def _counts(p: Problem, mask: Any, count0: Any) -> Any:
     if mask is None:
         if p.causal:
             steps = np.arange(1, p.S + 1, dtype=np.int64)
@@ -145,22 +146,17 @@ def _counts(p: Problem, layout: _Layout, count0: Any) -> Any:
     return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
 
 
-def _packed_counts(p: Problem, layout: _Layout, count0: Any) -> Any:
-    """Counts restarting at every sequence (from its incoming count), (1, n)."""
-    if layout.mask is None:
-        real = np.zeros(layout.n, dtype=np.bool_)
-        for _, d0, L in layout.spans():
-            real[d0:d0 + L] = True
-    else:
-        real = layout.mask[0]
+def _packed_counts(p: Problem, cu: Any, mask: Any, count0: Any) -> Any:
+    """The counts (1, S) of packed sequences: they restart at every sequence (from its
+    incoming count); bidirectional, each sequence's real tokens."""
+    lengths = np.diff(cu)
+    real = np.ones(p.S, dtype=np.int64) if mask is None else mask[0]
     total = np.concatenate(([0], np.cumsum(real, dtype=np.int64)))  # real tokens before each
-    chunks = np.array(layout.segments, dtype=np.int64).reshape(-1, 2)
-    before, after = total[chunks[:, 0] * CHUNK], total[chunks[:, 1] * CHUNK]
-    segment = np.repeat(np.arange(len(chunks)), (chunks[:, 1] - chunks[:, 0]) * CHUNK)
+    sequence = np.repeat(np.arange(len(lengths)), lengths)
     if p.causal:
-        base = before if count0 is None else before - count0
-        return (total[1:] - base[segment])[None]
-    return (after - before)[segment][None]
+        base = total[cu[:-1]] if count0 is None else total[cu[:-1]] - count0
+        return (total[1:] - base[sequence])[None]
+    return (total[cu[1:]] - total[cu[:-1]])[sequence][None]
 
 
 def _sigmoid(m: Any) -> Any:
@@ -172,30 +168,43 @@ def _weights(m: Any, c: Any) -> Any:
     return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-@dataclass
-class _Normalised:
-    """Normalised, scaled inputs in the work layout, zero where no real token sits
-    (B, H, n, D)."""
-
-    qh: Any  # q_i / max(|q_i|, eps)
-    kh: Any  # k_j / max(|k_j|, eps)
-    vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, layout.S)
-    k_inv: Any
-    c: Any  # token counts (B, layout.S), int64
-    w: Any  # the stabiliser w_j, (B, H, layout.S), or None without m
-
-
 def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
-    p = call.p
-    qh, kh, vt = (_into(x, layout, p.acc) for x in (call.q, call.k, call.v))
-    q_inv = _normalise(qh, layout.S, p.eps)
-    k_inv = _normalise(kh, layout.S, p.eps)
-    c = _counts(p, layout, call.count0)
+    p, mask = call.p, _no_mask(call.mask)
+    qh, kh = (np.empty((p.B, p.H, layout.n, p.Dk), p.acc) for _ in range(2))
+    q_inv, k_inv = np.empty((p.B, p.H, layout.n), p.acc), np.empty((p.B, p.H, layout.n), p.acc)
+    q, k = _readable(call.q, p.acc), _readable(call.k, p.acc)
+    for src, work, rows in layout.pieces(p.S):
+        _cpu_kernels.unit_rows(q[:, :, src], mask[:, src], p.eps, qh[:, :, work],
+                               q_inv[:, :, rows])
+        _cpu_kernels.unit_rows(k[:, :, src], mask[:, src], p.eps, kh[:, :, work],
+                               k_inv[:, :, rows])
+    if call.packed:
+        c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
+    else:
+        c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    if w is not None:
-        vt[:, :, : layout.S] *= w[..., None]
+    vt = _scaled(call.v, layout, p.acc, mask, w)
     return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
+
+
+def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, w: Any = None) -> Any:
+    """``w x`` (B, H, S, D) in a work buffer (B, H, n, D), zero where no real token sits."""
+    B, H, S, D = x.shape
+    out = np.empty((B, H, layout.n, D), acc)
+    x = _readable(x, acc)
+    for src, work, _ in layout.pieces(S):
+        _cpu_kernels.scaled_rows(x[:, :, src], mask[:, src],
+                                 np.empty((0, 0, 0), acc) if w is None else w[:, :, src],
+                                 out[:, :, work])
+    return out
+
+
+def _rows_out(work: Any, out: Any, mask: Any, layout: _Layout) -> None:
+    """Copy the caller's output ``out`` (B, H, S, D) out of the work buffer, piece by piece;
+    +0 where ``mask`` (B, S, as the kernels take it) is False."""
+    for src, piece, _ in layout.pieces(out.shape[2]):
+        _into(out[:, :, src], work[:, :, piece], _cpu_kernels.rows_out, work[:, :, piece],
+              mask[:, src])
 
 
 def _chunks(x: Any) -> Any:
@@ -283,14 +292,14 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
             tokens = layout.tokens(i)
             kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
             out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
-        _out_of(out, call.o, call.mask, layout)
+        _rows_out(out, call.o, _no_mask(call.mask), layout)
         return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
     sums = _chunk_sums(x.kh, x.vt, layout, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
     _add_other_chunks(out, x.qh, sums, layout, reverse=False)
     if kv0 is not None:
         _add_states(out, x.qh, kv0.astype(p.acc, copy=False).swapaxes(-1, -2), layout)
-    _out_of(out, call.o, call.mask, layout)
+    _rows_out(out, call.o, _no_mask(call.mask), layout)
     if state is None:
         return None
     kv, count = state
@@ -425,15 +434,6 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     return dm, dkv0
 
 
-def _normalise_backward(dxh: Any, xh: Any, inv: Any, eps: float) -> Any:
-    """``(dxh - xh (xh . dxh)) / |x|`` where ``|x| > eps``, else ``dxh / eps`` (in place)."""
-    inner = np.einsum("bhsd,bhsd->bhs", xh, dxh)
-    inner *= inv < 1.0 / eps
-    dxh -= xh * inner[..., None]
-    dxh *= inv[..., None]
-    return dxh
-
-
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
     if p.S == 0:
@@ -442,9 +442,9 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     layout = _layout(call)
-    S = layout.S
     x = _normalised_inputs(call, layout)
-    dof = _into(call.do, layout, p.acc)
+    mask = _no_mask(call.mask)
+    dof = _scaled(call.do, layout, p.acc, mask)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
         # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
@@ -482,17 +482,25 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             dvt[:, :, t] = x.kh[:, :, t] @ g.swapaxes(-1, -2)
         dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
-    dqh, dkh, dvt = dqh[:, :, :S], dkh[:, :, :S], dvt[:, :, :S]
-    _out_of(_normalise_backward(dqh, x.qh[:, :, :S], x.q_inv, p.eps), call.dq, call.mask, layout)
-    _out_of(_normalise_backward(dkh, x.kh[:, :, :S], x.k_inv, p.eps), call.dk, call.mask, layout)
+    if call.m is None:
+        w, log_c = np.empty((0, 0, 0), p.acc), np.empty((0, 0), p.acc)
+    else:
+        w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
+    pieces = layout.pieces(p.S)
+    terms = np.zeros((len(pieces), p.B, p.H), p.acc)
+    for (src, piece, rows), piece_terms in zip(pieces, terms, strict=True):
+        args = (mask[:, src], p.eps)
+        _into(call.dq[:, :, src], dqh[:, :, piece], _cpu_kernels.unit_rows_backward,
+              dqh[:, :, piece], x.qh[:, :, piece], x.q_inv[:, :, rows], *args)
+        _into(call.dk[:, :, src], dkh[:, :, piece], _cpu_kernels.unit_rows_backward,
+              dkh[:, :, piece], x.kh[:, :, piece], x.k_inv[:, :, rows], *args)
+        _into(call.dv[:, :, src], dvt[:, :, piece], _cpu_kernels.values_backward,
+              dvt[:, :, piece], x.vt[:, :, piece], w[:, :, src], log_c[:, src], mask[:, src],
+              piece_terms)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
-        per = np.einsum("bhsd,bhsd->bhs", dvt, x.vt[:, :, :S])
-        per *= -np.log(np.maximum(1, x.c).astype(p.acc))[:, None, :]
-        dm = per.sum(axis=(0, 2)) * sig * (1.0 - sig)
-        dvt *= x.w[..., None]
-    _out_of(dvt, call.dv, call.mask, layout)
+        dm = -terms.sum(axis=(0, 1)) * sig * (1.0 - sig)
     if kv0 is None:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
@@ -505,9 +513,10 @@ def step(call: StepCall) -> None:
     kv, acc = call.kv, call.kv.dtype
     q, k, v = (np.ascontiguousarray(x, dtype=acc) for x in (call.q, call.k, call.v))
     sig = _NONE if call.m is None else _sigmoid(call.m.astype(acc))
-    mask = _NO_MASK if call.mask is None else np.ascontiguousarray(call.mask)
+    mask = _ALL_REAL_ROWS if call.mask is None else np.ascontiguousarray(call.mask)
     slots = _NO_SLOTS if call.state_indices is None else call.state_indices
-    initial = _NO_MASK if call.has_initial is None else np.ascontiguousarray(call.has_initial)
+    initial = (_ALL_REAL_ROWS if call.has_initial is None
+               else np.ascontiguousarray(call.has_initial))
     direct = call.o.dtype == acc and call.o.flags.c_contiguous
     o = call.o if direct else np.empty(call.o.shape, acc)
     _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, slots, initial, o, call.p.eps)
@@ -516,5 +525,6 @@ def step(call: StepCall) -> None:
 
 
 _NONE = np.empty(0, np.float32)  # no stabiliser
-_NO_MASK = np.empty(0, np.bool_)  # every row real; every row from its state
+_ALL_REAL = np.empty((0, 0), np.bool_)  # no mask, as the CPU kernels take it
+_ALL_REAL_ROWS = np.empty(0, np.bool_)  # no step mask; every row from its state
 _NO_SLOTS = np.empty(0, np.int64)  # row b is state b

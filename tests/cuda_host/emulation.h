@@ -36,6 +36,7 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__
+#define __constant__
 #define __align__(n)
 
 using std::isfinite;
@@ -43,6 +44,16 @@ using std::isfinite;
 struct dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
+
+// vector_types.h: the 16-byte vectors the kernels move state rows with.
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 namespace emu {
 

@@ -24,6 +24,7 @@ from helpers import (
     MASK_KINDS,
     TOL,
     assert_close,
+    assert_padding_zero,
     case_id,
     check_backward,
     check_forward,
@@ -54,30 +55,38 @@ def check(case, *, causal, layout="bhsd"):
     check_backward(case, **kw)
 
 
-# (B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout): every dtype, causal and
-# bidirectional, S = 1, S a multiple of the chunk (16 in the simulator) or not, D = 1,
-# Dk != Dv, every mask kind, m on and off, states in and out, dstate, both layouts.
+# (B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout, junk): every dtype, causal
+# and bidirectional, S = 1, S a multiple of the chunk (16 in the simulator) or not, D = 1,
+# Dk != Dv, every mask kind, m on and off, states in and out, dstate, both layouts; the padding
+# of q, k, v and do holds junk (docs/spec.md, "Bad input": padding holds anything).
 CASES = [
-    (2, 2, 37, 8, 5, np.float64, "inner", True, True, True, True, "bhsd"),
-    (1, 2, 70, 16, 16, np.float32, "left", True, True, False, True, "bshd"),
-    (2, 1, 33, 6, 9, np.float16, "right", True, False, False, True, "bhsd"),
-    (2, 2, 20, 4, 4, BFLOAT16, "none", False, True, True, True, "bshd"),
-    (2, 2, 32, 3, 11, np.float64, "none", True, False, True, True, "bhsd"),
-    (1, 1, 1, 1, 1, np.float32, "none", True, True, True, True, "bhsd"),
-    (2, 1, 40, 7, 5, np.float32, "inner", True, False, False, False, "bhsd"),
-    (1, 2, 25, 5, 8, BFLOAT16, "left", False, False, False, False, "bshd"),
-    (2, 1, 17, 1, 3, np.float64, "right", True, False, False, False, "bshd"),
-    (1, 1, 1, 4, 2, np.float16, "none", True, False, False, False, "bhsd"),
+    (2, 2, 37, 8, 5, np.float64, "inner", True, True, True, True, "bhsd", np.nan),
+    (1, 2, 70, 16, 16, np.float32, "left", True, True, False, True, "bshd", np.inf),
+    (2, 1, 33, 6, 9, np.float16, "right", True, False, False, True, "bhsd", -np.inf),
+    (2, 2, 20, 4, 4, BFLOAT16, "none", False, True, True, True, "bshd", None),
+    (2, 2, 32, 3, 11, np.float64, "none", True, False, True, True, "bhsd", None),
+    (1, 1, 1, 1, 1, np.float32, "none", True, True, True, True, "bhsd", None),
+    (2, 1, 40, 7, 5, np.float32, "inner", True, False, False, False, "bhsd", -np.inf),
+    (1, 2, 25, 5, 8, BFLOAT16, "left", False, False, False, False, "bshd", np.nan),
+    (2, 1, 17, 1, 3, np.float64, "right", True, False, False, False, "bshd", 1e30),
+    (1, 1, 1, 4, 2, np.float16, "none", True, False, False, False, "bhsd", None),
 ]
 
 
+def full_case_id(c) -> str:
+    direction = "causal" if c[10] else "bidir"
+    junk = "" if c[12] is None else f"-pad={c[12]:g}"
+    return f"{case_id(*c[:5])}-{np.dtype(c[5])}-{c[6]}-{direction}-{c[11]}{junk}"
+
+
 @pytest.mark.parametrize(
-    "B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout", CASES,
-    ids=[f"{case_id(*c[:5])}-{np.dtype(c[5])}-{c[6]}-{'causal' if c[10] else 'bidir'}-{c[11]}"
-         for c in CASES])
-def test_matches_reference(B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout):
+    "B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout, junk", CASES,
+    ids=[full_case_id(c) for c in CASES])
+def test_matches_reference(B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causal, layout,
+                           junk):
     rng = np.random.default_rng(S * 31 + Dk)
-    case = make_case(rng, B, H, S, Dk, Dv, dtype, mask=mask, m=m, state=state, dstate=dstate)
+    case = make_case(rng, B, H, S, Dk, Dv, dtype, mask=mask, m=m, state=state, dstate=dstate,
+                     junk=junk)
     check(case, causal=causal, layout=layout)
 
 
@@ -106,7 +115,7 @@ def test_launch_sizes(monkeypatch, config):
     """Both launch configurations compute the same thing (the simulator runs the small one)."""
     monkeypatch.setattr(_numba, "CONFIG", getattr(_numba, config))
     case = make_case(np.random.default_rng(3), 1, 1, 40, 6, 3, np.float32, mask="inner",
-                     state=True, dstate=True)
+                     state=True, dstate=True, junk=np.nan)
     check(case, causal=True)
 
 
@@ -117,7 +126,8 @@ def dtype_name(dtype) -> str:
 @pytest.mark.parametrize("dtype", [np.float32, BFLOAT16, np.float64], ids=dtype_name)
 def test_step_loop_matches_parallel_form(dtype):
     B, H, S, Dk, Dv = 2, 2, 9, 5, 7
-    case = make_case(np.random.default_rng(5), B, H, S, Dk, Dv, dtype, mask="inner")
+    case = make_case(np.random.default_rng(5), B, H, S, Dk, Dv, dtype, mask="inner",
+                     junk=np.nan)
     q, k, v, m, mask = (to_device(a) for a in (case.q, case.k, case.v, case.m, case.mask))
     state = cosattn.RecurrentState.zeros(B, H, Dk, Dv, like=q)
     steps = [to_host(state.step(q[:, :, t], k[:, :, t], v[:, :, t], m, mask=mask[:, t],
@@ -132,6 +142,36 @@ def test_step_loop_matches_parallel_form(dtype):
     o, parallel = cosattn.forward(q, k, v, m, mask=mask, return_state=True, backend="numba")
     assert rel_err(o_steps, to_host(o)) <= 2 * TOL[np.dtype(dtype)]
     assert rel_err(to_host(state.kv), to_host(parallel.kv)) <= 2 * TOL[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BFLOAT16, np.float64], ids=dtype_name)
+def test_padded_step_keeps_the_state_bit_for_bit(dtype):
+    """A padded row's step leaves its kv (-0.0 entries included) and count bit for bit and
+    outputs +0, whatever its q_t, k_t, v_t hold; the real rows step as the reference does."""
+    junk = [j for j in JUNK if j is not None]
+    mask = np.array([True, *[False] * len(junk), True])
+    B, H, Dk, Dv = len(mask), 2, 5, 3
+    case = make_case(np.random.default_rng(37), B, H, 1, Dk, Dv, dtype, state=True)
+    q, k, v = (a[:, :, 0] for a in (case.q, case.k, case.v))
+    for row, value in zip(np.flatnonzero(~mask), junk, strict=True):
+        for x in (q, k, v):
+            x[row] = value
+    kv0 = case.kv0.copy()
+    kv0[..., ::2] = -0.0
+    state = cosattn.RecurrentState(to_device(kv0), to_device(case.count0))
+    o = to_host(state.step(*(to_device(a) for a in (q, k, v, case.m)), mask=to_device(mask),
+                           backend="numba"))
+    kv, count = to_host(state.kv), to_host(state.count)
+    assert kv[~mask].tobytes() == kv0[~mask].tobytes()
+    assert count[~mask].tobytes() == case.count0[~mask].tobytes()
+    assert_padding_zero(o[:, :, None], mask[:, None], "o")
+    f = case.f64
+    ref_o, ref_kv, ref_count = reference.forward_rnn(
+        *(f[n][mask] for n in ("q", "k", "v")), f["m"], kv0=kv0[mask].astype(np.float64),
+        count0=case.count0[mask])
+    assert_close(o[mask], ref_o[:, :, 0], dtype, "o")
+    assert_close(kv[mask], ref_kv, dtype, "state.kv")
+    np.testing.assert_array_equal(count[mask], ref_count)
 
 
 def test_split_sequence_continues_from_the_state():
@@ -237,7 +277,7 @@ def test_step_writes_into_out():
 @pytest.mark.slow
 @pytest.mark.skipif(SIMULATED, reason="10^5 steps are for a GPU")
 def test_float32_step_stays_accurate_over_1e5_tokens():
-    run_steps(100_000, 3e-5)  # SPEC.md, "Numbers"
+    run_steps(100_000, 3e-5)  # docs/spec.md, "Numbers"
 
 
 @pytest.mark.skipif(SIMULATED, reason="CuPy and torch CUDA arrays need a GPU")
