@@ -71,16 +71,16 @@ class _Layout:
         c0, c1 = self.segments[i]
         return slice(c0 * CHUNK, c1 * CHUNK)
 
-    def pieces(self, S: int) -> list[tuple[slice, slice, slice]]:
-        """``(caller positions, work positions, their first rows)`` of every non-empty sequence
-        (of the whole row, unpacked: S tokens): the CPU kernels copy each piece in and out,
-        zeroing the work positions past its tokens."""
+    def pieces(self, S: int) -> Any:
+        """Where the tokens sit, as the CPU kernels take it: rows (caller start, work start,
+        length, work length), int64. Unpacked, one piece: the S tokens of every row at the same
+        place; packed, one per non-empty sequence."""
         if self.src is None:
-            return [(slice(0, S), slice(0, self.n), slice(0, S))]
-        return [(slice(int(s0), int(s0) + int(L)), self.tokens(i),
-                 slice(c0 * CHUNK, c0 * CHUNK + int(L)))
-                for i, (s0, L, (c0, _)) in enumerate(zip(self.src, self.lengths, self.segments,
-                                                         strict=True)) if L]
+            return np.array([[0, 0, S, self.n]], dtype=np.int64)
+        table = np.array([[s0, c0 * CHUNK, L, (c1 - c0) * CHUNK] for s0, L, (c0, c1) in
+                          zip(self.src, self.lengths, self.segments, strict=True) if L],
+                         dtype=np.int64)
+        return table.reshape(-1, 4)
 
 
 def _layout(call: ForwardCall | BackwardCall) -> _Layout:
@@ -122,14 +122,16 @@ def _no_mask(mask: Any) -> Any:
 
 
 def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
-    """Run an epilogue ``kernel(*args, target)`` writing ``out`` (B, H, S, D): straight into it
-    when it has the accumulation dtype, else into the first S rows of the padded buffer
-    ``buf`` (in place), then cast into ``out``."""
+    """Run an epilogue ``kernel(*args[:-1], target, pieces)`` writing ``out`` (B, H, S, D):
+    straight into it when it has the accumulation dtype, else into the first S rows of the
+    work buffer ``buf`` (in place: the kernels read each row before they write over it), then
+    cast into ``out``."""
+    *head, pieces = args
     if out.dtype == buf.dtype:
-        kernel(*args, out)
+        kernel(*head, out, pieces)
     else:
         rows = buf[:, :, : out.shape[2]]
-        kernel(*args, rows)
+        kernel(*head, rows, pieces)
         out[...] = rows
 
 
@@ -169,15 +171,11 @@ def _weights(m: Any, c: Any) -> Any:
 
 
 def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
-    p, mask = call.p, _no_mask(call.mask)
+    p, mask, pieces = call.p, _no_mask(call.mask), layout.pieces(call.p.S)
     qh, kh = (np.empty((p.B, p.H, layout.n, p.Dk), p.acc) for _ in range(2))
-    q_inv, k_inv = np.empty((p.B, p.H, layout.n), p.acc), np.empty((p.B, p.H, layout.n), p.acc)
-    q, k = _readable(call.q, p.acc), _readable(call.k, p.acc)
-    for src, work, rows in layout.pieces(p.S):
-        _cpu_kernels.unit_rows(q[:, :, src], mask[:, src], p.eps, qh[:, :, work],
-                               q_inv[:, :, rows])
-        _cpu_kernels.unit_rows(k[:, :, src], mask[:, src], p.eps, kh[:, :, work],
-                               k_inv[:, :, rows])
+    q_inv, k_inv = (np.empty((p.B, p.H, layout.n), p.acc) for _ in range(2))
+    _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv, pieces)
+    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv, pieces)
     if call.packed:
         c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
     else:
@@ -191,20 +189,9 @@ def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, w: Any = None) ->
     """``w x`` (B, H, S, D) in a work buffer (B, H, n, D), zero where no real token sits."""
     B, H, S, D = x.shape
     out = np.empty((B, H, layout.n, D), acc)
-    x = _readable(x, acc)
-    for src, work, _ in layout.pieces(S):
-        _cpu_kernels.scaled_rows(x[:, :, src], mask[:, src],
-                                 np.empty((0, 0, 0), acc) if w is None else w[:, :, src],
-                                 out[:, :, work])
+    _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0, 0, 0), acc) if w is None
+                             else w, out, layout.pieces(S))
     return out
-
-
-def _rows_out(work: Any, out: Any, mask: Any, layout: _Layout) -> None:
-    """Copy the caller's output ``out`` (B, H, S, D) out of the work buffer, piece by piece;
-    +0 where ``mask`` (B, S, as the kernels take it) is False."""
-    for src, piece, _ in layout.pieces(out.shape[2]):
-        _into(out[:, :, src], work[:, :, piece], _cpu_kernels.rows_out, work[:, :, piece],
-              mask[:, src])
 
 
 def _chunks(x: Any) -> Any:
@@ -292,14 +279,15 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
             tokens = layout.tokens(i)
             kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
             out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
-        _rows_out(out, call.o, _no_mask(call.mask), layout)
+        _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask),
+              layout.pieces(p.S))
         return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
     sums = _chunk_sums(x.kh, x.vt, layout, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
     _add_other_chunks(out, x.qh, sums, layout, reverse=False)
     if kv0 is not None:
         _add_states(out, x.qh, kv0.astype(p.acc, copy=False).swapaxes(-1, -2), layout)
-    _rows_out(out, call.o, _no_mask(call.mask), layout)
+    _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask), layout.pieces(p.S))
     if state is None:
         return None
     kv, count = state
@@ -487,20 +475,16 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     else:
         w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
     pieces = layout.pieces(p.S)
-    terms = np.zeros((len(pieces), p.B, p.H), p.acc)
-    for (src, piece, rows), piece_terms in zip(pieces, terms, strict=True):
-        args = (mask[:, src], p.eps)
-        _into(call.dq[:, :, src], dqh[:, :, piece], _cpu_kernels.unit_rows_backward,
-              dqh[:, :, piece], x.qh[:, :, piece], x.q_inv[:, :, rows], *args)
-        _into(call.dk[:, :, src], dkh[:, :, piece], _cpu_kernels.unit_rows_backward,
-              dkh[:, :, piece], x.kh[:, :, piece], x.k_inv[:, :, rows], *args)
-        _into(call.dv[:, :, src], dvt[:, :, piece], _cpu_kernels.values_backward,
-              dvt[:, :, piece], x.vt[:, :, piece], w[:, :, src], log_c[:, src], mask[:, src],
-              piece_terms)
+    terms = np.empty((p.B, p.H), p.acc)
+    _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps,
+          pieces)
+    _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps,
+          pieces)
+    _into(call.dv, dvt, _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask, terms, pieces)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
-        dm = -terms.sum(axis=(0, 1)) * sig * (1.0 - sig)
+        dm = -terms.sum(axis=0) * sig * (1.0 - sig)
     if kv0 is None:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
