@@ -5,10 +5,10 @@
 ``StatePool`` keeps many such states in slots for continuous batching.
 """
 
-from .attention import backward, forward
+from .attention import absorb, backward, forward
 from .backends import available_backends
 from .pool import StatePool
 from .recurrent import RecurrentState
 
-__all__ = ["RecurrentState", "StatePool", "available_backends", "backward", "forward"]
+__all__ = ["RecurrentState", "StatePool", "absorb", "available_backends", "backward", "forward"]
 __version__ = "0.1.0"

@@ -137,7 +137,12 @@ class Call:
 class SequenceCall(Call):
     """What forward and backward share: ``cu_seqlens`` (N+1,) int64 for packed sequences (then
     B = 1 and ``mask`` is (1, S)), or None; the incoming states ``kv0`` (N, H, Dv, Dk) and
-    ``count0`` (N,) int64 (None: zero)."""
+    ``count0`` (N,) int64 (None: zero).
+
+    Causal: ``kv0`` and ``count0`` are the incoming state. Bidirectional (never packed nor
+    pooled: ``total=`` is refused with ``cu_seqlens``): ``count0``, when given, is every token's
+    count c_j (the real tokens of the whole sequence this call is a part of) and ``kv0``, when
+    given, the whole sequence's ``Σ ṽ k̂ᵀ``, used in place of the call's own (``total=``)."""
 
     cu_seqlens: Any = None
     kv0: SlotsHeads
@@ -146,13 +151,18 @@ class SequenceCall(Call):
 
 @dataclass(frozen=True, kw_only=True)
 class ForwardCall(SequenceCall):
-    """:func:`cosattn.forward` and a pool's prefill: write ``o`` (B, H, S, Dv).
+    """:func:`cosattn.forward`, :func:`cosattn.absorb` and a pool's prefill: write ``o``
+    (B, H, S, Dv).
 
-    With ``want_state`` the backend returns the outgoing ``(kv, count)`` (N rows) as new arrays,
-    else None. With ``state_indices`` (N,) int64, ``kv0`` and ``count0`` are a pool's (P rows):
-    sequence n starts from slot ``state_indices[n]`` (from zero where ``has_initial`` (N,) bool
-    is False) and its outgoing state is written into that slot, in place; a ``-1`` entry's
-    outputs are +0 and it reads and writes no slot.
+    With ``want_state`` the backend returns ``(kv, count)`` (N rows) as new arrays, else None:
+    causal, the outgoing state; bidirectional (only with ``o`` None), the call's own
+    ``Σ ṽ k̂ᵀ`` and its number of real tokens. With ``state_indices`` (N,) int64, ``kv0`` and
+    ``count0`` are a pool's (P rows): sequence n starts from slot ``state_indices[n]`` (from zero
+    where ``has_initial`` (N,) bool is False) and its outgoing state is written into that slot,
+    in place; a ``-1`` entry's outputs are +0 and it reads and writes no slot.
+
+    ``o`` None asks for that ``(kv, count)`` alone, without the output (:func:`cosattn.absorb`;
+    ``q`` is then None too, ``want_state`` True, and the call is neither packed nor pooled).
     """
 
     o: RowsHeads
@@ -166,7 +176,12 @@ class BackwardCall(SequenceCall):
     """:func:`cosattn.backward`: given ``do`` (like o) and ``dkv`` (N, H, Dv, Dk), the gradient
     at the outgoing state's kv, or None, write ``dq``, ``dk``, ``dv`` and return
     ``(dm, dkv0)``: ``dm`` (H,) in ``p.acc`` (None without ``m``), ``dkv0`` (N, H, Dv, Dk) in the
-    state's dtype (None without ``kv0``)."""
+    state's dtype (None without ``kv0``, and always None for the bidirectional form).
+
+    ``kv0`` and ``count0`` mean what they mean in :class:`SequenceCall`. Bidirectional with
+    ``kv0`` (``total=``): ``dkv`` (never None then) is the gradient at that ``kv0``, used in
+    place of the call's own ``Σ do q̂'ᵀ``.
+    """
 
     do: RowsHeads
     dkv: SeqsHeads

@@ -110,19 +110,20 @@ def to_bhsd(x: Any, layout: str, xp: Any) -> Any:
 
 
 def check_qkv(arrays: dict[str, Any], layout: str) -> tuple[int, int, int, int, int]:
-    """Check q, k, v (and do) in ``layout``; return ``(B, H, S, Dk, Dv)``."""
+    """Check q (when given), k, v (and do) in ``layout``; return ``(B, H, S, Dk, Dv)``."""
     letters = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
     for n, a in arrays.items():
         if a.ndim != 4:
             raise ValueError(
                 f"{n} must have rank 4 {letters} for layout={layout!r}, got shape {tuple(a.shape)}"
             )
-    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    k, v = arrays["k"], arrays["v"]
+    q = arrays.get("q", k)
     B, H, S = q.shape[:3] if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1])
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q, k and v must agree on {letters[:-4]}) and q, k on D: got {_describe(arrays)}"
-        )
+        agree = (f"q, k and v must agree on {letters[:-4]}) and q, k on D" if "q" in arrays
+                 else f"k and v must agree on {letters[:-4]})")
+        raise ValueError(f"{agree}: got {_describe(arrays)}")
     if "do" in arrays and tuple(arrays["do"].shape) != tuple(v.shape):
         raise ValueError(f"do must have the shape of o (that of v): got {_describe(arrays)}")
     return B, H, S, q.shape[3], v.shape[3]
@@ -146,22 +147,29 @@ def check_m(m: Any, H: int, acc: np.dtype, xp: Any) -> Any:
     return xp.astype(m, acc)
 
 
-def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype, *,
-                name: str = "state", rows: str = "B") -> None:
+def check_count(count: Any, B: int, name: str, rows: str = "B") -> None:
+    """Shape and dtype of counts ``name`` (B,): int64, or int32 as JAX keeps them (``rows``: the
+    letter of the axis in messages)."""
+    if tuple(count.shape) != (B,):
+        raise ValueError(f"{name} must have shape ({rows},) = ({B},), got {tuple(count.shape)}")
+    if count.dtype not in (np.int64, np.int32):
+        raise TypeError(f"{name} must be int64 (or int32, as JAX keeps it), got {count.dtype}")
+
+
+def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype,
+                name: str = "state", *, rows: str = "B") -> None:
     """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``.
 
-    ``name`` is "state" or "pool" and ``rows`` the letter of the first axis in messages ("B",
-    "N" for one state per sequence, "P" for a pool's slots).
+    ``name`` is "state", "pool", or "total" for the bidirectional form's whole-sequence sum;
+    ``rows`` the letter of the first axis in messages ("B", "N" for one state per sequence, "P"
+    for a pool's slots).
     """
     if tuple(kv.shape) != (B, H, Dv, Dk):
         raise ValueError(
             f"{name}.kv must have shape ({rows}, H, Dv, Dk) = {(B, H, Dv, Dk)}, "
             f"got {tuple(kv.shape)}"
         )
-    if tuple(count.shape) != (B,):
-        raise ValueError(
-            f"{name}.count must have shape ({rows},) = ({B},), got {tuple(count.shape)}"
-        )
+    check_count(count, B, f"{name}.count", rows)
     if np.dtype(kv.dtype) not in STATE_DTYPES:
         raise TypeError(f"{name}.kv must be float32 or float64, got {kv.dtype}")
     if acc == np.float64 and kv.dtype != np.float64:
@@ -170,10 +178,20 @@ def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.d
             f"float64 inputs need a float64 {name} ({zeros}.zeros(..., dtype='float64')), "
             f"got {name}.kv {kv.dtype}"
         )
-    if count.dtype not in (np.int64, np.int32):
-        raise TypeError(
-            f"{name}.count must be int64 (or int32, as JAX keeps it), got {count.dtype}"
+
+
+def check_dstate(dkv: Any, p: Problem, of: str = "state", N: int | None = None,
+                 rows: str = "B") -> None:
+    """``dstate`` has the shape of the ``of`` state's kv (N, H, Dv, Dk) (N: B unless given),
+    float32 or float64 (``rows``: the letter of its first axis in messages)."""
+    N = p.B if N is None else N
+    if tuple(dkv.shape) != (N, p.H, p.Dv, p.Dk):
+        raise ValueError(
+            f"dstate must have the shape of {of}.kv ({rows}, H, Dv, Dk) = "
+            f"{(N, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
         )
+    if np.dtype(dkv.dtype) not in STATE_DTYPES:
+        raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
 
 
 def host(x: Any) -> np.ndarray:
@@ -186,11 +204,11 @@ def host(x: Any) -> np.ndarray:
     return x.get()
 
 
-def check_count_values(count: Any, name: str = "state") -> None:
-    """A state's counts are never negative (a device→host copy on CUDA)."""
+def check_count_values(count: Any, name: str = "state.count") -> None:
+    """Counts are never negative (a device→host copy on CUDA)."""
     count = host(count)
     if count.shape[0] and bool((count < 0).any()):
-        raise ValueError(f"{name}.count must be non-negative, got {count}")
+        raise ValueError(f"{name} must be non-negative, got {count}")
 
 
 def check_index_array(x: Any, name: str, N: int, of: str, dtypes: tuple[Any, ...],
@@ -255,7 +273,6 @@ def require_varlen(backend: Backend, what: str) -> None:
         raise RuntimeError(f"the {name} backend does not take cu_seqlens/state pools yet "
                            f"({what} given); use backend='numba'")
 
-
 def _writable(x: Any, name: str) -> None:
     """Arrays a call writes in place must be writable (NumPy's flag; device arrays always are)."""
     flags = getattr(x, "flags", None)
@@ -272,8 +289,9 @@ def check_writable_state(kv: Any, count: Any, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Inputs:
-    """What forward, backward and a pool's prefill share once their arrays are checked."""
+class Inputs:
+    """What forward, backward, absorb and a pool's prefill share once their arrays are
+    checked."""
 
     p: Problem
     xp: Any
@@ -301,27 +319,47 @@ class _Inputs:
         return self.p.B if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
 
 
-def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
-            eps: Any, layout: Any, backend: Any, validate: Any, *, cu_seqlens: Any = None,
-            pool: bool = False, extra: dict[str, Any] | None = None,
-            ) -> tuple[_Inputs, dict[str, Imported]]:
-    """Check what forward, backward and prefill share. ``state`` is ``(kv, count)``: one state
-    per sequence, or a pool's arrays when ``pool`` (whose slots ``extra`` names)."""
+def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
+           eps: Any, layout: Any, backend: Any, validate: Any, *, cu_seqlens: Any = None,
+           pool: bool = False, extra: dict[str, Any] | None = None,
+           total: tuple[Any, Any] | None = None, total_count: Any = None,
+           ) -> tuple[Inputs, dict[str, Imported]]:
+    """Check what forward, backward, absorb and prefill share. ``state`` (causal) is
+    ``(kv, count)``: one state per sequence, or a pool's arrays when ``pool`` (whose slots
+    ``extra`` names). ``total`` (bidirectional) is the whole sequence's sum and count,
+    ``total_count`` its count alone: either becomes the call's ``kv0``, ``count0``. Packed
+    sequences (``cu_seqlens``) are whole sequences: ``total``/``total_count`` are refused with
+    them."""
     causal = check_flag(causal, "causal")
     layout = check_layout(layout)
     eps = check_eps(eps)
     if state is not None and not causal:
         raise ValueError("a recurrent state exists for the causal form only (causal=False given)")
-    name = "pool" if pool else "state"
+    for given, name in ((total, "total"), (total_count, "total_count")):
+        if given is not None and causal:
+            raise ValueError(f"{name}= belongs to the bidirectional form (causal=True given)")
+        if given is not None and cu_seqlens is not None:
+            raise ValueError(
+                f"{name}= cannot be combined with cu_seqlens: packed sequences are whole "
+                f"sequences, while {name}= says the call holds a part of a longer one"
+            )
     everything = dict(named, m=m, mask=mask, cu_seqlens=cu_seqlens, **(extra or {}))
+    given_state = None
     if state is not None:
-        everything.update({f"{name}.kv": state[0], f"{name}.count": state[1]})
+        given_state = "pool" if pool else "state"
+    elif total is not None:
+        given_state = "total"
+    if given_state is not None:
+        kv, count = state if total is None else total
+        everything.update({f"{given_state}.kv": kv, f"{given_state}.count": count})
+    if total_count is not None:
+        everything["total_count"] = total_count
     imported = import_all(everything, required=tuple(named))
     raw = {n: imported[n].array for n in named}
     dtype = check_float_dtypes(raw)
     B, H, S, Dk, Dv = check_qkv(raw, layout)
     acc = accumulation(dtype)
-    first = imported["q"]
+    first = imported[next(iter(named))]
     xp = namespace(first.device)
     native_cu = None
     N = B
@@ -335,15 +373,21 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
             )
     native_mask = None if mask is None else check_mask(imported["mask"].array, (B, S), "(B, S)")
     kv0 = count0 = None
+    count_name = "total_count"
     state_dtype = acc
-    if state is not None:
-        kv0, count0 = imported[f"{name}.kv"].array, imported[f"{name}.count"].array
+    if given_state is not None:
+        kv0, count0 = (imported[f"{given_state}.{n}"].array for n in ("kv", "count"))
         if pool:
             check_state(kv0, count0, kv0.shape[0] if kv0.ndim == 4 else 0, H, Dk, Dv, acc,
-                        name="pool", rows="P")
+                        "pool", rows="P")
         else:
-            check_state(kv0, count0, N, H, Dk, Dv, acc, rows="B" if native_cu is None else "N")
+            check_state(kv0, count0, N, H, Dk, Dv, acc, given_state,
+                        rows="B" if native_cu is None else "N")
         state_dtype = np.dtype(kv0.dtype)
+        count_name = f"{given_state}.count"
+    elif total_count is not None:
+        count0 = imported["total_count"].array
+        check_count(count0, B, "total_count")
     checked = values_checked(validate, first.device)
     chosen = select(backend, first.device)
     if native_cu is not None:
@@ -356,21 +400,22 @@ def _inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | N
             native_cu = xp.astype(native_cu, np.int64, copy=False)
         if count0 is not None:
             if checked:
-                check_count_values(count0, name)
+                check_count_values(count0, count_name)
             if not pool:
                 count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
-    return _Inputs(p, xp, raw, native_m, native_mask, kv0, count0, native_cu, first.framework,
-                   chosen, checked), imported
+    return Inputs(p, xp, raw, native_m, native_mask, kv0, count0, native_cu, first.framework,
+                  chosen, checked), imported
 
 
 def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                  state: tuple[Any, Any] | None, return_state: Any, eps: Any, layout: Any,
-                 backend: Any, validate: Any, cu_seqlens: Any = None) -> Prepared[ForwardCall]:
+                 backend: Any, validate: Any, cu_seqlens: Any = None,
+                 total: tuple[Any, Any] | None = None) -> Prepared[ForwardCall]:
     if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
         raise ValueError("return_state=True needs the causal form (causal=False given)")
-    x, _ = _inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
-                   validate, cu_seqlens=cu_seqlens)
+    x, _ = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
+                  validate, cu_seqlens=cu_seqlens, total=total)
     with on_device(x.p.device):
         o, o_bhsd = x.output("v", layout)
     call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
@@ -379,27 +424,35 @@ def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
     return Prepared(call, x.backend, x.framework, {"o": o})
 
 
+def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
+                state: tuple[Any, Any] | None, total_count: Any, eps: Any, layout: Any,
+                backend: Any, validate: Any) -> Prepared[ForwardCall]:
+    """A forward that asks for ``(kv, count)`` alone (``o`` and ``q`` None)."""
+    x, _ = inputs({"k": k, "v": v}, m, mask, state, causal, eps, layout, backend, validate,
+                  total_count=total_count)
+    call = ForwardCall(p=x.p, q=None, k=x.bhsd("k", layout), v=x.bhsd("v", layout), m=x.m,
+                       mask=x.mask, kv0=x.kv0, count0=x.count0, o=None, want_state=True)
+    return Prepared(call, x.backend, x.framework, {})
+
+
 def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                   state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
-                  validate: Any, cu_seqlens: Any = None) -> Prepared[BackwardCall]:
-    if dstate is not None and not check_flag(causal, "causal"):
-        raise ValueError("dstate needs the causal form (causal=False given)")
-    x, imported = _inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
-                          layout, backend, validate, cu_seqlens=cu_seqlens,
-                          extra={"dstate": dstate})
+                  validate: Any, cu_seqlens: Any = None,
+                  total: tuple[Any, Any] | None = None) -> Prepared[BackwardCall]:
+    if dstate is not None and total is None and not check_flag(causal, "causal"):
+        raise ValueError("dstate needs the causal form, or total= (causal=False given)")
+    x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
+                         layout, backend, validate, cu_seqlens=cu_seqlens,
+                         extra={"dstate": dstate}, total=total)
     p = x.p
     dkv = None
     if dstate is not None:
         dkv = imported["dstate"].array
-        rows = "B" if x.cu_seqlens is None else "N"
-        if tuple(dkv.shape) != (x.N, p.H, p.Dv, p.Dk):
-            raise ValueError(
-                f"dstate must have the shape of state.kv ({rows}, H, Dv, Dk) = "
-                f"{(x.N, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
-            )
-        if np.dtype(dkv.dtype) not in STATE_DTYPES:
-            raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
+        check_dstate(dkv, p, "total" if total is not None else "state", x.N,
+                     "B" if x.cu_seqlens is None else "N")
     with on_device(p.device):
+        if total is not None and dkv is None:  # no gradient reaches total.kv
+            dkv = x.xp.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
         (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (x.output(n, layout) for n in "qkv")
     call = BackwardCall(p=p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                         v=x.bhsd("v", layout), m=x.m, mask=x.mask, do=x.bhsd("do", layout),
@@ -433,10 +486,10 @@ def prefill_call(kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, *, cu_seql
         raise TypeError("cu_seqlens must be an array, got None (a prefill takes packed prompts)")
     if state_indices is None:
         raise TypeError("state_indices must be an array, got None")
-    x, imported = _inputs({"q": q, "k": k, "v": v}, m, mask, (kv, count), True, eps, layout,
-                          backend, validate, cu_seqlens=cu_seqlens, pool=True,
-                          extra={"state_indices": state_indices,
-                                 "has_initial_state": has_initial_state})
+    x, imported = inputs({"q": q, "k": k, "v": v}, m, mask, (kv, count), True, eps, layout,
+                         backend, validate, cu_seqlens=cu_seqlens, pool=True,
+                         extra={"state_indices": state_indices,
+                                "has_initial_state": has_initial_state})
     check_writable_state(x.kv0, x.count0, "pool")
     with on_device(x.p.device):
         indices, initial = _slots(imported, x.N, "sequences of cu_seqlens", x.kv0.shape[0],
@@ -482,7 +535,7 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
     native_kv, native_count = imported[f"{name}.kv"].array, imported[f"{name}.count"].array
     if pool:
         P = native_kv.shape[0] if native_kv.ndim == 4 else 0
-        check_state(native_kv, native_count, P, H, Dk, Dv, acc, name="pool", rows="P")
+        check_state(native_kv, native_count, P, H, Dk, Dv, acc, "pool", rows="P")
     else:
         check_state(native_kv, native_count, B, H, Dk, Dv, acc)
     first = imported["q_t"]
@@ -516,7 +569,7 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
             indices, initial = _slots(imported, B, "rows of q_t", native_kv.shape[0], checked,
                                       xp)
         if checked:
-            check_count_values(native_count, name)
+            check_count_values(native_count, f"{name}.count")
         if immutable:
             native_kv = xp.astype(native_kv, native_kv.dtype, copy=True)
             native_count = xp.astype(native_count, np.int64, copy=True)

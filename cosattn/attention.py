@@ -1,4 +1,5 @@
-"""The parallel operation: :func:`forward` and :func:`backward` (docs/spec.md)."""
+"""The parallel operation: :func:`forward`, :func:`backward`, and :func:`absorb`, the forward's
+state without its output (docs/spec.md)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from ._interop import export_array
 from .recurrent import RecurrentState
 
 
-def _state_arrays(state: Any) -> tuple[Any, Any] | None:
+def _state_arrays(state: Any, name: str = "state") -> tuple[Any, Any] | None:
     if state is None:
         return None
     if not isinstance(state, RecurrentState):
-        raise TypeError(f"state must be a cosattn.RecurrentState, got {type(state).__name__}")
+        raise TypeError(f"{name} must be a cosattn.RecurrentState, got {type(state).__name__}")
     return state.kv, state.count
 
 
 def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask: Any = None,
             state: RecurrentState | None = None, return_state: bool = False,
-            cu_seqlens: Any = None, eps: float = 1e-12, layout: str = "bhsd",
-            backend: str | None = None, validate: bool = False) -> Any:
+            cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
+            layout: str = "bhsd", backend: str | None = None, validate: bool = False) -> Any:
     """Cottention forward: cosine attention with the learned length stabiliser.
 
     Parameters
@@ -46,6 +47,14 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
         ``cu_seqlens[n] .. cu_seqlens[n+1]-1`` (``cu_seqlens[0] = 0``, non-decreasing, ending
         at T; empty sequences allowed). Each sequence is attended on its own, as a padded
         batch would be; ``mask`` (1, T) pads inside sequences, and a state has N rows.
+    total : RecurrentState, optional
+        Bidirectional only: this call's tokens are a part of a longer sequence, whose
+        ``Σ ṽ k̂ᵀ`` (``total.kv``, (B, H, Dv, Dk)) and number of real tokens per row
+        (``total.count``, (B,)) are given: ``o_i = real_i · total.kv · q̂_i``, and every value's
+        stabiliser counts ``total.count``. Each part's share is :func:`absorb` with
+        ``causal=False, total_count=total.count``; their sum is ``total.kv``
+        (docs/spec.md, "Context parallel"). It is not modified. Not with ``cu_seqlens``
+        (packed sequences are whole sequences): ``ValueError``.
     eps : float
         Norm floor of the cosine normalisation.
     layout : {"bhsd", "bshd"}
@@ -73,8 +82,9 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     (3, 2, 4, 4)
     """
     prepared = val.forward_call(q, k, v, m, causal=causal, mask=mask, state=_state_arrays(state),
-                                return_state=return_state, eps=eps, layout=layout,
-                                backend=backend, validate=validate, cu_seqlens=cu_seqlens)
+                                total=_state_arrays(total, "total"), return_state=return_state,
+                                eps=eps, layout=layout, backend=backend, validate=validate,
+                                cu_seqlens=cu_seqlens)
     with on_device(prepared.call.p.device):
         new_state = prepared.backend.forward(prepared.call)
     o = export_array(prepared.results["o"], prepared.framework)
@@ -86,19 +96,22 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
 
 def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True,
              mask: Any = None, state: RecurrentState | None = None, dstate: Any = None,
-             cu_seqlens: Any = None, eps: float = 1e-12, layout: str = "bhsd",
-             backend: str | None = None, validate: bool = False) -> tuple:
+             cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
+             layout: str = "bhsd", backend: str | None = None,
+             validate: bool = False) -> tuple:
     """Gradients of :func:`forward` with respect to q, k, v, m (and the incoming state).
 
     Parameters
     ----------
     do : array like v
         Gradient arriving at ``o``, same dtype as q, k, v.
-    q, k, v, m, causal, mask, state, cu_seqlens, eps, layout, backend, validate
+    q, k, v, m, causal, mask, state, cu_seqlens, total, eps, layout, backend, validate
         As given to :func:`forward`.
     dstate : array (B, H, Dv, Dk), optional
-        Gradient arriving at the outgoing state's ``kv`` (causal only); (N, H, Dv, Dk) for
-        packed sequences.
+        Gradient arriving at the outgoing state's ``kv`` (causal); (N, H, Dv, Dk) for packed
+        sequences. With ``total``, the gradient arriving at ``total.kv`` from the whole
+        sequence's outputs; k and v receive their gradient through it alone (zero when it is
+        not given).
 
     Returns
     -------
@@ -112,9 +125,9 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     >>> dq, dk, dv, dm = cosattn.backward(np.ones_like(v), q, k, v, np.zeros(2))
     """
     prepared = val.backward_call(do, q, k, v, m, causal=causal, mask=mask,
-                                 state=_state_arrays(state), dstate=dstate, eps=eps,
-                                 layout=layout, backend=backend, validate=validate,
-                                 cu_seqlens=cu_seqlens)
+                                 state=_state_arrays(state), total=_state_arrays(total, "total"),
+                                 dstate=dstate, eps=eps, layout=layout, backend=backend,
+                                 validate=validate, cu_seqlens=cu_seqlens)
     with on_device(prepared.call.p.device):
         dm, dkv0 = prepared.backend.backward(prepared.call)
     grads = [export_array(prepared.results[n], prepared.framework) for n in ("dq", "dk", "dv")]
@@ -122,3 +135,47 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     if state is not None:
         grads.append(export_array(dkv0, prepared.framework))
     return tuple(grads)
+
+
+def absorb(k: Any, v: Any, m: Any = None, *, causal: bool = True, mask: Any = None,
+           state: RecurrentState | None = None, total_count: Any = None, eps: float = 1e-12,
+           layout: str = "bhsd", backend: str | None = None,
+           validate: bool = False) -> RecurrentState:
+    """The state a sequence leaves, without its output: ``Σ ṽ k̂ᵀ`` and the real tokens.
+
+    Causal: the state :func:`forward` with ``return_state=True`` would return for these
+    k, v, m, mask and incoming ``state``, without computing ``o`` (q is not needed). A state
+    whose ``kv`` is zero and whose ``count`` is n gives a segment's own sum as if n real tokens
+    came before it. Bidirectional (``causal=False``): the call's ``Σ ṽ k̂ᵀ`` with every token's
+    count ``total_count`` (the whole sequence's real tokens; the call's own when None), and its
+    number of real tokens. These are the pieces from which sequences split along S are put
+    together (docs/spec.md, "Context parallel").
+
+    Parameters
+    ----------
+    k : array (B, H, S, Dk), or (B, S, H, Dk) with ``layout="bshd"``
+    v : array (B, H, S, Dv), or (B, S, H, Dv)
+    m, causal, mask, state, eps, layout, backend, validate
+        As given to :func:`forward`.
+    total_count : int array (B,), optional
+        Bidirectional only: every token's count c_j.
+
+    Returns
+    -------
+    RecurrentState
+        ``kv`` (B, H, Dv, Dk) in the state's dtype (float32; float64 for float64 inputs),
+        ``count`` (B,) int64: the incoming count plus the real tokens of the call.
+
+    Examples
+    --------
+    >>> first = cosattn.absorb(k[:, :, :3], v[:, :, :3], m)
+    >>> whole = cosattn.absorb(k[:, :, 3:], v[:, :, 3:], m, state=first)
+    >>> int(whole.count[0])
+    5
+    """
+    prepared = val.absorb_call(k, v, m, causal=causal, mask=mask, state=_state_arrays(state),
+                               total_count=total_count, eps=eps, layout=layout,
+                               backend=backend, validate=validate)
+    with on_device(prepared.call.p.device):
+        kv, count = prepared.backend.forward(prepared.call)
+    return RecurrentState(*(export_array(x, prepared.framework) for x in (kv, count)))

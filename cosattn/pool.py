@@ -60,7 +60,7 @@ class StatePool:
         val.check_writable_state(ikv.array, icount.array, "pool")
         if val.values_checked(validate, ikv.device):
             with on_device(ikv.device):
-                val.check_count_values(icount.array, "pool")
+                val.check_count_values(icount.array, "pool.count")
         self.kv = kv
         self.count = count
 

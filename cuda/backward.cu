@@ -1,7 +1,8 @@
 // Cottention backward (docs/spec.md, "Backward") as four sweeps of common.cuh, in two kernels.
 //
 // Each gradient is a sweep with other roles (causal modes shown; bidirectional runs the same
-// roles through the global mode and has no states):
+// roles through the global mode and has no states, except with total=: then kv0 and dkv are the
+// whole sequence's sum and its gradient, which the global sweeps take instead of their own):
 //   1. o    = fwd(Q = q̂', K = k̂', V = ṽ,  from kv0)    -> δq_i = do_i · o_i        (= q̂_i · dq̂_i)
 //   2. dṽ   = rev(Q = k̂', K = q̂', V = do, from dkv)   -> dv, δk_j = ṽ_j · dṽ_j   (= k̂_j · dk̂_j),
 //                                                         dm, dkv0 (the final state)

@@ -15,7 +15,10 @@
 //
 //   causal forward  (chunks in order):      Out_n = tril(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
 //   causal reverse  (chunks last to first): Out_n = triu(Q_n K_nᵀ) V_n + Q_n Stateᵀ;  State += V_nᵀ K_n
-//   global (bidirectional): State = Σ_n V_nᵀ K_n over all chunks, then Out_n = Q_n Stateᵀ
+//   global (bidirectional): State = Σ_n V_nᵀ K_n over all chunks (or the given state: the whole
+//                           sequence's, when this call holds a part of it), then Out_n = Q_n Stateᵀ
+//   the state alone (cosattn.absorb): State += V_nᵀ K_n over the chunks, with the counts of a
+//                           forward or a global sweep, and no Out
 //
 // The forward output is one forward sweep (Q = q̂', K = k̂', V = ṽ); each gradient is the same
 // sweep with other roles (see backward.cu). One thread block owns one (b, h, slice), keeps its
@@ -67,7 +70,10 @@ static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32
 // elements, in the order of the canonical axes (B, H, S, D) or (B, H, D) of a step.
 
 // forward_kernel: q, k (B, H, S, Dk), v, o (B, H, S, Dv) strided; m (H,), mask (B, S), kv0 and
-// kv_out (contiguous (B, H, Dv, Dk), accumulation type), count0 (B,): null when absent.
+// kv_out (contiguous (B, H, Dv, Dk), accumulation type), count0 (B,): null when absent. Causal:
+// kv0, count0 the incoming state. Bidirectional (total=): kv0 the whole sequence's sum, which the
+// global sweep takes instead of its own, and count0 its count, every token's c_j. o null: the
+// state alone into kv_out (cosattn.absorb), q not read.
 template <typename T>
 struct ForwardParams {
   const T* q;
@@ -88,7 +94,9 @@ struct ForwardParams {
 
 // values_kernel, queries_keys_kernel and dm_kernel (see backward.cu): the forward's inputs,
 // dout (like o), the gradients dq, dk, dv (like q, k, v), dkv (like kv0) and dkv0, the
-// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,).
+// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,). Causal:
+// dkv the gradient at the outgoing state, dkv0 (or null) the incoming state's. Bidirectional
+// (total=): kv0 and count0 as ForwardParams, dkv the gradient at the whole sum, dkv0 null.
 template <typename T>
 struct BackwardParams {
   const T* q;
@@ -276,7 +284,8 @@ struct Sequence {
   index_t S;
   const bool* mask;  // row b of the (B, S) mask, or null
   index_t mask_ss;
-  index_t n0;        // incoming count[b], 0 without a state
+  index_t n0;        // causal: the incoming count[b], 0 without a state
+  bool total;        // global: n0 is every token's count (the whole sequence's), not the row's
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
@@ -297,6 +306,7 @@ __device__ Sequence<T> sequence_of(const P& p, int dk, index_t b, index_t h) {
   seq.mask = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride[0];
   seq.mask_ss = p.mask_stride[1];
   seq.n0 = p.count0 == nullptr ? 0 : p.count0[b];
+  seq.total = p.count0 != nullptr;
   seq.has_m = p.m != nullptr;
   seq.sig = p.m == nullptr ? A(0) : sigmoid(static_cast<const A*>(p.m)[h]);
   seq.eps = A(p.eps);
@@ -537,7 +547,8 @@ struct Block {
       const int r = lane * R + i;
       if (r < C) {
         upto += flag[i];
-        const index_t c = mode == Mode::kGlobal ? sm.ints[1] : before + upto;
+        const index_t global = seq.total ? seq.n0 : sm.ints[1];
+        const index_t c = mode == Mode::kGlobal ? global : before + upto;
         const A lnc = log_count<A>(c);
         sm.real[r] = A(flag[i]);
         sm.lnc[r] = lnc;
@@ -708,10 +719,39 @@ struct Block {
 
   static __device__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }
 
+  // State += Σ_n V_nᵀ K_n over every chunk, in order, with the counts of `mode`.
+  __device__ __noinline__ void absorb_chunks(Mode mode, const Operand<T>& K, const Operand<T>& V,
+                                             bool need_q, bool need_k) {
+    const index_t chunks = (seq.S + C - 1) / C;
+    for (index_t n = 0; n < chunks; ++n) {
+      const index_t t0 = n * C;
+      const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
+      prologue(mode, t0, rows, need_q, need_k);
+      load_k(K, t0, rows);
+      load_v(V, t0, rows);
+      __syncthreads();
+      absorb();
+      __syncthreads();
+    }
+  }
+
+  // The state alone: state0 (or zero) + Σ_n V_nᵀ K_n with the counts of `mode` (kForward or
+  // kGlobal), written to state_out (Dout x Dq). No Out, no epilogue.
+  __device__ __noinline__ void accumulate(Mode mode, const Operand<T>& K, const Operand<T>& V,
+                                          const A* state0, A* state_out) {
+    load_state(state0, false);
+    if (threadIdx.x == 0) sm.ints[0] = seq.n0;
+    __syncthreads();
+    absorb_chunks(mode, K, V, false, true);
+    store_state(state_out);
+    __syncthreads();
+  }
+
   // One sweep. The epilogue is called by the whole block as epilogue(t0, rows) once the chunk's
   // Out tile (sm.out, C x SL: rows < rows and columns < cols are meaningful) and the row arrays
   // of the prologue are ready; it must not write shared memory. The state starts from state0
-  // (see load_state) and, when state_out is given, ends there (Dout x Dq).
+  // (see load_state) and, when state_out is given, ends there (Dout x Dq). A global sweep given
+  // state0 takes it as the whole sum and adds nothing to it.
   template <typename Epilogue>
   __device__ __noinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
                                    const Operand<T>& V, const A* state0, bool transposed,
@@ -721,18 +761,7 @@ struct Block {
     __syncthreads();
     const index_t chunks = (seq.S + C - 1) / C;
     const bool global = mode == Mode::kGlobal;
-    if (global) {  // State = Σ_n V_nᵀ K_n first
-      for (index_t n = 0; n < chunks; ++n) {
-        const index_t t0 = n * C;
-        const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
-        prologue(mode, t0, rows, need_q, need_k);
-        load_k(K, t0, rows);
-        load_v(V, t0, rows);
-        __syncthreads();
-        absorb();
-        __syncthreads();
-      }
-    }
+    if (global && state0 == nullptr) absorb_chunks(mode, K, V, need_q, need_k);
     split_state();
     for (index_t it = 0; it < chunks; ++it) {
       const index_t n = mode == Mode::kReverse ? chunks - 1 - it : it;

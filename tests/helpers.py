@@ -217,6 +217,103 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
 
 
 
+def reference_sum(case: Case, counts, *, lo: int = 0, hi: int | None = None):
+    """``Σ_j real_j w(c_j) v_j k̂_jᵀ`` (B, H, Dv, Dk) in float64 over positions [lo, hi), with
+    the counts ``counts`` (B, S) of the whole sequence (docs/spec.md, "Forward")."""
+    f = case.f64
+    B, H, S, _ = case.q.shape
+    hi = S if hi is None else hi
+    mask = np.ones((B, S), bool) if case.mask is None else case.mask
+    real = mask[:, None, lo:hi, None]
+    kh, _ = reference.normalize(np.where(real, f["k"][:, :, lo:hi], 0.0))
+    w = reference.weights(f["m"], np.asarray(counts, np.float64)[:, lo:hi], H)[..., None]
+    vt = np.where(real, w * f["v"][:, :, lo:hi], 0.0)
+    return np.swapaxes(vt, -1, -2) @ kh
+
+
+def check_absorb(case: Case, *, causal: bool, layout: str = "bhsd", backend=None,
+                 to_native=np.asarray, to_host=np.asarray, rng=None) -> None:
+    """cosattn.absorb against the reference: causal, the state forward would return (from the
+    case's incoming state when it has one); bidirectional, the sum weighted with a whole
+    sequence's count of at least the call's own real tokens (drawn with ``rng``)."""
+    import cosattn
+
+    B, _, S, _ = case.q.shape
+    mask = np.ones((B, S), bool) if case.mask is None else case.mask
+    own = mask.sum(axis=1).astype(np.int64)
+    native_mask = None if case.mask is None else to_native(case.mask)
+    m = None if case.m is None else to_native(case.m)
+    k, v = (to_native(to_layout(a, layout)) for a in (case.k, case.v))
+    acc = np.float64 if case.dtype == np.float64 else np.float32
+    if causal:
+        state = None
+        if case.kv0 is not None:
+            state = cosattn.RecurrentState(to_native(case.kv0), to_native(case.count0))
+        got = cosattn.absorb(k, v, m, mask=native_mask, state=state, layout=layout,
+                             backend=backend)
+        _, ref_kv, ref_count = reference_forward(case)
+    else:
+        extra = np.zeros(B, np.int64) if rng is None else rng.integers(0, 40, size=B)
+        total = own + extra
+        got = cosattn.absorb(k, v, m, causal=False, mask=native_mask,
+                             total_count=to_native(total), layout=layout, backend=backend)
+        ref_kv = reference_sum(case, np.broadcast_to(total[:, None], (B, S)))
+        ref_count = own
+    kv = to_host(got.kv)
+    assert kv.dtype == acc
+    assert_close(kv, ref_kv, case.dtype, "absorb kv")
+    np.testing.assert_array_equal(to_host(got.count), ref_count)
+
+
+def check_total(case: Case, cut: int, *, layout: str = "bhsd", backend=None,
+                to_native=np.asarray, to_host=np.asarray) -> None:
+    """The bidirectional form of a sequence cut at ``cut`` into two parts, each run with
+    ``total=`` (the sum of both parts' absorb) and, in the backward, ``dstate`` = the whole
+    sequence's ``Σ do q̂'ᵀ``: each part's o, dq, dk, dv are the reference's on its positions,
+    and the two parts' dm add up to the reference's (docs/spec.md, "Context parallel")."""
+    import cosattn
+
+    B, _, S, _ = case.q.shape
+    mask = np.ones((B, S), bool) if case.mask is None else case.mask
+    parts = [slice(0, cut), slice(cut, S)]
+    m = None if case.m is None else to_native(case.m)
+
+    def part(x, where):
+        return to_native(to_layout(np.ascontiguousarray(x[:, :, where]), layout))
+
+    def part_mask(where):
+        return None if case.mask is None else to_native(np.ascontiguousarray(mask[:, where]))
+
+    L = mask.sum(axis=1).astype(np.int64)
+    sums = [to_host(cosattn.absorb(part(case.k, w), part(case.v, w), m, causal=False,
+                                   mask=part_mask(w), total_count=to_native(L), layout=layout,
+                                   backend=backend).kv) for w in parts]
+    total = cosattn.RecurrentState(to_native(sums[0] + sums[1]), to_native(L))
+    grads = [to_host(cosattn.absorb(part(case.q, w), part(case.do, w), causal=False,
+                                    mask=part_mask(w), layout=layout, backend=backend).kv)
+             for w in parts]
+    g = to_native(grads[0] + grads[1])
+    ref_o, _, _ = reference_forward(case, causal=False)
+    ref = reference_backward(case, causal=False)
+    dm = []
+    for w in parts:
+        args = [part(x, w) for x in (case.q, case.k, case.v)]
+        o = to_host(cosattn.forward(*args, m, causal=False, mask=part_mask(w), total=total,
+                                    layout=layout, backend=backend))
+        assert_close(from_layout(o, layout), ref_o[:, :, w], case.dtype, f"o[{w}]")
+        result = cosattn.backward(part(case.do, w), *args, m, causal=False, mask=part_mask(w),
+                                  total=total, dstate=g, layout=layout, backend=backend)
+        assert len(result) == 4
+        for name, x, r in zip(("dq", "dk", "dv"), result[:3], ref[:3], strict=True):
+            assert_close(from_layout(to_host(x), layout), r[:, :, w], case.dtype, f"{name}[{w}]")
+        dm.append(None if result[3] is None else to_host(result[3]))
+    if case.m is None:
+        assert dm == [None, None]
+    else:
+        assert_close(dm[0] + dm[1], ref[3], case.dtype, "dm of the parts",
+                     dm_scale(case, False, ref[2]))
+
+
 def _read_only(x):
     x.flags.writeable = False
     return x

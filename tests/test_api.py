@@ -273,3 +273,35 @@ def test_any_dlpack_producer_is_accepted():
     o = cosattn.forward(*(Producer(a) for a in qkv(case)), Producer(case.m))
     assert isinstance(o, np.ndarray)
     assert_close(o, reference_forward(case)[0], np.float32, "o")
+
+
+def test_absorb_and_total_bad_input(case):
+    """The primitives of context parallel refuse what does not fit, naming the argument."""
+    total = cosattn.RecurrentState(np.zeros((2, 3, 5, 4), np.float32), np.full(2, 10))
+    with pytest.raises(ValueError, match="total= belongs to the bidirectional form"):
+        cosattn.forward(*qkv(case), total=total)
+    with pytest.raises(ValueError, match="total_count= belongs to the bidirectional form"):
+        cosattn.absorb(case.k, case.v, total_count=np.full(2, 10))
+    with pytest.raises(ValueError, match=r"k and v must agree on \(B, H, S\)"):
+        cosattn.absorb(case.k, case.v[:, :, :3])
+    with pytest.raises(ValueError, match=r"total\.kv must have shape \(B, H, Dv, Dk\)"):
+        bad = cosattn.RecurrentState(np.zeros((2, 3, 4, 4), np.float32), np.full(2, 10))
+        cosattn.forward(*qkv(case), causal=False, total=bad)
+    with pytest.raises(ValueError, match=r"total_count must be non-negative"):
+        cosattn.absorb(case.k, case.v, causal=False, total_count=np.array([3, -1]))
+    with pytest.raises(ValueError, match=r"total_count must have shape \(B,\)"):
+        cosattn.absorb(case.k, case.v, causal=False, total_count=np.array([3]))
+    with pytest.raises(TypeError, match=r"total must be a cosattn\.RecurrentState"):
+        cosattn.forward(*qkv(case), causal=False, total=(total.kv, total.count))
+    with pytest.raises(ValueError, match=r"dstate must have the shape of total\.kv"):
+        cosattn.backward(case.do, *qkv(case), causal=False, total=total,
+                         dstate=np.zeros((2, 3, 4, 4), np.float32))
+
+
+def test_total_without_dstate_gives_k_and_v_no_gradient(case):
+    total = cosattn.absorb(case.k, case.v, case.m, causal=False, mask=case.mask)
+    dq, dk, dv, dm = cosattn.backward(case.do, *qkv(case), case.m, causal=False, mask=case.mask,
+                                      total=total)
+    assert not dk.any() and not dv.any() and not dm.any()
+    expected = cosattn.backward(case.do, *qkv(case), case.m, causal=False, mask=case.mask)
+    np.testing.assert_allclose(dq, expected[0], rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ import pytest
 
 from benchmarks import (
     baselines,
+    context_parallel,
     cpu_bench,
     gather_wheels,
     gpu_bench,
@@ -453,3 +454,14 @@ def test_gpu_check_script_parses():
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck")
 def test_gpu_check_script_passes_shellcheck():
     subprocess.run(["shellcheck", str(GPU_CHECK)], check=True)
+
+
+def test_context_parallel_costs_use_the_exchanged_bytes(capsys):
+    """The scale table counts what cosattn.distributed sends: two B·H·D² sums of 4 bytes and
+    the small buffers, 5 all-gathers; the receive side grows as R - 1."""
+    sent, messages = context_parallel.exchanged_bytes(1, 32, 128, 128, 4, 4)
+    assert messages == 5
+    assert 2 * 4 * 32 * 128 * 128 < sent < 2 * 4 * 32 * 128 * 128 + 1024
+    context_parallel.main(["costs"])
+    out = capsys.readouterr().out
+    assert f"| 64 | 16384 | {sent / 2**20:.1f} MiB / {63 * sent / 2**20:.0f} MiB | 5 |" in out

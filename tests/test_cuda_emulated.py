@@ -39,8 +39,10 @@ from helpers import (
     MASK_KINDS,
     assert_close,
     assert_padding_zero,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     make_case,
     reference_forward,
 )
@@ -347,6 +349,21 @@ def test_forward_matches_the_reference(instance, data, cupy_on_host):
 def test_backward_matches_the_reference(instance, data, cupy_on_host):
     problem = data.draw(problems(instance), label="problem")
     check_backward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
+
+
+@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=6)
+@given(data=st.data())
+def test_absorb_and_total_match_the_reference(instance, data, cupy_on_host):
+    """The state alone (o null: the forward kernel's accumulate), and the global sweeps given
+    the whole sequence's sum and count (total=) on the two parts of a cut sequence."""
+    problem = data.draw(problems(instance), label="problem")
+    case = problem.case()
+    check_absorb(case, causal=problem.causal, layout=problem.layout, backend="cupy",
+                 rng=np.random.default_rng(problem.seed))
+    if not problem.causal:
+        cut = data.draw(st.integers(0, problem.S), label="cut")
+        check_total(case, cut, layout=problem.layout, backend="cupy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

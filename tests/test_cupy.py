@@ -3,12 +3,13 @@
 The device twin of tests/test_cuda_emulated.py: the same Hypothesis properties, run on the real
 kernels with CuPy arrays and larger draws, for every input dtype and every band of head sizes
 (the largest of Dk, Dv up to 16, 32, 64, 128 and 256; equal and unequal pairs), every
-step instance, and every kernel variant the backend lists (``benchmarks.gpu_variants.variants``).
-One test runs every pair of the bands, and some past 256, in each dtype and checks that together
-they launched every module of ``_cupy.all_specs()``, whatever rule the backend routes head sizes
-by. Beyond the emulation it checks what only a device shows: the same bits from run to run,
-DLPack round trips from torch, CuPy and JAX CUDA arrays (``RecurrentState.step`` on JAX arrays
-included), work queued on the caller's stream, and one call whose tensors pass 2^31 elements.
+step instance, every kernel variant the backend lists (``benchmarks.gpu_variants.variants``),
+and the two primitives of cosattn.distributed (absorb and total=). One test runs every pair of
+the bands, and some past 256, in each dtype and checks that together they launched every module
+of ``_cupy.all_specs()``, whatever rule the backend routes head sizes by. Beyond the emulation
+it checks what only a device shows: the same bits from run to run, DLPack round trips from
+torch, CuPy and JAX CUDA arrays (``RecurrentState.step`` on JAX arrays included), work queued
+on the caller's stream, and one call whose tensors pass 2^31 elements.
 
 Every test is marked ``gpu`` and skipped without a CUDA device (tests/conftest.py). The draws
 are sized to keep the whole module within the time benchmarks/gpu_check.sh gives it.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cosattn
@@ -37,8 +38,10 @@ from helpers import (
     MASK_KINDS,
     assert_close,
     assert_padding_zero,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     dm_scale,
     failing_steps,
     make_case,
@@ -178,6 +181,23 @@ def test_backward_matches_the_reference(variant, dtype, band, data):
     with variants()[variant]():
         check_backward(problem.case(), causal=problem.causal, layout=problem.layout,
                        **ON_DEVICE)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_absorb_and_total_match_the_reference(dtype, data):
+    """The primitives of cosattn.distributed: the state alone (the forward kernel with o null),
+    and the global sweeps given the whole sequence's sum and count (total=) on the two parts of a
+    cut sequence, in every band of head sizes."""
+    band = data.draw(st.sampled_from(list(BANDS)), label="band")
+    problem = data.draw(problems(dtype, band), label="problem")
+    case = problem.case()
+    check_absorb(case, causal=problem.causal, layout=problem.layout,
+                 rng=np.random.default_rng(problem.seed), **ON_DEVICE)
+    if not problem.causal:
+        cut = data.draw(st.integers(0, problem.S), label="cut")
+        check_total(case, cut, layout=problem.layout, **ON_DEVICE)
 
 
 def _bits(x) -> bytes:

@@ -60,9 +60,12 @@ def _sweep(output, causal, dtype):
 GPU = _numba.GPU
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 # A deliberate list: the four sweep shapes (forward; dq with its scratch output; dv against
-# the sequence with dm; bidirectional) across the dtypes' load/store paths, and each small kernel.
+# the sequence with dm; bidirectional) across the dtypes' load/store paths, the state alone
+# (cosattn.absorb), and each small kernel.
 INSTANCES = {
     "sweep-o-causal-float32": lambda: _sweep("o", True, np.float32),
+    "sweep-state-causal-float16": lambda: _sweep("state", True, np.float16),
+    "sweep-state-bidirectional-float32": lambda: _sweep("state", False, np.float32),
     "sweep-dq-causal-float16": lambda: _sweep("dq", True, np.float16),
     "sweep-dv-causal-float32": lambda: _sweep("dv", True, np.float32),
     "sweep-o-bidirectional-bfloat16": lambda: _sweep("o", False, BFLOAT16),

@@ -1,5 +1,7 @@
 """The numpy backend against the reference: shapes, dtypes, masks, m, states, layouts."""
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -16,8 +18,10 @@ from helpers import (
     MASK_KINDS,
     assert_close,
     case_id,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     make_case,
     reference_forward,
 )
@@ -179,11 +183,10 @@ def test_zero_vectors_use_eps_floor():
 
 @pytest.mark.parametrize(("B", "H", "S", "workers"), [(1, 8, 8192, 2), (2, 3, 900, 3),
                                                       (16, 4, 256, 2), (1, 1, 70000, 2)])
-def test_parts_tile_every_row_and_head_once(B, H, S, workers, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: workers)
+def test_parts_tile_every_row_and_head_once(B, H, S, workers):
     p = Problem(B, H, S, 64, 64, np.dtype(np.float32), np.dtype(np.float32), True, 1e-12, CPU,
                 None)
-    parts = _numpy._parts(p)
+    parts = _numpy._parts(p, workers)
     cover = np.zeros((B, H), int)
     for b, h in parts:
         cover[b, h] += 1
@@ -192,3 +195,96 @@ def test_parts_tile_every_row_and_head_once(B, H, S, workers, monkeypatch):
         assert rows * heads == 1 or rows * heads * S * 128 <= _numpy.PART_ELEMENTS
     np.testing.assert_array_equal(cover, 1)
     assert len(parts) >= min(workers, B * H)
+
+
+def _threads_seen(monkeypatch, part_name):
+    """Wrap ``_numpy.<part_name>`` to record, per part, its thread and the BLAS thread count."""
+    seen = []
+    original = getattr(_numpy, part_name)
+
+    def part(call):
+        blas = [lib["num_threads"] for lib in _numpy._blas().info()
+                if lib["user_api"] == "blas"]
+        seen.append((threading.get_ident(), blas))
+        return original(call)
+
+    monkeypatch.setattr(_numpy, part_name, part)
+    return seen
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_num_threads_bounds_workers_and_blas(threads, monkeypatch):
+    """COSATTN_NUM_THREADS=n: at most n threads run parts, each with one BLAS thread (n = 1:
+    the calling thread alone, with one BLAS thread); results do not change."""
+    case = make_case(np.random.default_rng(2), 1, 8, 8192, 32, 32, np.float32)
+    expected = cosattn.forward(case.q, case.k, case.v, case.m)
+    seen = _threads_seen(monkeypatch, "_forward_part")
+    monkeypatch.setenv(_numpy.THREADS_ENV_VAR, threads)
+    o = cosattn.forward(case.q, case.k, case.v, case.m)
+    np.testing.assert_array_equal(o, expected)
+    n = int(threads)
+    assert len({ident for ident, _ in seen}) <= n
+    if n == 1:
+        assert seen == [(threading.get_ident(), [1] * len(seen[0][1]))]
+    else:
+        assert len(seen) >= n
+        assert all(blas == [1] * len(blas) for _, blas in seen)
+
+
+def test_num_threads_leaves_the_blas_setting_as_it_was(monkeypatch):
+    before = [lib["num_threads"] for lib in _numpy._blas().info()]
+    monkeypatch.setenv(_numpy.THREADS_ENV_VAR, "1")
+    case = make_case(np.random.default_rng(3), 1, 2, 100, 8, 8, np.float32)
+    cosattn.backward(case.do, case.q, case.k, case.v, case.m)
+    assert [lib["num_threads"] for lib in _numpy._blas().info()] == before
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_num_threads_must_be_a_positive_integer(value, monkeypatch):
+    monkeypatch.setenv(_numpy.THREADS_ENV_VAR, value)
+    case = make_case(np.random.default_rng(4), 1, 1, 5, 4, 4, np.float32)
+    with pytest.raises(ValueError, match=f"COSATTN_NUM_THREADS must be a positive integer, "
+                                         f"got '{value}'"):
+        cosattn.forward(case.q, case.k, case.v)
+
+
+@st.composite
+def split_cases(draw):
+    """A case for the primitives of context parallel, and where to cut it."""
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    S = draw(st.sampled_from([1, 2, 63, 64, 65, 130]))
+    Dk, Dv = draw(st.sampled_from([1, 5, 16])), draw(st.sampled_from([1, 7, 16]))
+    causal = draw(st.booleans())
+    case = make_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), B, H, S, Dk, Dv,
+                     draw(st.sampled_from(DTYPES)), mask=draw(st.sampled_from(MASK_KINDS)),
+                     m=draw(st.booleans()), state=causal and draw(st.booleans()),
+                     junk=draw(st.sampled_from(JUNK)))
+    return case, causal, draw(st.integers(0, S)), draw(st.sampled_from(["bhsd", "bshd"]))
+
+
+@given(split_cases())
+def test_absorb_and_total_match_the_reference(drawn):
+    """absorb: the forward's state without o (causal), a part's sum weighted with a whole
+    sequence's count (bidirectional); forward/backward with total= on the parts of a cut
+    sequence give the whole sequence's results."""
+    case, causal, cut, layout = drawn
+    check_absorb(case, causal=causal, layout=layout, rng=np.random.default_rng(cut))
+    if not causal:
+        check_total(case, cut, layout=layout)
+
+
+def test_absorb_continues_a_state():
+    """Absorbing a sequence in two parts (the second from the first's state) gives the state of
+    the whole, and forward's: the sums are the same up to rounding."""
+    case = make_case(np.random.default_rng(21), 2, 3, 150, 8, 6, np.float64, mask="inner",
+                     state=True)
+    state = cosattn.RecurrentState(case.kv0, case.count0)
+    first = cosattn.absorb(case.k[:, :, :70], case.v[:, :, :70], case.m,
+                           mask=case.mask[:, :70], state=state)
+    whole = cosattn.absorb(case.k[:, :, 70:], case.v[:, :, 70:], case.m,
+                           mask=case.mask[:, 70:], state=first)
+    _, forward_state = cosattn.forward(case.q, case.k, case.v, case.m, mask=case.mask,
+                                       state=state, return_state=True)
+    assert_close(whole.kv, forward_state.kv, np.float64, "kv")
+    np.testing.assert_array_equal(whole.count, forward_state.count)
+    np.testing.assert_array_equal(state.kv, case.kv0)  # the incoming state is not modified

@@ -4,6 +4,8 @@ sequences" and "A pool of states"), and the errors of bad packed and pool input.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -131,7 +133,7 @@ def test_packed_parts_cover_every_sequence_and_head_once(lengths, H, workers):
         patch.setattr("os.cpu_count", lambda: workers)
         patch.setattr(_numpy, "PART_ELEMENTS", 100 * 128)
         patch.setattr(_numpy, "PARALLEL_MIN_ELEMENTS", 1)
-        blocks = _numpy._packed_parts(call)
+        blocks = _numpy._packed_parts(call, workers)
     cover = np.zeros((len(lengths), H), int)
     for sequences, heads in blocks:
         cover[sequences, heads] += 1
@@ -313,6 +315,60 @@ def test_dstate_has_one_row_per_sequence():
     with pytest.raises(ValueError, match=r"dstate must have the shape of state.kv "
                                          r"\(N, H, Dv, Dk\) = \(3, 2, 4, 4\), got \(1, 2, 4, 4\)"):
         cosattn.backward(x, x, x, x, cu_seqlens=cu, dstate=np.zeros((1, 2, 4, 4), np.float32))
+
+
+def test_total_is_refused_with_cu_seqlens():
+    """total= says a call holds a part of one longer sequence; packed sequences are whole."""
+    x, cu = _packed()
+    total = cosattn.RecurrentState(np.zeros((3, 2, 4, 4), np.float32), np.full(3, 10))
+    pattern = r"total= cannot be combined with cu_seqlens"
+    with pytest.raises(ValueError, match=pattern):
+        cosattn.forward(x, x, x, causal=False, cu_seqlens=cu, total=total)
+    with pytest.raises(ValueError, match=pattern):
+        cosattn.backward(x, x, x, x, causal=False, cu_seqlens=cu, total=total,
+                         dstate=np.zeros((3, 2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="total= belongs to the bidirectional form"):
+        cosattn.forward(x, x, x, cu_seqlens=cu, total=total)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_absorb_of_each_sequence_agrees_with_a_packed_call(causal):
+    """absorb and packed calls are independent options: each packed sequence's own state (and,
+    bidirectional, its outputs through total=) is what absorb gives for it alone."""
+    rng = np.random.default_rng(11)
+    lengths = [70, 0, 5, 130]
+    cu = np.concatenate(([0], np.cumsum(lengths)))
+    q, k, v = (rng.standard_normal((1, 3, int(cu[-1]), 8)).astype(np.float32)
+               for _ in range(3))
+    m = rng.standard_normal(3).astype(np.float32)
+    mask = rng.random((1, int(cu[-1]))) < 0.8
+    if causal:
+        o, state = cosattn.forward(q, k, v, m, mask=mask, cu_seqlens=cu, return_state=True)
+    else:
+        o = cosattn.forward(q, k, v, m, mask=mask, causal=False, cu_seqlens=cu)
+    for n, (a, b) in enumerate(itertools.pairwise(cu)):
+        seq = (slice(None), slice(None), slice(a, b))
+        own = cosattn.absorb(k[seq], v[seq], m, causal=causal, mask=mask[:, a:b])
+        if causal:
+            assert_close(own.kv[0], state.kv[n], np.float32)
+            assert int(own.count[0]) == int(state.count[n])
+        elif b > a:
+            part = cosattn.forward(q[seq], k[seq], v[seq], m, mask=mask[:, a:b], causal=False,
+                                   total=own)
+            assert_close(part, o[seq], np.float32)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_packed_calls_under_cosattn_num_threads(threads, monkeypatch):
+    """COSATTN_NUM_THREADS bounds the blocks of whole sequences a packed call is cut into."""
+    monkeypatch.setenv("COSATTN_NUM_THREADS", threads)
+    monkeypatch.setattr(_numpy, "PART_ELEMENTS", 100 * 3 * 112)
+    monkeypatch.setattr(_numpy, "PARALLEL_MIN_ELEMENTS", 1)
+    pc = make_packed_case(np.random.default_rng(3), [100, 0, 170, 31], 3, 64, 48, np.float32,
+                          mask=True, state=True, dstate=True)
+    for causal in (True, False):
+        check_packed_forward(pc, causal=causal)
+        check_packed_backward(pc, causal=causal)
 
 
 def _pool(P=4, H=2, D=4, dtype=np.float32):

@@ -427,11 +427,15 @@ def _strides(x: Any, n: int) -> tuple[int, ...]:
 
 
 def _forward_params(call: ForwardCall, kv0: Any, count0: Any, kv_out: Any) -> np.void:
+    """``o`` None (the state alone, cosattn.absorb): o is null and k stands in for the q the
+    kernel does not read. Bidirectional, ``kv0`` and ``count0`` are the whole sequence's sum and
+    count (total=)."""
     p = call.p
-    return _params("ForwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
+    q = call.k if call.q is None else call.q
+    return _params("ForwardParams", q=_ptr(q), k=_ptr(call.k), v=_ptr(call.v),
                    o=_ptr(call.o), m=_ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(kv0),
                    count0=_ptr(count0), kv_out=_ptr(kv_out), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
-                   Dv=p.Dv, q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
+                   Dv=p.Dv, q_stride=_strides(q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), o_stride=_strides(call.o, 4),
                    mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
 
@@ -471,15 +475,20 @@ def _contiguous(xp: Any, x: Any, dtype: Any) -> Any:
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    """With ``call.o`` None the same kernel forms the state alone (q is not read: k stands in
+    for it)."""
     p, kv0, mask = call.p, call.kv0, call.mask
     xp = namespace(p.device)
     with _stream(p):
         count = None
         if call.want_state:
-            count = xp.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0.copy()
-            count += p.S if mask is None else mask.sum(axis=1, dtype=np.int64)
+            count = (xp.full(p.B, p.S, dtype=np.int64) if mask is None
+                     else mask.sum(axis=1, dtype=np.int64))
+            if p.causal and call.count0 is not None:
+                count += call.count0
         if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
-            call.o[...] = 0
+            if call.o is not None:
+                call.o[...] = 0
             if not call.want_state:
                 return None
             kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
@@ -503,7 +512,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             call.dk[...] = 0
             call.dv[...] = 0
             dm = None if m is None else xp.zeros(p.H, dtype=p.acc)
-            if kv0 is None:
+            if kv0 is None or not p.causal:
                 return dm, None
             return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
         _, SL = tiles(p.dtype, width(p.Dk, p.Dv))
@@ -518,7 +527,9 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         if m is not None:
             dm_part = xp.empty((p.B, p.H, nsv), dtype=p.acc)
             dm = xp.empty(p.H, dtype=p.acc)
-        dkv0 = None if kv0 is None else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc)
+        # dkv0 for an incoming state only (causal); bidirectional, kv0 is total=
+        dkv0 = (None if kv0 is None or not p.causal
+                else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc))
         params = _backward_params(
             call, nsv, kv0=_contiguous(xp, kv0, p.acc),
             count0=_contiguous(xp, call.count0, np.int64),

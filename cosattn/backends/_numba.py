@@ -16,7 +16,9 @@ dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (
 ==========  =====  =====  =====  ==============  =========  ======================
 
 (Scales are those of real tokens: every operand and output is zero at padded positions, so q̂'
-is q̂ there. Bidirectional sweeps sum over every position and carry no state.)
+is q̂ there. Bidirectional sweeps sum over every position and carry no state, except with
+``total=``: then St_0 is the whole sequence's sum, or its gradient, taken as it is.)
+:func:`cosattn.absorb` is the ``o`` sweep forming its state alone (``state_only``).
 Every launch has one block per sequence (a batch row, or one of the ``cu_seqlens`` of a packed
 row, read by the kernels on the device: nothing waits for the host to learn the lengths), and
 a pool's prefill and step read and write the named slots of the pool directly.
@@ -79,11 +81,13 @@ def unavailable() -> str | None:
 def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
                config: Config | None = None) -> Any:
     """The :class:`~._numba_kernels.SweepSpec` that computes ``output`` (a row of the table
-    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``, which also reduces ``dm``) for inputs of
-    ``dtype``; ``Dx``, ``Dz`` are the sizes of its x and z operands."""
+    above: ``"o"``, ``"dq"``, ``"dk"`` or ``"dv"``, which also reduces ``dm``; or ``"state"``,
+    the ``o`` sweep's state alone) for inputs of ``dtype``; ``Dx``, ``Dz`` are the sizes of its
+    x and z operands."""
     K = kernels
     scales, reverse, out_acc = {
         "o": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
+        "state": ((K.NORM, K.NORM, K.VALUE, K.RAW), False, False),
         "dq": ((K.RAW, K.VALUE, K.NORM, K.RAW), False, True),
         "dk": ((K.VALUE, K.RAW, K.NORM, K.RAW), True, True),
         "dv": ((K.NORM, K.NORM, K.RAW, K.VALUE), True, False),
@@ -93,7 +97,7 @@ def sweep_spec(output: str, *, causal: bool, dtype: Any, Dx: int, Dz: int,
     cfg = config or CONFIG
     TD, TZ = K.tiles(accumulation(dtype), Dx, Dz, cfg.chunk, cfg.threads)
     return K.SweepSpec(direction, *scales, out_acc, output == "dv", dtype, cfg.chunk,
-                       cfg.threads, TD, TZ)
+                       cfg.threads, TD, TZ, output == "state")
 
 
 def _view(x: Any) -> Any:
@@ -155,7 +159,7 @@ class _Launches:
 
     def spec(self, output: str) -> Any:
         p = self.p
-        Dx, Dz = (p.Dk, p.Dv) if output in ("o", "dv") else (p.Dv, p.Dk)
+        Dx, Dz = (p.Dk, p.Dv) if output in ("o", "state", "dv") else (p.Dv, p.Dk)
         return sweep_spec(output, causal=p.causal, dtype=p.dtype, Dx=Dx, Dz=Dz, config=self.cfg)
 
     def sweep(self, spec: Any, x: Any, y: Any, z: Any, out: Any, *, s0: Any = None,
@@ -166,12 +170,11 @@ class _Launches:
         state = [self.state_dummy if a is None else _view(a) for a in (s0, s_out)]
         v_view = views[0] if v is None else _view(v)
         parts = self.parts_dummy if dm_part is None else _view(dm_part)
-        has_count0 = self.has_count0 and p.causal
         s0_dtype, s_out_dtype = (self.acc if a is None else np.dtype(a.dtype) for a in (s0, s_out))
         _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (ceil_div(Dz, spec.TZ), p.H, self.N),
                 spec.NT, self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
                 self.count0, v_view, parts, *self.sequences(), s0 is not None,
-                s_out is not None, self.has_mask, self.has_m, has_count0, self.packed,
+                s_out is not None, self.has_mask, self.has_m, self.has_count0, self.packed,
                 self.pooled, self.has_initial, self.eps)
 
     def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
@@ -183,7 +186,9 @@ class _Launches:
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
     """The forward sweep; a pool's prefill reads and writes the pool (``kv0``, ``count0``) in
-    place, one block per (slot, head, tile), which no other block touches."""
+    place, one block per (slot, head, tile), which no other block touches. With ``call.o``
+    None, the state alone: the ``o`` sweep without its output (k stands in for the q it does
+    not read, and a one-element dummy for ``o``)."""
     p = call.p
     run = _Launches(call, call.count0)
     kv, count = call.kv0, call.count0  # a pool's prefill: the outgoing states go to the slots
@@ -192,13 +197,17 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
         if call.want_state:
             kv = run.xp.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
             count = run.xp.empty((call.N,), dtype=np.int64)
-    run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
+    if call.o is None:
+        out = _dummy(p.device.index, kernels.bits(np.dtype(p.dtype)), 4)
+        run.sweep(run.spec("state"), call.k, call.k, call.v, out, s0=call.kv0, s_out=kv)
+    else:
+        run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
     if count is None:
         return None
     threads = run.cfg.threads
     _launch(kernels.count_total(threads), (call.N,), threads, run.stream, 0, run.count0,
-            run.mask, _view(count), p.S, *run.sequences(), run.has_count0, run.has_mask,
-            run.packed, run.pooled, run.has_initial)
+            run.mask, _view(count), p.S, *run.sequences(), run.has_count0 and p.causal,
+            run.has_mask, run.packed, run.pooled, run.has_initial)
     return None if call.pooled else (kv, count)
 
 
@@ -216,7 +225,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     dk_hat = dq_hat  # the same scratch: the launches are ordered on one stream
     run.sweep(run.spec("dk"), call.v, call.do, call.q, dk_hat, s0=transposed(dkv))
     run.normalise_backward(dk_hat, call.k, call.dk)
-    dkv0 = None if kv0 is None else xp.empty(kv0.shape, dtype=kv0.dtype)
+    dkv0 = None if kv0 is None or not p.causal else xp.empty(kv0.shape, dtype=kv0.dtype)
     spec = run.spec("dv")
     dm_part = None
     if call.m is not None:

@@ -16,6 +16,10 @@ these:
       out_i = St_0 · x_i + Σ_{j ≤ i} (x_i · y_j) z_j     (j ≥ i in reverse, every j when ALL)
       St    = St_0 + Σ_j z_j y_jᵀ
 
+  except that ALL with a given St_0 takes it as the whole sum (``out_i = St_0 · x_i``, a part
+  of a sequence whose sum is known), and that a ``state_only`` sweep forms St alone, without
+  ``out`` (:func:`cosattn.absorb`).
+
   where each operand is an input array times a per-token scale computed in the kernel (cosine
   normalisation, stabiliser ``w``). The forward is one sweep (x=q̂', y=k̂, z=ṽ); the
   backward is three (dq̂, dk̂ and dṽ, see ``_numba.py``), the last one also reducing ``dm``.
@@ -219,7 +223,8 @@ class SweepSpec:
     ``dm`` whether the block also reduces its share of the stabiliser gradient (when the call
     has ``m``); ``dtype`` the
     input dtype; ``C`` the chunk length, ``NT`` the threads of a block (a power of two, at
-    least ``C``); ``TD``, ``TZ`` the tiles of :func:`tiles`.
+    least ``C``); ``TD``, ``TZ`` the tiles of :func:`tiles`; ``state_only`` whether the sweep
+    forms the state alone (no ``out``; ``x`` is not read).
     """
 
     direction: int
@@ -234,6 +239,7 @@ class SweepSpec:
     NT: int
     TD: int
     TZ: int
+    state_only: bool = False
 
     @property
     def acc(self) -> np.dtype:
@@ -251,7 +257,8 @@ def sweep(spec: SweepSpec, s0: np.dtype, s_out: np.dtype) -> Kernel:
 
     Arguments: ``x, y`` (B, H, S, Dx) and ``z`` (B, H, S, Dz) in the input dtype; ``out``
     (B, H, S, Dz) in acc or the input dtype (``spec.out_acc``); ``s0``, ``s_out``
-    (N, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m`` (H,) in acc, ``count0`` (N,) int64,
+    (N, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m`` (H,) in acc, ``count0`` (N,) int64
+    (causal: the incoming count; ALL: every token's count, the whole sequence's),
     ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part`` (N, H, tiles) in acc, or dummies;
     ``offsets`` (N+1,) int64 (``cu_seqlens``), ``slots`` (N,) int64 and ``initial`` (N,) bool, or
     dummies; the flags ``has_s0, has_s_out, has_mask, has_m, has_count0, packed, pooled,
@@ -263,7 +270,8 @@ def sweep(spec: SweepSpec, s0: np.dtype, s_out: np.dtype) -> Kernel:
     never reach outside the arrays). Its states are row n of ``s0``, ``s_out`` and ``count0``,
     or, ``pooled``, row ``slots[n]`` of those pool arrays (the incoming state zero where
     ``initial[n]`` is False); a slot outside the pool (-1: a padding entry) makes a block that
-    writes zeros to its outputs and returns.
+    writes zeros to its outputs and returns. (``total=`` and ``state_only`` sweeps are never
+    packed nor pooled: the validation refuses ``total=`` with ``cu_seqlens``.)
     """
     io, acc = bits(spec.dtype), spec.acc
     signature = ((_array(io, 4),) * 3
@@ -283,7 +291,8 @@ def _sweep_function(spec: SweepSpec) -> Any:
     C_TD, C_TZ, C_C = C * TD, C * TZ, C * C  # array sizes must be constants, not expressions
     X_SCALE, Y_SCALE, Z_SCALE, OUT_SCALE = spec.x, spec.y, spec.z, spec.out
     FWD, REV, BOTH = (spec.direction == d for d in (FORWARD, REVERSE, ALL))
-    OUT_ACC, DM = spec.out_acc, spec.dm
+    OUT_ACC, DM, STATE_ONLY = spec.out_acc, spec.dm, spec.state_only
+    PASSES = 1 if STATE_ONLY or not BOTH else 2
     load, store = _converters(acc, spec.dtype == BFLOAT16)
     block_sum = _block_sum_fn(NT)
 
@@ -359,11 +368,14 @@ def _sweep_function(spec: SweepSpec) -> Any:
             total = block_sum(red, tid)
         n0 = count0[slot] if has_count0 and from_state else np.int64(0)
         sig = _sigmoid(m[h], acc(1)) if has_m else acc(0)
+        if BOTH and has_count0:
+            total = n0
         nchunks = (S + C - 1) // C
         dm_acc = acc(0)
-        for npass in range(2 if BOTH else 1):
-            update = not BOTH or npass == 0
-            emit = not BOTH or npass == 1
+        # ALL given St_0: the whole sum is known, skip the pass that would form it
+        for npass in range(1 if BOTH and has_s0 and not STATE_ONLY else 0, PASSES):
+            update = STATE_ONLY or not BOTH or npass == 0
+            emit = not STATE_ONLY and (not BOTH or npass == 1)
             running = n0 + total if REV else n0
             for chunk in range(nchunks):
                 base = (nchunks - 1 - chunk) * C if REV else chunk * C
@@ -388,7 +400,8 @@ def _sweep_function(spec: SweepSpec) -> Any:
                     if real[tid]:
                         count = acc(max(np.int64(1), cnt[tid]))
                         w = math.pow(count, -sig) if has_m else acc(1)
-                        sx[tid] = scale(X_SCALE, x, b, h, p, w, eps)
+                        if not STATE_ONLY:
+                            sx[tid] = scale(X_SCALE, x, b, h, p, w, eps)
                         sy[tid] = scale(Y_SCALE, y, b, h, p, w, eps)
                         sz[tid] = scale(Z_SCALE, z, b, h, p, w, eps)
                         so[tid] = scale(OUT_SCALE, z, b, h, p, w, eps)
@@ -427,7 +440,7 @@ def _sweep_function(spec: SweepSpec) -> Any:
                                 for dd in range(td):
                                     part_o += st[row + dd] * xt[i * TD + dd]
                                 acc_o[k] += part_o
-                    if not BOTH:
+                    if emit and not BOTH:
                         for k in range(NA):
                             e = tid + k * NT
                             if e < C * C:

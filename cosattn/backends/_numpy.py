@@ -20,6 +20,8 @@ step runs the fused step kernel on the slots in place.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -28,6 +30,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .._call import BackwardCall, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
@@ -40,6 +43,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 # Above it, a call is cut into parts of about this many input elements (whole heads), so that
 # a part's temporaries stay small enough for the caches; parts run on a pool of threads.
 PART_ELEMENTS = 1 << 20
+# The most threads a call uses, its own and the BLAS library's (unset: one per core).
+THREADS_ENV_VAR = "COSATTN_NUM_THREADS"
 
 
 def unavailable() -> str | None:
@@ -101,10 +106,10 @@ class _Normalised:
     """Normalised, scaled inputs in the work layout, zero where no real token sits
     (B, H, n, D); per-token quantities at the caller's positions."""
 
-    qh: Any  # q_i / max(|q_i|, eps)
+    qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
     kh: Any  # k_j / max(|k_j|, eps)
     vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (defined at the tokens' work positions)
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (at the tokens' work positions); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
@@ -135,17 +140,25 @@ def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
         out[...] = rows
 
 
-def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+def _real_tokens(p: Problem, mask: Any) -> Any:
+    """The real tokens of each batch row, (B,) int64."""
     if mask is None:
-        if p.causal:
-            steps = np.arange(1, p.S + 1, dtype=np.int64)
-            base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
-            return base[:, None] + steps[None, :]
-        return np.full((p.B, p.S), p.S, dtype=np.int64)
-    if p.causal:
-        c = np.cumsum(mask, axis=1, dtype=np.int64)
-        return c if count0 is None else c + count0[:, None]
-    return np.broadcast_to(mask.sum(axis=1, dtype=np.int64)[:, None], (p.B, p.S))
+        return np.full(p.B, p.S, dtype=np.int64)
+    return mask.sum(axis=1, dtype=np.int64)
+
+
+def _counts(p: Problem, mask: Any, count0: Any) -> Any:
+    """c_j (B, S): causal, running from ``count0``; bidirectional, ``count0`` (the whole
+    sequence's count, ``total=``) or the row's own real tokens."""
+    if not p.causal:
+        total = _real_tokens(p, mask) if count0 is None else count0
+        return np.broadcast_to(total[:, None], (p.B, p.S))
+    if mask is None:
+        steps = np.arange(1, p.S + 1, dtype=np.int64)
+        base = np.zeros(p.B, dtype=np.int64) if count0 is None else count0
+        return base[:, None] + steps[None, :]
+    c = np.cumsum(mask, axis=1, dtype=np.int64)
+    return c if count0 is None else c + count0[:, None]
 
 
 def _packed_counts(p: Problem, cu: Any, mask: Any, count0: Any) -> Any:
@@ -172,10 +185,14 @@ def _weights(m: Any, c: Any) -> Any:
 
 def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
     p, mask, pieces = call.p, _no_mask(call.mask), layout.pieces(call.p.S)
-    qh, kh = (np.empty((p.B, p.H, layout.n, p.Dk), p.acc) for _ in range(2))
-    q_inv, k_inv = (np.empty((p.B, p.H, layout.n), p.acc) for _ in range(2))
-    _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv, pieces)
+    kh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+    k_inv = np.empty((p.B, p.H, layout.n), p.acc)
     _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv, pieces)
+    qh = q_inv = None
+    if call.q is not None:
+        qh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+        q_inv = np.empty((p.B, p.H, layout.n), p.acc)
+        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv, pieces)
     if call.packed:
         c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
     else:
@@ -249,24 +266,39 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
-def _real_tokens(call: ForwardCall) -> Any:
-    """Real tokens of each sequence, (N,) int64."""
+def _sequence_tokens(call: ForwardCall) -> Any:
+    """Real tokens of each sequence, (N,) int64 (each batch row's when unpacked)."""
     p, mask = call.p, call.mask
     if not call.packed:
-        return np.full(p.B, p.S, dtype=np.int64) if mask is None else mask.sum(
-            axis=1, dtype=np.int64)
+        return _real_tokens(p, mask)
     if mask is None:
         return np.diff(call.cu_seqlens)
     total = np.concatenate(([0], np.cumsum(mask[0], dtype=np.int64)))
     return np.diff(total[call.cu_seqlens])
 
 
+def _state_part(call: ForwardCall) -> tuple[Any, Any]:
+    """The ``(kv, count)`` of :class:`ForwardCall` alone (``o`` None): one product over S.
+    Never packed nor pooled (:func:`cosattn.absorb` takes no ``cu_seqlens``)."""
+    p, kv0 = call.p, call.kv0
+    count = _real_tokens(p, call.mask)
+    if p.causal and call.count0 is not None:
+        count = count + call.count0
+    kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+    if p.S:
+        x = _normalised_inputs(call, _layout(call))
+        kv += x.vt.swapaxes(-1, -2) @ x.kh
+    return kv, count
+
+
 def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
+    if call.o is None:
+        return _state_part(call)
     p, kv0 = call.p, call.kv0
     state = None
     if call.want_state:
         count = np.zeros(call.N, dtype=np.int64) if call.count0 is None else call.count0
-        count = count + _real_tokens(call)
+        count = count + _sequence_tokens(call)
         kv = np.zeros((call.N, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         state = kv, count
     if p.S == 0:
@@ -277,7 +309,10 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
         out = np.empty((*x.qh.shape[:3], p.Dv), dtype=p.acc)
         for i in range(len(layout.segments)):
             tokens = layout.tokens(i)
-            kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
+            if kv0 is None:  # the sequence's own sum
+                kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
+            else:  # the whole sequence's (total=; never packed, so one segment)
+                kv = kv0[layout.rows(i)].astype(p.acc, copy=False)
             out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
         _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask),
               layout.pieces(p.S))
@@ -297,18 +332,47 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     return kv, count
 
 
-_pool: ThreadPoolExecutor | None = None
+def num_threads() -> int | None:
+    """``$COSATTN_NUM_THREADS`` as a positive int; None when it is unset or empty."""
+    value = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(
+            f"the environment variable {THREADS_ENV_VAR} must be a positive integer, got {value!r}"
+        )
+    return threads
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries loaded in this process (found once; threadpoolctl)."""
+    return ThreadpoolController()
+
+
+def _blas_threads(threads: int | None) -> contextlib.AbstractContextManager[Any]:
+    """Limit the BLAS libraries to ``threads`` for the duration of a call (None: leave them)."""
+    if threads is None:
+        return contextlib.nullcontext()
+    return _blas().limit(limits=threads, user_api="blas")
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # its size and itself
 _pool_lock = threading.Lock()
 
 
-def _parts(p: Problem) -> list[tuple[slice, slice]]:
+def _parts(p: Problem, workers: int) -> list[tuple[slice, slice]]:
     """Cut a call into blocks ``(rows, heads)``: heads of one batch row (or whole batch rows,
-    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per core.
+    when a row is small), about ``PART_ELEMENTS`` input elements each and at least one per
+    worker thread.
 
     NumPy's matmul releases the GIL, so each part runs its small BLAS products on its own core,
     on temporaries a fraction of the size of the whole call's. Parts are independent.
     """
-    workers = os.cpu_count() or 1
     per_head = p.S * (p.Dk + p.Dv)
     if workers <= 1 or p.B * p.H * per_head < PARALLEL_MIN_ELEMENTS:
         return [(slice(None), slice(None))]
@@ -323,14 +387,13 @@ def _parts(p: Problem) -> list[tuple[slice, slice]]:
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
-def _packed_parts(call: ForwardCall | BackwardCall) -> list[tuple[slice, slice]]:
+def _packed_parts(call: ForwardCall | BackwardCall, workers: int) -> list[tuple[slice, slice]]:
     """Cut a packed call into blocks ``(sequences, heads)``: runs of whole sequences of about
     ``PART_ELEMENTS`` input elements (or of a core's share, when that is smaller), a run larger
-    than that cut into blocks of heads, at least one block per core where the heads allow.
+    than that cut into blocks of heads, at least one block per worker thread where the heads allow.
     Each block walks few sequences, so the per-sequence work of the whole call is done once,
     not once per block of heads."""
     p = call.p
-    workers = os.cpu_count() or 1
     per_token = p.H * (p.Dk + p.Dv)
     if workers <= 1 or p.S * per_token < PARALLEL_MIN_ELEMENTS:
         return [(slice(None), slice(None))]
@@ -354,19 +417,37 @@ def _packed_parts(call: ForwardCall | BackwardCall) -> list[tuple[slice, slice]]
     return blocks
 
 
-def _run(call: ForwardCall | BackwardCall, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
+def _workers_pool(workers: int) -> ThreadPoolExecutor:
+    """The pool of ``workers`` threads (replaced when the thread setting changes)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            if _pool is not None:
+                _pool[1].shutdown(wait=False)
+            _pool = workers, ThreadPoolExecutor(workers, thread_name_prefix="cosattn")
+        return _pool[1]
+
+
+def _run(call: ForwardCall | BackwardCall,
+         part: Any) -> list[tuple[tuple[slice, slice], Any]]:
     """``part(block)`` for every block of :func:`_parts` (:func:`_packed_parts`), in parallel
     when there are several; returns each block's ``(rows, heads)`` (``(sequences, heads)``)
-    with its result, in a fixed order."""
-    global _pool
-    blocks = _packed_parts(call) if call.packed else _parts(call.p)
+    with its result, in a fixed order.
+
+    With ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, each with
+    one BLAS thread, or, when it is not cut, the calling thread with at most n BLAS threads.
+    Unset, there is one worker per core and the BLAS library keeps its own setting.
+    """
+    threads = num_threads()
+    workers = threads or os.cpu_count() or 1
+    blocks = _packed_parts(call, workers) if call.packed else _parts(call.p, workers)
     if len(blocks) == 1:
-        return [(blocks[0], part(call))]
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="cosattn")
-    futures = [_pool.submit(part, call.block(*b)) for b in blocks]
-    return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
+        with _blas_threads(threads):
+            return [(blocks[0], part(call))]
+    pool = _workers_pool(workers)
+    with _blas_threads(None if threads is None else 1):
+        futures = [pool.submit(part, call.block(*b)) for b in blocks]
+        return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
@@ -413,7 +494,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
         return results[0][1]
     p = call.p
     dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-    dkv0 = None if call.kv0 is None else np.empty_like(call.kv0)
+    dkv0 = None if call.kv0 is None or not p.causal else np.empty_like(call.kv0)
     for (rows, heads), (dm_part, dkv0_part) in results:  # in order: fixed sums
         if dm is not None:
             dm[heads] += dm_part
@@ -426,7 +507,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
     if p.S == 0:
         dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
-        if kv0 is None:
+        if kv0 is None or not p.causal:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     layout = _layout(call)
@@ -458,13 +539,17 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             _add_states(dkh, x.vt, dkv_acc, layout)
             _add_states(dvt, x.kh, dkv_acc.swapaxes(-1, -2), layout)
             dkv0 += dkv_acc
-    else:
+    else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         dqh, dkh, dvt = (np.empty((*x.qh.shape[:3], D), dtype=p.acc)
                          for D in (p.Dk, p.Dk, p.Dv))
         for i in range(len(layout.segments)):
             t = layout.tokens(i)
-            kv = x.vt[:, :, t].swapaxes(-1, -2) @ x.kh[:, :, t]  # (B, H, Dv, Dk)
-            g = dof[:, :, t].swapaxes(-1, -2) @ x.qh[:, :, t]  # sum_i do_i q'_i^T
+            if kv0 is None:
+                kv = x.vt[:, :, t].swapaxes(-1, -2) @ x.kh[:, :, t]  # (B, H, Dv, Dk)
+                g = dof[:, :, t].swapaxes(-1, -2) @ x.qh[:, :, t]  # sum_i do_i q'_i^T
+            else:  # total= (never packed, so one segment)
+                rows = layout.rows(i)
+                kv, g = (a[rows].astype(p.acc, copy=False) for a in (kv0, dkv))
             dqh[:, :, t] = dof[:, :, t] @ kv
             dkh[:, :, t] = x.vt[:, :, t] @ g
             dvt[:, :, t] = x.kh[:, :, t] @ g.swapaxes(-1, -2)
@@ -485,7 +570,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     if call.m is not None:
         sig = _sigmoid(call.m)
         dm = -terms.sum(axis=0) * sig * (1.0 - sig)
-    if kv0 is None:
+    if kv0 is None or not p.causal:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
 

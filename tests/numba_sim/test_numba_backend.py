@@ -26,8 +26,10 @@ from helpers import (
     assert_close,
     assert_padding_zero,
     case_id,
+    check_absorb,
     check_backward,
     check_forward,
+    check_total,
     make_case,
     reference_forward,
     rel_err,
@@ -88,6 +90,30 @@ def test_matches_reference(B, H, S, Dk, Dv, dtype, mask, m, state, dstate, causa
     case = make_case(rng, B, H, S, Dk, Dv, dtype, mask=mask, m=m, state=state, dstate=dstate,
                      junk=junk)
     check(case, causal=causal, layout=layout)
+
+
+# (B, H, S, Dk, Dv, dtype, mask, m, state, causal, cut): the state alone (causal from a state or
+# not, bidirectional with a whole sequence's count) and the parts of a cut bidirectional sequence.
+PRIMITIVES = [
+    (2, 2, 37, 8, 5, np.float64, "inner", True, True, True, 0),
+    (1, 2, 20, 4, 4, BFLOAT16, "none", False, False, True, 0),
+    (2, 1, 33, 6, 9, np.float32, "right", True, False, False, 17),
+    (1, 2, 25, 5, 8, np.float16, "left", False, False, False, 9),
+    (2, 1, 16, 3, 3, np.float64, "inner", True, False, False, 16),
+]
+
+
+@pytest.mark.parametrize(
+    "B, H, S, Dk, Dv, dtype, mask, m, state, causal, cut", PRIMITIVES,
+    ids=[f"{case_id(*c[:5])}-{np.dtype(c[5])}-{c[6]}-{'causal' if c[9] else 'bidir'}"
+         for c in PRIMITIVES])
+def test_absorb_and_total_match_reference(B, H, S, Dk, Dv, dtype, mask, m, state, causal, cut):
+    rng = np.random.default_rng(S * 7 + Dv)
+    case = make_case(rng, B, H, S, Dk, Dv, dtype, mask=mask, m=m, state=state)
+    kw = dict(backend="numba", to_native=to_device, to_host=to_host)
+    check_absorb(case, causal=causal, rng=rng, **kw)
+    if not causal:
+        check_total(case, cut, **kw)
 
 
 @st.composite
