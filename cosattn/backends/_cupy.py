@@ -41,6 +41,9 @@ from .._dtypes import INPUT_DTYPES, STATE_DTYPES
 from . import ceil_div
 
 DEVICE = "cuda"
+# Packed sequences and pools of states wait for the rebuilt kernels: such a call is refused by
+# the validation (a RuntimeError pointing to the numba backend) before it reaches this module.
+VARLEN = False
 INSTALL_HINT = "pip install cosattn[cuda13]"
 MIN_CAPABILITY = 80  # wmma on bfloat16 tiles needs sm_80
 
