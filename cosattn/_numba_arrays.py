@@ -12,8 +12,10 @@ strided view over the same memory instead (the simulator's arrays are NumPy arra
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import numba
 import numpy as np
 from numba import config, cuda
 
@@ -58,8 +60,10 @@ def zeros(shape: tuple[int, ...], dtype: Any) -> Any:
 def astype(x: Any, dtype: Any, /, *, copy: bool = True) -> Any:
     """``x`` in ``dtype``, as a new array unless ``copy=False`` and the dtype already matches.
 
-    Same-dtype copies stay on the device (on ``x``'s stream); a change of dtype goes through the
-    host, which suits the small arrays it is used for (``m``, counts).
+    Copies stay on the device (on ``x``'s stream); so do changes of dtype of 1-D arrays between
+    NumPy's bool, integer and float dtypes (``cu_seqlens``, ``state_indices``, counts, ``m``),
+    which a small kernel casts: nothing waits for the host. Other changes of dtype (bfloat16)
+    go through the host.
     """
     dtype = np.dtype(dtype)
     if dtype == x.dtype:
@@ -68,9 +72,27 @@ def astype(x: Any, dtype: Any, /, *, copy: bool = True) -> Any:
         out = cuda.device_array(x.shape, dtype=dtype, stream=x.stream)
         out.copy_to_device(x, stream=x.stream)
         return out
+    if x.ndim == 1 and {x.dtype.kind, dtype.kind} <= set("biuf"):
+        out = cuda.device_array(x.shape, dtype=dtype, stream=x.stream)
+        if x.shape[0]:
+            _cast(np.dtype(x.dtype), dtype)[-(-x.shape[0] // 128), 128, x.stream](x, out)
+        return out
     host = x.copy_to_host(stream=x.stream)
     _synchronised(x)
     return cuda.to_device(host.astype(dtype), stream=x.stream)
+
+
+@functools.cache
+def _cast(source: np.dtype, target: np.dtype) -> Any:
+    """A kernel ``out[i] = x[i]`` from 1-D ``source`` to 1-D ``target``, compiled on first use."""
+
+    def cast(x: Any, out: Any) -> None:
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            out[i] = x[i]
+
+    array = [numba.types.Array(numba.from_dtype(d), 1, "A") for d in (source, target)]
+    return cuda.jit(tuple(array))(cast)
 
 
 def copy(x: Any) -> Any:

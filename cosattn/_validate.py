@@ -1,8 +1,9 @@
 """The one validation layer (docs/spec.md, "Bad input"): every argument checked once.
 
-:func:`forward_call`, :func:`backward_call` and :func:`step_call` import the caller's arrays as
-native ones, check flags, ranks, sizes, dtypes, devices and (where asked) values, allocate the
-outputs, choose the backend, and describe the call (:mod:`cosattn._call`). Nothing here writes
+:func:`forward_call`, :func:`backward_call`, :func:`step_call` and, for a pool of states,
+:func:`prefill_call` import the caller's arrays as native ones, check flags, ranks, sizes,
+dtypes, devices and (where asked) values, allocate the outputs, choose the backend, and describe
+the call (:mod:`cosattn._call`). Nothing here writes
 the caller's arrays; a call that fails here changes nothing.
 """
 
@@ -146,50 +147,131 @@ def check_m(m: Any, H: int, acc: np.dtype, xp: Any) -> Any:
     return xp.astype(m, acc)
 
 
-def check_count(count: Any, B: int, name: str) -> None:
-    """Shape and dtype of counts ``name`` (B,): int64, or int32 as JAX keeps them."""
+def check_count(count: Any, B: int, name: str, rows: str = "B") -> None:
+    """Shape and dtype of counts ``name`` (B,): int64, or int32 as JAX keeps them (``rows``: the
+    letter of the axis in messages)."""
     if tuple(count.shape) != (B,):
-        raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(count.shape)}")
+        raise ValueError(f"{name} must have shape ({rows},) = ({B},), got {tuple(count.shape)}")
     if count.dtype not in (np.int64, np.int32):
         raise TypeError(f"{name} must be int64 (or int32, as JAX keeps it), got {count.dtype}")
 
 
 def check_state(kv: Any, count: Any, B: int, H: int, Dk: int, Dv: int, acc: np.dtype,
-                name: str = "state") -> None:
-    """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``
-    (``name``: "state", or "total" for the bidirectional form's whole-sequence sum)."""
+                name: str = "state", *, rows: str = "B") -> None:
+    """Shapes and dtypes of a state ``kv`` (B, H, Dv, Dk), ``count`` (B,) for inputs in ``acc``.
+
+    ``name`` is "state", "pool", or "total" for the bidirectional form's whole-sequence sum;
+    ``rows`` the letter of the first axis in messages ("B", "N" for one state per sequence, "P"
+    for a pool's slots).
+    """
     if tuple(kv.shape) != (B, H, Dv, Dk):
         raise ValueError(
-            f"{name}.kv must have shape (B, H, Dv, Dk) = {(B, H, Dv, Dk)}, got {tuple(kv.shape)}"
+            f"{name}.kv must have shape ({rows}, H, Dv, Dk) = {(B, H, Dv, Dk)}, "
+            f"got {tuple(kv.shape)}"
         )
-    check_count(count, B, f"{name}.count")
+    check_count(count, B, f"{name}.count", rows)
     if np.dtype(kv.dtype) not in STATE_DTYPES:
         raise TypeError(f"{name}.kv must be float32 or float64, got {kv.dtype}")
     if acc == np.float64 and kv.dtype != np.float64:
+        zeros = "StatePool" if name == "pool" else "RecurrentState"
         raise TypeError(
-            f"float64 inputs need a float64 {name} (RecurrentState.zeros(..., dtype='float64')), "
+            f"float64 inputs need a float64 {name} ({zeros}.zeros(..., dtype='float64')), "
             f"got {name}.kv {kv.dtype}"
         )
 
 
-def check_dstate(dkv: Any, p: Problem, of: str = "state") -> None:
-    """``dstate`` has the shape of the ``of`` state's kv (B, H, Dv, Dk), float32 or float64."""
-    if tuple(dkv.shape) != (p.B, p.H, p.Dv, p.Dk):
+def check_dstate(dkv: Any, p: Problem, of: str = "state", N: int | None = None,
+                 rows: str = "B") -> None:
+    """``dstate`` has the shape of the ``of`` state's kv (N, H, Dv, Dk) (N: B unless given),
+    float32 or float64 (``rows``: the letter of its first axis in messages)."""
+    N = p.B if N is None else N
+    if tuple(dkv.shape) != (N, p.H, p.Dv, p.Dk):
         raise ValueError(
-            f"dstate must have the shape of {of}.kv (B, H, Dv, Dk) = {(p.B, p.H, p.Dv, p.Dk)}, "
-            f"got {tuple(dkv.shape)}"
+            f"dstate must have the shape of {of}.kv ({rows}, H, Dv, Dk) = "
+            f"{(N, p.H, p.Dv, p.Dk)}, got {tuple(dkv.shape)}"
         )
     if np.dtype(dkv.dtype) not in STATE_DTYPES:
         raise TypeError(f"dstate must be float32 or float64, got {dkv.dtype}")
 
 
+def host(x: Any) -> np.ndarray:
+    """A NumPy copy of a device array (a device→host copy, which waits for the stream); NumPy
+    arrays as they are."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "copy_to_host"):  # a Numba device array
+        return x.copy_to_host()
+    return x.get()
+
+
 def check_count_values(count: Any, name: str = "state.count") -> None:
     """Counts are never negative (a device→host copy on CUDA)."""
-    if hasattr(count, "copy_to_host"):  # a Numba device array
-        count = count.copy_to_host()
+    count = host(count)
     if count.shape[0] and bool((count < 0).any()):
         raise ValueError(f"{name} must be non-negative, got {count}")
 
+
+def check_index_array(x: Any, name: str, N: int, of: str, dtypes: tuple[Any, ...],
+                      what: str) -> None:
+    """``x`` is a (N,) array of one of ``dtypes`` (``what`` names them); ``of`` says where N
+    comes from."""
+    if np.dtype(x.dtype) not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {x.dtype}")
+    if tuple(x.shape) != (N,):
+        raise ValueError(f"{name} must have shape (N,) = ({N},) for the {N} {of}, "
+                         f"got {tuple(x.shape)}")
+
+
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def check_cu_seqlens(cu: Any) -> int:
+    """dtype and rank of ``cu_seqlens``, (N+1,) int32 or int64; returns N."""
+    if np.dtype(cu.dtype) not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape (N+1,) for N sequences, "
+                         f"got {tuple(cu.shape)}")
+    return cu.shape[0] - 1
+
+
+def check_cu_seqlens_values(cu: Any, S: int) -> None:
+    """``cu_seqlens`` starts at 0, never decreases and ends at S (a device→host copy on CUDA)."""
+    cu = host(cu)
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    steps = np.diff(cu)
+    if (steps < 0).any():
+        n = int(np.argmax(steps < 0))
+        raise ValueError(f"cu_seqlens must not decrease, got {cu[n]} then {cu[n + 1]} "
+                         f"(entries {n} and {n + 1})")
+    if cu[-1] != S:
+        raise ValueError(f"cu_seqlens must end at the packed length S = {S}, got {cu[-1]}")
+
+
+def check_slot_values(indices: Any, P: int) -> None:
+    """``state_indices`` lie in -1..P-1 and name no slot twice (a device→host copy on CUDA).
+    Cheap on the hot path of a decode loop: two reductions and a set of the named slots."""
+    indices = host(indices)
+    if not indices.size:
+        return
+    if indices.min() < -1 or indices.max() >= P:
+        bad = indices[(indices < -1) | (indices >= P)]
+        raise ValueError(f"state_indices must lie in -1..P-1 = -1..{P - 1} (-1: a padding "
+                         f"entry), got {bad.tolist()}")
+    named = indices[indices >= 0].tolist()
+    if len(set(named)) < len(named):
+        twice = next(s for i, s in enumerate(named) if s in named[:i])
+        raise ValueError(f"state_indices names slot {twice} more than once; two sequences "
+                         "cannot share a slot")
+
+
+def require_varlen(backend: Backend, what: str) -> None:
+    """A packed or pool call needs a backend that takes them (``Backend.VARLEN``)."""
+    if not backend.VARLEN:
+        name = backend.__name__.rsplit("._", 1)[-1]
+        raise RuntimeError(f"the {name} backend does not take cu_seqlens/state pools yet "
+                           f"({what} given); use backend='numba'")
 
 def _writable(x: Any, name: str) -> None:
     """Arrays a call writes in place must be writable (NumPy's flag; device arrays always are)."""
@@ -198,9 +280,18 @@ def _writable(x: Any, name: str) -> None:
         raise ValueError(f"{name} is read-only, but this call writes it in place")
 
 
+def check_writable_state(kv: Any, count: Any, name: str) -> None:
+    """A state or pool updated in place: int64 counts, writable arrays."""
+    if count.dtype != np.int64:
+        raise TypeError(f"{name}.count must be int64 to be updated in place, got {count.dtype}")
+    _writable(kv, f"{name}.kv")
+    _writable(count, f"{name}.count")
+
+
 @dataclass(frozen=True)
 class Inputs:
-    """What forward and backward share once their arrays are checked."""
+    """What forward, backward, absorb and a pool's prefill share once their arrays are
+    checked."""
 
     p: Problem
     xp: Any
@@ -209,8 +300,10 @@ class Inputs:
     mask: Any
     kv0: Any
     count0: Any
+    cu_seqlens: Any
     framework: str
     backend: Backend
+    checked: bool  # whether values are checked (host arrays, or validate=)
 
     def bhsd(self, name: str, layout: str) -> Any:
         return to_bhsd(self.arrays[name], layout, self.xp)
@@ -220,14 +313,23 @@ class Inputs:
         out = self.xp.empty(self.arrays[like].shape, dtype=self.p.dtype)
         return out, to_bhsd(out, layout, self.xp)
 
+    @property
+    def N(self) -> int:
+        """The number of sequences."""
+        return self.p.B if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
+
 
 def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
-            eps: Any, layout: Any, backend: Any, validate: Any,
-            extra: dict[str, Any] | None = None, total: tuple[Any, Any] | None = None,
-            total_count: Any = None) -> tuple[Inputs, dict[str, Imported]]:
-    """Check what forward, backward and absorb share. ``state`` (causal) is the incoming state;
-    ``total`` (bidirectional) the whole sequence's sum and count, ``total_count`` its count
-    alone: either becomes the call's ``kv0``, ``count0``."""
+           eps: Any, layout: Any, backend: Any, validate: Any, *, cu_seqlens: Any = None,
+           pool: bool = False, extra: dict[str, Any] | None = None,
+           total: tuple[Any, Any] | None = None, total_count: Any = None,
+           ) -> tuple[Inputs, dict[str, Imported]]:
+    """Check what forward, backward, absorb and prefill share. ``state`` (causal) is
+    ``(kv, count)``: one state per sequence, or a pool's arrays when ``pool`` (whose slots
+    ``extra`` names). ``total`` (bidirectional) is the whole sequence's sum and count,
+    ``total_count`` its count alone: either becomes the call's ``kv0``, ``count0``. Packed
+    sequences (``cu_seqlens``) are whole sequences: ``total``/``total_count`` are refused with
+    them."""
     causal = check_flag(causal, "causal")
     layout = check_layout(layout)
     eps = check_eps(eps)
@@ -236,9 +338,17 @@ def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | No
     for given, name in ((total, "total"), (total_count, "total_count")):
         if given is not None and causal:
             raise ValueError(f"{name}= belongs to the bidirectional form (causal=True given)")
-    everything = dict(named, m=m, mask=mask, **(extra or {}))
-    given_state = None if state is None and total is None else ("state" if total is None
-                                                                else "total")
+        if given is not None and cu_seqlens is not None:
+            raise ValueError(
+                f"{name}= cannot be combined with cu_seqlens: packed sequences are whole "
+                f"sequences, while {name}= says the call holds a part of a longer one"
+            )
+    everything = dict(named, m=m, mask=mask, cu_seqlens=cu_seqlens, **(extra or {}))
+    given_state = None
+    if state is not None:
+        given_state = "pool" if pool else "state"
+    elif total is not None:
+        given_state = "total"
     if given_state is not None:
         kv, count = state if total is None else total
         everything.update({f"{given_state}.kv": kv, f"{given_state}.count": count})
@@ -251,13 +361,28 @@ def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | No
     acc = accumulation(dtype)
     first = imported[next(iter(named))]
     xp = namespace(first.device)
+    native_cu = None
+    N = B
+    if cu_seqlens is not None:
+        native_cu = imported["cu_seqlens"].array
+        N = check_cu_seqlens(native_cu)
+        if B != 1:
+            raise ValueError(
+                "packed sequences (cu_seqlens given) lie back to back in one row: q, k, v must "
+                f"have B = 1, got {_describe(raw)}"
+            )
     native_mask = None if mask is None else check_mask(imported["mask"].array, (B, S), "(B, S)")
     kv0 = count0 = None
     count_name = "total_count"
     state_dtype = acc
     if given_state is not None:
         kv0, count0 = (imported[f"{given_state}.{n}"].array for n in ("kv", "count"))
-        check_state(kv0, count0, B, H, Dk, Dv, acc, given_state)
+        if pool:
+            check_state(kv0, count0, kv0.shape[0] if kv0.ndim == 4 else 0, H, Dk, Dv, acc,
+                        "pool", rows="P")
+        else:
+            check_state(kv0, count0, N, H, Dk, Dv, acc, given_state,
+                        rows="B" if native_cu is None else "N")
         state_dtype = np.dtype(kv0.dtype)
         count_name = f"{given_state}.count"
     elif total_count is not None:
@@ -265,30 +390,37 @@ def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | No
         check_count(count0, B, "total_count")
     checked = values_checked(validate, first.device)
     chosen = select(backend, first.device)
+    if native_cu is not None:
+        require_varlen(chosen, "cu_seqlens")
     with on_device(first.device):
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
+        if native_cu is not None:
+            if checked:
+                check_cu_seqlens_values(native_cu, S)
+            native_cu = xp.astype(native_cu, np.int64, copy=False)
         if count0 is not None:
             if checked:
                 check_count_values(count0, count_name)
-            count0 = xp.astype(count0, np.int64, copy=False)
+            if not pool:
+                count0 = xp.astype(count0, np.int64, copy=False)
     p = Problem(B, H, S, Dk, Dv, dtype, state_dtype, causal, eps, first.device, first.stream)
-    return Inputs(p, xp, raw, native_m, native_mask, kv0, count0, first.framework,
-                   chosen), imported
+    return Inputs(p, xp, raw, native_m, native_mask, kv0, count0, native_cu, first.framework,
+                  chosen, checked), imported
 
 
 def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
-                 state: tuple[Any, Any] | None, total: tuple[Any, Any] | None,
-                 return_state: Any, eps: Any, layout: Any, backend: Any,
-                 validate: Any) -> Prepared[ForwardCall]:
+                 state: tuple[Any, Any] | None, return_state: Any, eps: Any, layout: Any,
+                 backend: Any, validate: Any, cu_seqlens: Any = None,
+                 total: tuple[Any, Any] | None = None) -> Prepared[ForwardCall]:
     if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
         raise ValueError("return_state=True needs the causal form (causal=False given)")
     x, _ = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
-                   validate, total=total)
+                  validate, cu_seqlens=cu_seqlens, total=total)
     with on_device(x.p.device):
         o, o_bhsd = x.output("v", layout)
     call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                        v=x.bhsd("v", layout), m=x.m, mask=x.mask, kv0=x.kv0, count0=x.count0,
-                       o=o_bhsd, want_state=bool(return_state))
+                       cu_seqlens=x.cu_seqlens, o=o_bhsd, want_state=bool(return_state))
     return Prepared(call, x.backend, x.framework, {"o": o})
 
 
@@ -297,44 +429,96 @@ def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                 backend: Any, validate: Any) -> Prepared[ForwardCall]:
     """A forward that asks for ``(kv, count)`` alone (``o`` and ``q`` None)."""
     x, _ = inputs({"k": k, "v": v}, m, mask, state, causal, eps, layout, backend, validate,
-                   total_count=total_count)
+                  total_count=total_count)
     call = ForwardCall(p=x.p, q=None, k=x.bhsd("k", layout), v=x.bhsd("v", layout), m=x.m,
                        mask=x.mask, kv0=x.kv0, count0=x.count0, o=None, want_state=True)
     return Prepared(call, x.backend, x.framework, {})
 
 
 def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
-                  state: tuple[Any, Any] | None, total: tuple[Any, Any] | None, dstate: Any,
-                  eps: Any, layout: Any, backend: Any, validate: Any) -> Prepared[BackwardCall]:
+                  state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
+                  validate: Any, cu_seqlens: Any = None,
+                  total: tuple[Any, Any] | None = None) -> Prepared[BackwardCall]:
     if dstate is not None and total is None and not check_flag(causal, "causal"):
         raise ValueError("dstate needs the causal form, or total= (causal=False given)")
     x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
-                          layout, backend, validate, extra={"dstate": dstate}, total=total)
+                         layout, backend, validate, cu_seqlens=cu_seqlens,
+                         extra={"dstate": dstate}, total=total)
     p = x.p
     dkv = None
     if dstate is not None:
         dkv = imported["dstate"].array
-        check_dstate(dkv, p, "total" if total is not None else "state")
+        check_dstate(dkv, p, "total" if total is not None else "state", x.N,
+                     "B" if x.cu_seqlens is None else "N")
     with on_device(p.device):
         if total is not None and dkv is None:  # no gradient reaches total.kv
             dkv = x.xp.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
         (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (x.output(n, layout) for n in "qkv")
     call = BackwardCall(p=p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                         v=x.bhsd("v", layout), m=x.m, mask=x.mask, do=x.bhsd("do", layout),
-                        kv0=x.kv0, count0=x.count0, dkv=dkv, dq=dq_bhsd, dk=dk_bhsd,
-                        dv=dv_bhsd)
+                        kv0=x.kv0, count0=x.count0, cu_seqlens=x.cu_seqlens, dkv=dkv,
+                        dq=dq_bhsd, dk=dk_bhsd, dv=dv_bhsd)
     return Prepared(call, x.backend, x.framework, {"dq": dq, "dk": dk, "dv": dv})
 
 
+def _slots(imported: dict[str, Imported], N: int, of: str, P: int, checked: bool,
+           xp: Any) -> tuple[Any, Any]:
+    """``state_indices`` (N,) as int64 and ``has_initial_state`` (N,) bool (or None), checked
+    against a pool of P slots; ``of`` says where N comes from."""
+    indices = imported["state_indices"].array
+    check_index_array(indices, "state_indices", N, of, INDEX_DTYPES, "int32 or int64")
+    initial = None
+    if "has_initial_state" in imported:
+        initial = imported["has_initial_state"].array
+        check_index_array(initial, "has_initial_state", N, of, (np.dtype(np.bool_),),
+                          "bool (False: start from a zero state)")
+    if checked:
+        check_slot_values(indices, P)
+    return xp.astype(indices, np.int64, copy=False), initial
+
+
+def prefill_call(kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, *, cu_seqlens: Any,
+                 state_indices: Any, has_initial_state: Any, mask: Any, eps: Any, layout: Any,
+                 backend: Any, validate: Any) -> Prepared[ForwardCall]:
+    """Check a pool's prefill: the packed causal forward from the named slots of the pool
+    ``(kv, count)``, whose outgoing states the backend writes back into those slots."""
+    if cu_seqlens is None:
+        raise TypeError("cu_seqlens must be an array, got None (a prefill takes packed prompts)")
+    if state_indices is None:
+        raise TypeError("state_indices must be an array, got None")
+    x, imported = inputs({"q": q, "k": k, "v": v}, m, mask, (kv, count), True, eps, layout,
+                         backend, validate, cu_seqlens=cu_seqlens, pool=True,
+                         extra={"state_indices": state_indices,
+                                "has_initial_state": has_initial_state})
+    check_writable_state(x.kv0, x.count0, "pool")
+    with on_device(x.p.device):
+        indices, initial = _slots(imported, x.N, "sequences of cu_seqlens", x.kv0.shape[0],
+                                  x.checked, x.xp)
+        o, o_bhsd = x.output("v", layout)
+    call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
+                       v=x.bhsd("v", layout), m=x.m, mask=x.mask, kv0=x.kv0, count0=x.count0,
+                       cu_seqlens=x.cu_seqlens, o=o_bhsd, state_indices=indices,
+                       has_initial=initial)
+    return Prepared(call, x.backend, x.framework, {"o": o})
+
+
 def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask: Any,
-              eps: Any, out: Any, backend: Any, validate: Any) -> Prepared[StepCall]:
-    """Check a step on the state ``(kv, count)``. The call holds the state's own arrays, to be
-    updated in place, except for JAX, whose arrays are immutable: copies (count in int64) that
-    the caller makes the new state."""
+              eps: Any, out: Any, backend: Any, validate: Any, state_indices: Any = None,
+              has_initial_state: Any = None) -> Prepared[StepCall]:
+    """Check a step on the state ``(kv, count)``, or on the slots ``state_indices`` of the pool
+    ``(kv, count)``. The call holds the state's own arrays, to be updated in place, except for
+    JAX, whose arrays are immutable: copies (count in int64) that the caller makes the new
+    state. (A pool never holds JAX arrays.)"""
     eps = check_eps(eps)
+    pool = state_indices is not None
+    name = "pool" if pool else "state"
+    if has_initial_state is not None and not pool:
+        raise ValueError("has_initial_state needs state_indices (a pool's step)")
     imported = import_all({"q_t": q_t, "k_t": k_t, "v_t": v_t, "m": m, "mask": mask,
-                           "out": out, "state.kv": kv, "state.count": count},
-                          required=("q_t", "k_t", "v_t", "state.kv", "state.count"))
+                           "out": out, f"{name}.kv": kv, f"{name}.count": count,
+                           "state_indices": state_indices,
+                           "has_initial_state": has_initial_state},
+                          required=("q_t", "k_t", "v_t", f"{name}.kv", f"{name}.count"))
     raw = {n: imported[n].array for n in ("q_t", "k_t", "v_t")}
     dtype = check_float_dtypes(raw)
     for n, a in raw.items():
@@ -348,21 +532,22 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
     B, H, Dk = q.shape
     Dv = v.shape[2]
     acc = accumulation(dtype)
-    native_kv, native_count = imported["state.kv"].array, imported["state.count"].array
-    check_state(native_kv, native_count, B, H, Dk, Dv, acc)
+    native_kv, native_count = imported[f"{name}.kv"].array, imported[f"{name}.count"].array
+    if pool:
+        P = native_kv.shape[0] if native_kv.ndim == 4 else 0
+        check_state(native_kv, native_count, P, H, Dk, Dv, acc, "pool", rows="P")
+    else:
+        check_state(native_kv, native_count, B, H, Dk, Dv, acc)
     first = imported["q_t"]
     framework, xp = first.framework, namespace(first.device)
     native_mask = None if mask is None else check_mask(imported["mask"].array, (B,), "(B,)")
     immutable = framework == "jax"
     if immutable and out is not None:
         raise ValueError("out= cannot be written for JAX arrays, which are immutable")
+    if immutable and pool:
+        raise TypeError("a StatePool cannot hold JAX arrays, which cannot be written in place")
     if not immutable:
-        if native_count.dtype != np.int64:
-            raise TypeError(
-                f"state.count must be int64 to be updated in place, got {native_count.dtype}"
-            )
-        _writable(native_kv, "state.kv")
-        _writable(native_count, "state.count")
+        check_writable_state(native_kv, native_count, name)
     native_out = None
     if out is not None:
         native_out = imported["out"].array
@@ -374,10 +559,17 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
             raise TypeError(f"out must have the dtype of v_t, {dtype}, got {native_out.dtype}")
         _writable(native_out, "out")
     chosen = select(backend, first.device)
+    if pool:
+        require_varlen(chosen, "state_indices")
+    checked = values_checked(validate, first.device)
+    indices = initial = None
     with on_device(first.device):
         native_m = None if m is None else check_m(imported["m"].array, H, acc, xp)
-        if values_checked(validate, first.device):
-            check_count_values(native_count)
+        if pool:
+            indices, initial = _slots(imported, B, "rows of q_t", native_kv.shape[0], checked,
+                                      xp)
+        if checked:
+            check_count_values(native_count, f"{name}.count")
         if immutable:
             native_kv = xp.astype(native_kv, native_kv.dtype, copy=True)
             native_count = xp.astype(native_count, np.int64, copy=True)
@@ -385,5 +577,5 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
     p = Problem(B, H, 1, Dk, Dv, dtype, np.dtype(native_kv.dtype), True, eps, first.device,
                 first.stream)
     call = StepCall(p=p, q=q, k=k, v=v, m=native_m, mask=native_mask, kv=native_kv,
-                    count=native_count, o=o)
+                    count=native_count, o=o, state_indices=indices, has_initial=initial)
     return Prepared(call, chosen, framework, {"o": o})

@@ -21,8 +21,8 @@ def _state_arrays(state: Any, name: str = "state") -> tuple[Any, Any] | None:
 
 def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask: Any = None,
             state: RecurrentState | None = None, return_state: bool = False,
-            total: RecurrentState | None = None, eps: float = 1e-12, layout: str = "bhsd",
-            backend: str | None = None, validate: bool = False) -> Any:
+            cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
+            layout: str = "bhsd", backend: str | None = None, validate: bool = False) -> Any:
     """Cottention forward: cosine attention with the learned length stabiliser.
 
     Parameters
@@ -38,16 +38,23 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     mask : bool array (B, S), optional
         True where the token is real; padded tokens give zero output and add nothing.
     state : RecurrentState, optional
-        Incoming state (causal only); it is not modified.
+        Incoming state (causal only), one row per sequence; it is not modified.
     return_state : bool
         Also return the outgoing :class:`RecurrentState` (causal only).
+    cu_seqlens : int32 or int64 array (N+1,), optional
+        Packed sequences (docs/spec.md, "Packed variable-length sequences"): q, k, v hold N
+        sequences back to back in one row (B = 1, S = T tokens), sequence n at positions
+        ``cu_seqlens[n] .. cu_seqlens[n+1]-1`` (``cu_seqlens[0] = 0``, non-decreasing, ending
+        at T; empty sequences allowed). Each sequence is attended on its own, as a padded
+        batch would be; ``mask`` (1, T) pads inside sequences, and a state has N rows.
     total : RecurrentState, optional
         Bidirectional only: this call's tokens are a part of a longer sequence, whose
         ``Σ ṽ k̂ᵀ`` (``total.kv``, (B, H, Dv, Dk)) and number of real tokens per row
         (``total.count``, (B,)) are given: ``o_i = real_i · total.kv · q̂_i``, and every value's
         stabiliser counts ``total.count``. Each part's share is :func:`absorb` with
         ``causal=False, total_count=total.count``; their sum is ``total.kv``
-        (docs/spec.md, "Context parallel"). It is not modified.
+        (docs/spec.md, "Context parallel"). It is not modified. Not with ``cu_seqlens``
+        (packed sequences are whole sequences): ``ValueError``.
     eps : float
         Norm floor of the cosine normalisation.
     layout : {"bhsd", "bshd"}
@@ -69,10 +76,15 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     >>> o, state = cosattn.forward(q, k, v, np.zeros(2), return_state=True)
     >>> o.shape, state.kv.shape
     ((1, 2, 5, 4), (1, 2, 4, 4))
+    >>> o, state = cosattn.forward(q, k, v, return_state=True,
+    ...                            cu_seqlens=np.array([0, 2, 2, 5]))  # lengths 2, 0, 3
+    >>> state.kv.shape
+    (3, 2, 4, 4)
     """
     prepared = val.forward_call(q, k, v, m, causal=causal, mask=mask, state=_state_arrays(state),
                                 total=_state_arrays(total, "total"), return_state=return_state,
-                                eps=eps, layout=layout, backend=backend, validate=validate)
+                                eps=eps, layout=layout, backend=backend, validate=validate,
+                                cu_seqlens=cu_seqlens)
     with on_device(prepared.call.p.device):
         new_state = prepared.backend.forward(prepared.call)
     o = export_array(prepared.results["o"], prepared.framework)
@@ -84,26 +96,29 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
 
 def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True,
              mask: Any = None, state: RecurrentState | None = None, dstate: Any = None,
-             total: RecurrentState | None = None, eps: float = 1e-12, layout: str = "bhsd",
-             backend: str | None = None, validate: bool = False) -> tuple:
+             cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
+             layout: str = "bhsd", backend: str | None = None,
+             validate: bool = False) -> tuple:
     """Gradients of :func:`forward` with respect to q, k, v, m (and the incoming state).
 
     Parameters
     ----------
     do : array like v
         Gradient arriving at ``o``, same dtype as q, k, v.
-    q, k, v, m, causal, mask, state, total, eps, layout, backend, validate
+    q, k, v, m, causal, mask, state, cu_seqlens, total, eps, layout, backend, validate
         As given to :func:`forward`.
     dstate : array (B, H, Dv, Dk), optional
-        Gradient arriving at the outgoing state's ``kv`` (causal). With ``total``, the
-        gradient arriving at ``total.kv`` from the whole sequence's outputs; k and v receive
-        their gradient through it alone (zero when it is not given).
+        Gradient arriving at the outgoing state's ``kv`` (causal); (N, H, Dv, Dk) for packed
+        sequences. With ``total``, the gradient arriving at ``total.kv`` from the whole
+        sequence's outputs; k and v receive their gradient through it alone (zero when it is
+        not given).
 
     Returns
     -------
     (dq, dk, dv, dm) : dq, dk, dv like q, k, v; ``dm`` (H,) in float32 (float64 for float64
         inputs), None when ``m`` is None. With ``state`` given, a fifth item ``dkv0``, the gradient
-        of the incoming state's ``kv``, in the state's dtype.
+        of the incoming state's ``kv``, in the state's dtype. Packed, dq, dk, dv are packed like
+        q, k, v, ``dkv0`` has N rows and ``dm`` sums over every sequence.
 
     Examples
     --------
@@ -112,7 +127,7 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     prepared = val.backward_call(do, q, k, v, m, causal=causal, mask=mask,
                                  state=_state_arrays(state), total=_state_arrays(total, "total"),
                                  dstate=dstate, eps=eps, layout=layout, backend=backend,
-                                 validate=validate)
+                                 validate=validate, cu_seqlens=cu_seqlens)
     with on_device(prepared.call.p.device):
         dm, dkv0 = prepared.backend.backward(prepared.call)
     grads = [export_array(prepared.results[n], prepared.framework) for n in ("dq", "dk", "dv")]

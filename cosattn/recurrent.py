@@ -12,6 +12,33 @@ from ._dtypes import FLOAT32, FLOAT64, STATE_DTYPES
 from ._interop import export_array, import_array
 
 
+def zero_arrays(sizes: dict[str, Any], like: Any, dtype: Any) -> tuple[Any, Any]:
+    """Zero ``kv`` (rows, H, Dv, Dk) and ``count`` (rows,) int64 for ``sizes`` {rows, "H", "Dk",
+    "Dv"} (the first key names the rows), in the framework and on the device of ``like``
+    (NumPy when None), ``dtype`` float32 or float64 (by default float64 when ``like`` is)."""
+    framework, device, like_dtype = "numpy", CPU, FLOAT32
+    if like is not None:
+        imported = import_array(like, "like")
+        framework, device = imported.framework, imported.device
+        like_dtype = np.dtype(imported.array.dtype)
+    if dtype is None:
+        dtype = FLOAT64 if like_dtype == FLOAT64 else FLOAT32
+    dtype = np.dtype(dtype)
+    if dtype not in STATE_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    for name, size in sizes.items():
+        if not isinstance(size, int | np.integer) or isinstance(size, bool):
+            raise TypeError(f"{name} must be an int, got {type(size).__name__} {size!r}")
+        if size < 0:
+            raise ValueError(f"{name} must be non-negative, got {size}")
+    rows, H, Dk, Dv = sizes.values()
+    xp = namespace(device)
+    with on_device(device):
+        kv = xp.zeros((rows, H, Dv, Dk), dtype=dtype)
+        count = xp.zeros((rows,), dtype=np.int64)
+    return export_array(kv, framework), export_array(count, framework)
+
+
 class RecurrentState:
     """The running state of causal Cottention: ``kv`` (B, H, Dv, Dk) and ``count`` (B,) int64.
 
@@ -52,26 +79,7 @@ class RecurrentState:
         ``like``: an array whose framework and device the state takes (NumPy when None).
         ``dtype``: float32 or float64; by default float64 when ``like`` is float64, else float32.
         """
-        framework, device, like_dtype = "numpy", CPU, FLOAT32
-        if like is not None:
-            imported = import_array(like, "like")
-            framework, device = imported.framework, imported.device
-            like_dtype = np.dtype(imported.array.dtype)
-        if dtype is None:
-            dtype = FLOAT64 if like_dtype == FLOAT64 else FLOAT32
-        dtype = np.dtype(dtype)
-        if dtype not in STATE_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        for name, size in {"B": B, "H": H, "Dk": Dk, "Dv": Dv}.items():
-            if not isinstance(size, int | np.integer) or isinstance(size, bool):
-                raise TypeError(f"{name} must be an int, got {type(size).__name__} {size!r}")
-            if size < 0:
-                raise ValueError(f"{name} must be non-negative, got {size}")
-        xp = namespace(device)
-        with on_device(device):
-            kv = xp.zeros((B, H, Dv, Dk), dtype=dtype)
-            count = xp.zeros((B,), dtype=np.int64)
-        return cls(export_array(kv, framework), export_array(count, framework))
+        return cls(*zero_arrays({"B": B, "H": H, "Dk": Dk, "Dv": Dv}, like, dtype))
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

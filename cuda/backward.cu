@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) values_kernel(const Back
   A* dm_part = static_cast<A*>(p.dm_part);
 
   const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
-  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn);
+  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn, p.passes > 1);
   block.begin();
   const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
   const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) values_kernel(const Back
           sum += w * Num<T>::load(vrows(t0 + r, c0 + c)) * g;
           dvx = w * g;
         }
-        dvrows(t0 + r, c0 + c) = Num<T>::store(dvx);
+        dvrows.store(t0 + r, c0 + c, Num<T>::store(dvx));
       }
       sum = warp_sum(sum);
       if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(cons
   const A* dk_part = static_cast<const A*>(p.dk_part);
 
   const Sequence<T> seq = sequence_of<T>(p, dkn, b, h);
-  Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn);
+  Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn, p.passes > 1);
   block.begin();
   const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
   const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(cons
                        const A* inv, const A* big, index_t t0, int rows) {
     for (int r = warp_id(); r < rows; r += kWarps) {
       if (sm.real()[r] == A(0)) {
-        for (int c = lane; c < cols; c += kWarp) dx(t0 + r, c0 + c) = Num<T>::store(A(0));
+        for (int c = lane; c < cols; c += kWarp) dx.store(t0 + r, c0 + c, Num<T>::store(A(0)));
         continue;
       }
       const A d = den[r], rd = inv[r];  // max(|x|, eps) and its reciprocal
@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(cons
       inner *= big[r];
       for (int c = lane; c < cols; c += kWarp) {
         const A xh = Num<T>::load(x(t0 + r, c0 + c)) / d;
-        dx(t0 + r, c0 + c) = Num<T>::store((sm.out()[r * Smem::kLdO + c] - xh * inner) * rd);
+        const A g = (sm.out()[r * Smem::kLdO + c] - xh * inner) * rd;
+        dx.store(t0 + r, c0 + c, Num<T>::store(g));
       }
     }
   };

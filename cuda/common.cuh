@@ -31,9 +31,15 @@
 // into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
 // The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
 // and each product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy.
-// docs/spec.md's bounds (2e-3 for float16) leave no room for rounding these to 16 bits: a state
-// or dm that is a short sum whose terms cancel would miss them. Inputs taken as they are (do)
-// have no low part.
+// docs/spec.md's bounds (2e-3 for float16) leave little room for rounding these to 16 bits: a
+// state or dm that is a short sum whose terms cancel would miss them. Inputs taken as they are
+// (do) have no low part. The raw variant (the parameter `passes` = 1, cosattn's
+// _cupy.variant("raw-qk")) feeds the raw Q and K tiles (exact in 16 bits) to the tensor cores and
+// applies their row factors in fp32 outside the products: Q's to the scores and to Q Stateᵀ, K's
+// folded into the V tile. Q Kᵀ then takes one pass, Q Stateᵀ and Vᵀ K two, P V three. Rounding
+// the scores, V or the state to 16 bits once instead misses the float16 bound on sums whose terms
+// cancel (the host emulation finds such cases within a few draws). The GPU check times both
+// variants and measures both against the bounds; the loser goes.
 // float and double tiles use plain FMA loops. Nothing uses atomics: every reduction has a fixed
 // order, so a result is the same bits from run to run.
 //
@@ -80,7 +86,8 @@ static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32
 // count, every token's c_j. o null: the state alone into kv_out (cosattn.absorb), q not read.
 // The sequence is cut into `segments` segments of `segment_chunks` chunks; with more than one,
 // segment_states (B, H, segments, Dv, Dk) holds their states, which forward_kernel forms when
-// states_only is 1.
+// states_only is 1. passes: 3 or 1, the products of 16-bit tiles (see above), in the backward
+// too.
 template <typename T>
 struct ForwardParams {
   const T* q;
@@ -94,7 +101,7 @@ struct ForwardParams {
   void* kv_out;
   void* segment_states;
   index_t B, H, S, Dk, Dv;
-  index_t segments, segment_chunks, states_only;
+  index_t segments, segment_chunks, states_only, passes;
   index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
   index_t mask_stride[2];
   double eps;
@@ -125,7 +132,7 @@ struct BackwardParams {
   void* dk_part;
   void* dm_part;
   void* dm;
-  index_t B, H, S, Dk, Dv, nsv;
+  index_t B, H, S, Dk, Dv, nsv, passes;
   index_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], dq_stride[4], dk_stride[4],
       dv_stride[4];
   index_t mask_stride[2];
@@ -262,12 +269,17 @@ __device__ __forceinline__ X block_max(X x, X* scratch) {
 
 // The (S, D) matrix of one (b, h) of a strided (B, H, S, D) array: element (s, d) is at
 // ptr[s * ss + d * sd]. Strides are in elements and may be anything (bshd views, negative).
+// Outputs are written through store(), inputs read through operator() (Rows<const T>).
 template <typename T>
 struct Rows {
   T* ptr;
   index_t ss, sd;
   __device__ __forceinline__ T* at(index_t s, index_t d) const { return ptr + s * ss + d * sd; }
-  __device__ __forceinline__ T& operator()(index_t s, index_t d) const { return *at(s, d); }
+  // An output element, written once and not read again: a streaming global store (__stcs),
+  // which also tells the compiler the address is global.
+  __device__ __forceinline__ void store(index_t s, index_t d, T value) const {
+    __stcs(at(s, d), value);
+  }
 };
 
 // The rows of an input: read through the read-only data cache (__ldg), which also tells the
@@ -525,10 +537,19 @@ struct Block {
   Sequence<T> seq;
   int Dq;  // contraction width
   int c0, Dout, cols;
+  // 16-bit products over hi/lo splits of the scaled tiles (split: three passes each), or with
+  // the raw Q and K tiles (raw: their row factors applied in fp32 outside the products, K's
+  // folded into V; fq, fk: those factors, null for none): one pass for Q Kᵀ, two for Q Stateᵀ
+  // and Vᵀ K, three for P V.
+  bool split, raw;
+  const A* fq = nullptr;
+  const A* fk = nullptr;
   bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are loaded
 
-  __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout)
+  __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout, bool three_pass)
       : seq(sequence),
+        split(kMma && three_pass),
+        raw(kMma && !three_pass),
         Dq(dq),
         c0(col0),
         Dout(dout),
@@ -627,13 +648,14 @@ struct Block {
   // Elements of T in one 16-byte access.
   static constexpr int kVec = 16 / int(sizeof(T));
 
-  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, times a factor per row
-  // (none when factor is null), into a C x Width tile; zero outside them and on padded rows,
+  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, times the factors per
+  // row f1 and f2 (none where null), into a C x Width tile; zero outside them and on padded rows,
   // which are not read. With a low tile, the rounding error of the scaled values goes there.
   // N elements are read per access: 16 bytes (kVec) when the rows are contiguous and aligned.
   template <int N, int Width>
-  __device__ __forceinline__ void tile(const Rows<const T>& x, const A* factor, T* dst, T* low,
-                                       int ld, index_t t0, int rows, int col0, int ncols) {
+  __device__ __forceinline__ void tile(const Rows<const T>& x, const A* f1, const A* f2, T* dst,
+                                       T* low, int ld, index_t t0, int rows, int col0,
+                                       int ncols) {
     static_assert(Width % N == 0, "whole accesses per row");
     constexpr int kPer = Width / N;
     for (int idx = int(threadIdx.x); idx < C * kPer; idx += kThreads) {
@@ -648,7 +670,7 @@ struct Block {
           e[0] = x(t0 + r, col0 + c);
         }
       }
-      const A f = read && factor != nullptr ? factor[r] : A(1);
+      const A f = read ? (f1 == nullptr ? A(1) : f1[r]) * (f2 == nullptr ? A(1) : f2[r]) : A(1);
       for (int i = 0; i < N; ++i) {
         const A value = read ? Num<T>::load(e[i]) * f : A(0);
         const T hi = Num<T>::store(value);
@@ -658,34 +680,47 @@ struct Block {
     }
   }
 
+  // The row factor an operand's scale stands for (null for none).
+  __device__ __forceinline__ const A* factor(Scale scale) const {
+    return scale == Scale::kQuery ? sm.qinv()
+           : scale == Scale::kKey ? sm.kinv()
+           : scale == Scale::kValue ? sm.w() : nullptr;
+  }
+
   // An operand's tile (see tile), 16 bytes per access where strides and alignment allow. Returns
-  // whether it wrote a low part (operands taken as they are have none).
+  // whether it wrote a low part (only scaled tiles have one).
   template <int Width>
-  __device__ __forceinline__ bool load(const Operand<T>& op, T* dst, T* low, int ld, index_t t0,
-                                       int rows, int col0, int ncols) {
-    const A* factor = op.scale == Scale::kQuery ? sm.qinv()
-                      : op.scale == Scale::kKey ? sm.kinv()
-                      : op.scale == Scale::kValue ? sm.w() : nullptr;
-    T* split = op.scale == Scale::kNone ? nullptr : low;
+  __device__ __forceinline__ bool load(const Operand<T>& op, const A* f1, const A* f2, T* dst,
+                                       T* low, int ld, index_t t0, int rows, int col0,
+                                       int ncols) {
+    T* low_part = f1 == nullptr && f2 == nullptr ? nullptr : low;
     const bool packed = op.x.sd == 1 && op.x.ss % kVec == 0 && col0 % kVec == 0 &&
                         ncols % kVec == 0 &&
                         reinterpret_cast<unsigned long long>(op.x.ptr) % 16 == 0;
     if (packed) {
-      tile<kVec, Width>(op.x, factor, dst, split, ld, t0, rows, col0, ncols);
+      tile<kVec, Width>(op.x, f1, f2, dst, low_part, ld, t0, rows, col0, ncols);
     } else {
-      tile<1, Width>(op.x, factor, dst, split, ld, t0, rows, col0, ncols);
+      tile<1, Width>(op.x, f1, f2, dst, low_part, ld, t0, rows, col0, ncols);
     }
-    return split != nullptr;
+    return low_part != nullptr;
   }
 
+  // Q and K: scaled (three passes: with low parts), or raw (one pass: factors kept for later).
   __device__ __forceinline__ void load_q(const Operand<T>& op, index_t t0, int rows) {
-    q_low = load<W>(op, sm.q(), sm.q_lo(), Smem::kLdX, t0, rows, 0, Dq);
+    fq = raw ? factor(op.scale) : nullptr;
+    q_low = load<W>(op, raw ? nullptr : factor(op.scale), nullptr, sm.q(),
+                    split ? sm.q_lo() : nullptr, Smem::kLdX, t0, rows, 0, Dq);
   }
   __device__ __forceinline__ void load_k(const Operand<T>& op, index_t t0, int rows) {
-    k_low = load<W>(op, sm.k(), sm.k_lo(), Smem::kLdX, t0, rows, 0, Dq);
+    fk = raw ? factor(op.scale) : nullptr;
+    k_low = load<W>(op, raw ? nullptr : factor(op.scale), nullptr, sm.k(),
+                    split ? sm.k_lo() : nullptr, Smem::kLdX, t0, rows, 0, Dq);
   }
+  // V scaled by its factor, and by K's when K is raw (K's factor is per row of V: Σ_j v_j k̂_jᵀ
+  // = Σ_j (v_j f_j) k_jᵀ). Call after load_k.
   __device__ __forceinline__ void load_v(const Operand<T>& op, index_t t0, int rows) {
-    v_low = load<SL>(op, sm.v(), sm.v_lo(), Smem::kLdV, t0, rows, c0, cols);
+    v_low = load<SL>(op, factor(op.scale), fk, sm.v(), sm.v_lo(), Smem::kLdV, t0, rows, c0,
+                     cols);
   }
 
   // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
@@ -734,19 +769,29 @@ struct Block {
     }
   }
 
-  // Out (accumulate: +=) Q Stateᵀ.
-  __device__ __forceinline__ void inter(bool accumulate) {
+  // Out = Q Stateᵀ; with raw tiles, each row then times its factor fq.
+  __device__ __forceinline__ void inter() {
     if constexpr (kMma) {
-      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX, sm.state_hi(),
-                        sm.state_lo(), Smem::kLdX, C, SL, W, sm.scalars()[0], accumulate);
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX,
+                        sm.state_hi(), sm.state_lo(), Smem::kLdX, C, SL, W, sm.scalars()[0],
+                        false);
     } else {
-      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), nullptr, Smem::kLdX, sm.state(), nullptr, Smem::kLdSt,
-                        C, SL, W, A(1), accumulate);
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), nullptr, Smem::kLdX, sm.state(), nullptr,
+                        Smem::kLdSt, C, SL, W, A(1), false);
     }
     __syncthreads();
+    if (fq != nullptr) {
+      for (int idx = int(threadIdx.x); idx < C * SL; idx += kThreads) {
+        const int r = idx / SL, c = idx % SL;
+        sm.out()[r * Smem::kLdO + c] *= fq[r];
+      }
+      __syncthreads();
+    }
   }
 
-  // Out = mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i.
+  // Out += mask(Q Kᵀ) V for the chunk in the tiles, the mask keeping j <= i (forward) or j >= i;
+  // with raw tiles the scores are multiplied by fq per row before they are rounded (K's factor
+  // is in V).
   __device__ __forceinline__ void intra(Mode mode) {
     gemm<false, true>(sm.scores(), Smem::kLdS, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX, sm.k(),
                       low(k_low, sm.k_lo()), Smem::kLdX, C, C, W, A(1), false);
@@ -754,7 +799,7 @@ struct Block {
     for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
       const int i = idx / C, j = idx % C;
       const bool keep = mode == Mode::kForward ? j <= i : j >= i;
-      const A x = keep ? sm.scores()[i * Smem::kLdS + j] : A(0);
+      const A x = keep ? sm.scores()[i * Smem::kLdS + j] * (fq == nullptr ? A(1) : fq[i]) : A(0);
       if constexpr (kMma) {
         const T hi = Num<T>::store(x);
         sm.p()[i * Smem::kLdP + j] = hi;
@@ -765,11 +810,11 @@ struct Block {
     }
     __syncthreads();
     if constexpr (kMma) {
-      gemm<false, false>(sm.out(), Smem::kLdO, sm.p(), sm.p_lo(), Smem::kLdP, sm.v(), low(v_low, sm.v_lo()),
-                         Smem::kLdV, C, SL, C, A(1), false);
+      gemm<false, false>(sm.out(), Smem::kLdO, sm.p(), sm.p_lo(), Smem::kLdP, sm.v(),
+                         low(v_low, sm.v_lo()), Smem::kLdV, C, SL, C, A(1), true);
     } else {
       gemm<false, false>(sm.out(), Smem::kLdO, sm.scores(), nullptr, Smem::kLdS, sm.v(), nullptr,
-                         Smem::kLdV, C, SL, C, A(1), false);
+                         Smem::kLdV, C, SL, C, A(1), true);
     }
     __syncthreads();
   }
@@ -780,7 +825,9 @@ struct Block {
                       low(k_low, sm.k_lo()), Smem::kLdX, SL, W, C, A(1), true);
   }
 
-  static __device__ __forceinline__ const T* low(bool loaded, const T* tile) { return loaded ? tile : nullptr; }
+  static __device__ __forceinline__ const T* low(bool loaded, const T* tile) {
+    return loaded ? tile : nullptr;
+  }
 
   // One sweep over the chunks [first, last) of the row (all of them without the sequence split;
   // a segment with it). The epilogue is called by the whole block as epilogue(t0, rows) once
@@ -829,8 +876,8 @@ struct Block {
       }
       __syncthreads();
       if (outputs) {
+        inter();
         if (!global) intra(mode);
-        inter(!global);
         epilogue(t0, rows);
       }
       if (!global) {

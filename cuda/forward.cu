@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const For
   const Place<T, W, C, SL> at(p);
   const int dk = int(p.Dk), dv = int(p.Dv);
   const Sequence<T> seq = sequence_of<T>(p, dk, at.b, at.h);
-  Block<T, W, C, SL> block(seq, dk, int(at.slice) * SL, dv);
+  Block<T, W, C, SL> block(seq, dk, int(at.slice) * SL, dv, p.passes > 1);
   block.begin();
   const Operand<T> Q{seq.q, dk, Scale::kQuery};
   const Operand<T> K{seq.k, dk, Scale::kKey};
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const For
       const int r = idx / SL, c = idx % SL;
       if (c < cols) {
         const A x = real[r] != A(0) ? tile[r * Shared<T, W, C, SL>::kLdO + c] : A(0);
-        out(t0 + r, c0 + c) = Num<T>::store(x);
+        out.store(t0 + r, c0 + c, Num<T>::store(x));
       }
     }
   };

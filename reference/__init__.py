@@ -4,6 +4,10 @@ Every function takes and returns float64 NumPy arrays in the canonical ``(B, H, 
 The quadratic form builds the S x S matrix; the recurrent form walks the tokens one at a time.
 Nothing here is fast or clever: it is what the fast backends are checked against.
 
+Packed sequences and pools of states (docs/spec.md, "Packed variable-length sequences" and "A
+pool of states") are defined here as the spec defines them: unpack into a right-padded batch
+with a mask, call the operation, pack back; gather the named slots, call it, scatter back.
+
 Padding holds anything (docs/spec.md, "Bad input"): every ``real ·`` of docs/spec.md is a
 selection (``np.where``), never a product with 0, and padded rows of the inputs are replaced by
 zeros before norms and sums are taken, so NaN or Inf there reaches no result and padded outputs
@@ -14,7 +18,20 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["backward", "counts", "forward", "forward_rnn", "normalize", "weights"]
+__all__ = [
+    "backward",
+    "backward_packed",
+    "counts",
+    "forward",
+    "forward_packed",
+    "forward_rnn",
+    "normalize",
+    "pack",
+    "pool_prefill",
+    "pool_step",
+    "unpack",
+    "weights",
+]
 
 EPS = 1e-12
 
@@ -144,3 +161,97 @@ def backward(do, q, k, v, m=None, *, causal=True, mask=None, kv0=None, count0=No
     if causal and has_state:
         dkv0 = np.swapaxes(do, -1, -2) @ qp + dkv_in
     return dq, dk, dv, dm, dkv0
+
+
+def unpack(x, cu_seqlens, mask=None):
+    """Packed ``x`` (1, H, T, D) as a right-padded batch (N, H, L, D), L the longest sequence,
+    and its mask (N, L): True at the tokens of each sequence (and of ``mask`` (1, T), if
+    given). Padding holds zeros."""
+    cu = np.asarray(cu_seqlens)
+    lengths = np.diff(cu)
+    N, L = len(lengths), int(lengths.max(initial=0))
+    out = np.zeros((N, x.shape[1], L, x.shape[3]), dtype=x.dtype)
+    real = np.zeros((N, L), dtype=bool)
+    for n in range(N):
+        out[n, :, : lengths[n]] = x[0, :, cu[n]:cu[n + 1]]
+        real[n, : lengths[n]] = True if mask is None else mask[0, cu[n]:cu[n + 1]]
+    return out, real
+
+
+def pack(x, cu_seqlens):
+    """The inverse of :func:`unpack`: (N, H, L, D) back to (1, H, T, D)."""
+    cu = np.asarray(cu_seqlens)
+    parts = [x[n, :, : cu[n + 1] - cu[n]] for n in range(len(cu) - 1)]
+    return np.concatenate(parts, axis=1)[None] if parts else x[:1, :, :0]
+
+
+def forward_packed(q, k, v, m=None, *, cu_seqlens, causal=True, mask=None, kv0=None,
+                   count0=None, eps=EPS):
+    """:func:`forward` on N packed sequences: unpack, call, pack. Returns ``(o, kv, count)``
+    (kv (N, H, Dv, Dk) and count (N,), or None when bidirectional)."""
+    (qu, real), (ku, _), (vu, _) = (unpack(x, cu_seqlens, mask) for x in (q, k, v))
+    o, kv, count = forward(qu, ku, vu, m, causal=causal, mask=real, kv0=kv0, count0=count0,
+                           eps=eps)
+    return pack(o, cu_seqlens), kv, count
+
+
+def backward_packed(do, q, k, v, m=None, *, cu_seqlens, causal=True, mask=None, kv0=None,
+                    count0=None, dkv=None, eps=EPS):
+    """:func:`backward` on N packed sequences: unpack, call, pack. Returns
+    ``(dq, dk, dv, dm, dkv0)``."""
+    (dou, real), (qu, _), (ku, _), (vu, _) = (unpack(x, cu_seqlens, mask)
+                                              for x in (do, q, k, v))
+    dq, dk, dv, dm, dkv0 = backward(dou, qu, ku, vu, m, causal=causal, mask=real, kv0=kv0,
+                                    count0=count0, dkv=dkv, eps=eps)
+    return pack(dq, cu_seqlens), pack(dk, cu_seqlens), pack(dv, cu_seqlens), dm, dkv0
+
+
+def _gather(kv, count, state_indices, has_initial_state):
+    """The states the entries start from: their slots, zero for -1 entries and where
+    ``has_initial_state`` is False."""
+    idx = np.asarray(state_indices)
+    start = idx >= 0
+    if has_initial_state is not None:
+        start = start & np.asarray(has_initial_state)
+    slot = np.where(idx >= 0, idx, 0)
+    kv0 = np.where(start[:, None, None, None], kv[slot], 0.0)
+    return kv0, np.where(start, count[slot], 0)
+
+
+def _scatter(kv, count, state_indices, new_kv, new_count):
+    """New pool arrays: the entries' outgoing states in their slots (none for -1 entries)."""
+    kv, count = kv.copy(), count.copy()
+    idx = np.asarray(state_indices)
+    live = idx >= 0
+    kv[idx[live]] = new_kv[live]
+    count[idx[live]] = new_count[live]
+    return kv, count
+
+
+def pool_prefill(kv, count, q, k, v, m=None, *, cu_seqlens, state_indices,
+                 has_initial_state=None, mask=None, eps=EPS):
+    """A pool's prefill: gather the named slots, :func:`forward_packed`, scatter back.
+
+    ``kv`` (P, H, Dv, Dk), ``count`` (P,) are the pool; returns ``(o, kv, count)`` with new
+    pool arrays (the reference changes nothing in place). A -1 entry's tokens are padding."""
+    kv0, count0 = _gather(kv, count, state_indices, has_initial_state)
+    live = np.repeat(np.asarray(state_indices) >= 0, np.diff(cu_seqlens))[None]
+    real = live if mask is None else live & mask
+    o, new_kv, new_count = forward_packed(q, k, v, m, cu_seqlens=cu_seqlens, mask=real,
+                                          kv0=kv0, count0=count0, eps=eps)
+    return (o, *_scatter(kv, count, state_indices, new_kv, new_count))
+
+
+def pool_step(kv, count, q, k, v, m=None, *, state_indices, has_initial_state=None, mask=None,
+              eps=EPS):
+    """A pool's step: gather the named slots, one step of :func:`forward_rnn`, scatter back.
+
+    ``q``, ``k`` (N, H, Dk), ``v`` (N, H, Dv), ``mask`` (N,); returns ``(o, kv, count)``, ``o``
+    (N, H, Dv), with new pool arrays. A -1 entry is padding."""
+    kv0, count0 = _gather(kv, count, state_indices, has_initial_state)
+    real = np.asarray(state_indices) >= 0
+    if mask is not None:
+        real = real & mask
+    o, new_kv, new_count = forward_rnn(q[:, :, None], k[:, :, None], v[:, :, None], m,
+                                       mask=real[:, None], kv0=kv0, count0=count0, eps=eps)
+    return (o[:, :, 0], *_scatter(kv, count, state_indices, new_kv, new_count))

@@ -354,3 +354,233 @@ def failing_steps(B=2, H=3, Dk=4, Dv=5):
         ("bad eps", lambda s, q, k, v, **kw: s.step(q, k, v, eps="a", **kw), TypeError,
          "eps must be a real number"),
     ]
+
+
+# --- packed sequences and pools (docs/spec.md, "Packed variable-length sequences", "A pool of
+# states") ---------------------------------------------------------------------------------------
+
+@dataclass
+class PackedCase:
+    """N sequences packed in one row: q, k (1, H, T, Dk), v, do (1, H, T, Dv), ``cu_seqlens``
+    (N+1,); states (N, ...). ``f64`` holds float64 copies with zeros where ``junk`` went."""
+
+    case: Case
+    cu_seqlens: np.ndarray
+
+    def __getattr__(self, name):
+        return getattr(self.case, name)
+
+    @property
+    def N(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+
+def make_packed_case(rng, lengths, H, Dk, Dv, dtype, *, mask=False, m=True, state=False,
+                     dstate=False, index_dtype=np.int64, junk=None) -> PackedCase:
+    """Random packed inputs for sequences of ``lengths``; ``mask`` puts padding inside them
+    (about 30% of the tokens, some sequences all padding); ``junk`` fills the padding."""
+    lengths = list(lengths)
+    N, T = len(lengths), int(sum(lengths))
+    case = make_case(rng, N, H, T, Dk, Dv, dtype, m=m, state=state, dstate=dstate)
+    q, k, v, do = (x[:1] for x in (case.q, case.k, case.v, case.do))
+    real = (rng.random((1, T)) < 0.7) if mask else None
+    packed = Case(q, k, v, do, case.m, real, case.kv0, case.count0, case.dkv)
+    packed.f64 = {n: None if a is None else np.array(a, dtype=np.float64)
+                  for n, a in dict(q=q, k=k, v=v, do=do, m=case.m, kv0=case.kv0,
+                                   dkv=case.dkv).items()}
+    if junk is not None and real is not None:
+        with np.errstate(over="ignore"):
+            for name in ("q", "k", "v", "do"):
+                getattr(packed, name).transpose(0, 2, 1, 3)[~real] = junk
+                packed.f64[name].transpose(0, 2, 1, 3)[~real] = 0
+    cu = np.concatenate(([0], np.cumsum(lengths))).astype(index_dtype)
+    return PackedCase(packed, cu)
+
+
+def reference_packed_forward(pc: PackedCase, causal=True):
+    f = pc.f64
+    return reference.forward_packed(f["q"], f["k"], f["v"], f["m"], cu_seqlens=pc.cu_seqlens,
+                                    causal=causal, mask=pc.mask, kv0=f["kv0"],
+                                    count0=pc.count0)
+
+
+def reference_packed_backward(pc: PackedCase, causal=True):
+    f = pc.f64
+    return reference.backward_packed(f["do"], f["q"], f["k"], f["v"], f["m"],
+                                     cu_seqlens=pc.cu_seqlens, causal=causal, mask=pc.mask,
+                                     kv0=f["kv0"], count0=pc.count0, dkv=f["dkv"])
+
+
+def packed_dm_scale(pc: PackedCase, causal: bool, dv_ref) -> float:
+    """:func:`dm_scale` of the unpacked batch that defines the packed call."""
+    (v, real), (dv, _) = (reference.unpack(x, pc.cu_seqlens, pc.mask)
+                          for x in (pc.f64["v"], dv_ref))
+    count0 = np.zeros(pc.N, np.int64) if pc.count0 is None else pc.count0
+    c = reference.counts(real, count0, causal)
+    terms = np.log(np.maximum(c, 1))[:, None, :] * np.einsum("bhsd,bhsd->bhs", dv, v)
+    sig = 1.0 / (1.0 + np.exp(-pc.f64["m"]))
+    return float(np.linalg.norm(terms * (sig * (1.0 - sig))[None, :, None]))
+
+
+def check_packed_forward(pc: PackedCase, *, causal: bool, layout: str = "bhsd", backend=None,
+                         to_native=np.asarray, to_host=np.asarray) -> None:
+    """cosattn.forward with cu_seqlens (states when given and causal) against the reference."""
+    import cosattn
+
+    ref_o, ref_kv, ref_count = reference_packed_forward(pc, causal)
+    args = [to_native(to_layout(a, layout)) for a in (pc.q, pc.k, pc.v)]
+    m = None if pc.m is None else to_native(pc.m)
+    mask = None if pc.mask is None else to_native(pc.mask)
+    state = None
+    if causal and pc.kv0 is not None:
+        state = cosattn.RecurrentState(to_native(pc.kv0), to_native(pc.count0))
+    result = cosattn.forward(*args, m, causal=causal, mask=mask, state=state,
+                             return_state=causal, cu_seqlens=to_native(pc.cu_seqlens),
+                             layout=layout, backend=backend)
+    o, out_state = result if causal else (result, None)
+    o = from_layout(to_host(o), layout)
+    assert o.dtype == pc.dtype
+    assert_close(o, ref_o, pc.dtype, "o")
+    assert_padding_zero(o, pc.mask, "o")
+    if causal:
+        kv = to_host(out_state.kv)
+        assert kv.shape == (pc.N, pc.q.shape[1], pc.v.shape[3], pc.q.shape[3])
+        assert_close(kv, ref_kv, pc.dtype, "state.kv")
+        np.testing.assert_array_equal(to_host(out_state.count), ref_count)
+
+
+def check_packed_backward(pc: PackedCase, *, causal: bool, layout: str = "bhsd", backend=None,
+                          to_native=np.asarray, to_host=np.asarray) -> None:
+    """cosattn.backward with cu_seqlens (dstate and dkv0 when given and causal) against the
+    reference."""
+    import cosattn
+
+    ref = reference_packed_backward(pc, causal)
+    args = [to_native(to_layout(a, layout)) for a in (pc.do, pc.q, pc.k, pc.v)]
+    m = None if pc.m is None else to_native(pc.m)
+    mask = None if pc.mask is None else to_native(pc.mask)
+    state = dstate = None
+    if causal and pc.kv0 is not None:
+        state = cosattn.RecurrentState(to_native(pc.kv0), to_native(pc.count0))
+    if causal and pc.dkv is not None:
+        dstate = to_native(pc.dkv)
+    grads = cosattn.backward(*args, m, causal=causal, mask=mask, state=state, dstate=dstate,
+                             cu_seqlens=to_native(pc.cu_seqlens), layout=layout,
+                             backend=backend)
+    assert len(grads) == (5 if state is not None else 4)
+    for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref[:3], strict=True):
+        g = from_layout(to_host(g), layout)
+        assert g.dtype == pc.dtype, name
+        assert_close(g, r, pc.dtype, name)
+        assert_padding_zero(g, pc.mask, name)
+    if pc.m is None:
+        assert grads[3] is None
+    else:
+        assert_close(to_host(grads[3]), ref[3], pc.dtype, "dm",
+                     packed_dm_scale(pc, causal, ref[2]))
+    if state is not None:
+        assert_close(to_host(grads[4]), ref[4], pc.dtype, "dkv0")
+
+
+@dataclass
+class Slots:
+    """A pool's contents and the slots a call names: ``kv`` (P, H, Dv, Dk), ``count`` (P,),
+    ``indices`` (N,) with -1 entries, ``initial`` (N,) bool or None. Slots named with
+    ``initial`` False hold NaN: a backend must not read them."""
+
+    kv: np.ndarray
+    count: np.ndarray
+    indices: np.ndarray
+    initial: np.ndarray | None
+
+
+def make_slots(rng, N, P, H, Dk, Dv, acc, *, padding=True, initial=True,
+               index_dtype=np.int64) -> Slots:
+    kv = rng.standard_normal((P, H, Dv, Dk)).astype(acc)
+    kv[..., 0, 0] = -0.0  # bit-for-bit comparisons bite on -0.0
+    count = rng.integers(0, 40, size=P).astype(np.int64)
+    chosen = rng.permutation(P)[:N]
+    indices = np.where(rng.random(N) < 0.25, -1, chosen) if padding else chosen
+    start = rng.random(N) < 0.7 if initial else None
+    if start is not None:
+        kv[indices[(indices >= 0) & ~start]] = np.nan
+    return Slots(kv, count, indices.astype(index_dtype), start)
+
+
+def _named(indices) -> np.ndarray:
+    return np.asarray(indices)[np.asarray(indices) >= 0]
+
+
+def check_pool(pool, before: Slots, ref_kv, ref_count, dtype, to_host) -> None:
+    """The named slots against the reference; every other slot bit for bit as it was."""
+    kv, count = to_host(pool.kv), to_host(pool.count)
+    named = _named(before.indices)
+    untouched = np.setdiff1d(np.arange(len(before.count)), named)
+    assert kv[untouched].tobytes() == before.kv[untouched].tobytes(), "unnamed slots changed"
+    np.testing.assert_array_equal(count[untouched], before.count[untouched])
+    assert_close(kv[named], ref_kv[named], dtype, "pool.kv")
+    np.testing.assert_array_equal(count[named], ref_count[named])
+
+
+def check_prefill(pc: PackedCase, slots: Slots, *, layout: str = "bhsd", backend=None,
+                  to_native=np.asarray, to_host=np.asarray) -> None:
+    """StatePool.prefill against the reference: the outputs (+0 for -1 entries and padding),
+    the named slots, and the other slots unchanged."""
+    import cosattn
+
+    f = pc.f64
+    ref_o, ref_kv, ref_count = reference.pool_prefill(
+        slots.kv.astype(np.float64), slots.count, f["q"], f["k"], f["v"], f["m"],
+        cu_seqlens=pc.cu_seqlens, state_indices=slots.indices,
+        has_initial_state=slots.initial, mask=pc.mask)
+    pool = cosattn.StatePool(to_native(slots.kv.copy()), to_native(slots.count.copy()))
+    args = [to_native(to_layout(a, layout)) for a in (pc.q, pc.k, pc.v)]
+    o = pool.prefill(*args, None if pc.m is None else to_native(pc.m),
+                     cu_seqlens=to_native(pc.cu_seqlens),
+                     state_indices=to_native(slots.indices),
+                     has_initial_state=None if slots.initial is None else to_native(slots.initial),
+                     mask=None if pc.mask is None else to_native(pc.mask), layout=layout,
+                     backend=backend)
+    o = from_layout(to_host(o), layout)
+    assert o.dtype == pc.dtype
+    assert_close(o, ref_o, pc.dtype, "o")
+    live = np.repeat(slots.indices >= 0, np.diff(pc.cu_seqlens))[None]
+    real = live if pc.mask is None else live & pc.mask
+    assert_padding_zero(o, real, "o")
+    check_pool(pool, slots, ref_kv, ref_count, pc.dtype, to_host)
+
+
+def check_pool_step(rng, slots: Slots, H, Dk, Dv, dtype, *, mask=False, junk=None,
+                    backend=None, to_native=np.asarray, to_host=np.asarray) -> None:
+    """StatePool.step against the reference: the outputs (+0 for -1 entries and masked rows),
+    the named slots, and the other slots unchanged. ``junk`` fills the -1 and masked rows."""
+    import cosattn
+
+    N = len(slots.indices)
+    q, k, v = (rng.standard_normal((N, H, D)).astype(dtype) for D in (Dk, Dk, Dv))
+    m = rng.uniform(-2, 2, size=H).astype(np.float32)
+    real = rng.random(N) < 0.7 if mask else None
+    f64 = [x.astype(np.float64) for x in (q, k, v)]
+    padded = slots.indices < 0 if real is None else (slots.indices < 0) | ~real
+    if junk is not None:
+        with np.errstate(over="ignore"):
+            for x, x64 in zip((q, k, v), f64, strict=True):
+                x[padded] = junk
+                x64[padded] = 0
+    ref_o, ref_kv, ref_count = reference.pool_step(
+        slots.kv.astype(np.float64), slots.count, *f64, m.astype(np.float64),
+        state_indices=slots.indices, has_initial_state=slots.initial, mask=real)
+    pool = cosattn.StatePool(to_native(slots.kv.copy()), to_native(slots.count.copy()))
+    o = pool.step(*(to_native(x) for x in (q, k, v)), to_native(m),
+                  state_indices=to_native(slots.indices),
+                  has_initial_state=None if slots.initial is None else to_native(slots.initial),
+                  mask=None if real is None else to_native(real), backend=backend)
+    o = to_host(o)
+    assert o.dtype == np.dtype(dtype) and o.shape == (N, H, Dv)
+    assert_close(o, ref_o, dtype, "o_t")
+    assert np.all(o[padded] == 0) and not np.any(np.signbit(o[padded]))
+    check_pool(pool, slots, ref_kv, ref_count, dtype, to_host)
+    if real is not None:  # a masked row that starts from its slot leaves it bit for bit
+        kept = slots.indices[(slots.indices >= 0) & ~real
+                             & (True if slots.initial is None else slots.initial)]
+        assert to_host(pool.kv)[kept].tobytes() == slots.kv[kept].tobytes()

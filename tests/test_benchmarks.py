@@ -29,6 +29,7 @@ from benchmarks import (
     gpu_smoke,
     gpu_variants,
     precompile,
+    serve_bench,
 )
 from cosattn import reference
 
@@ -208,6 +209,44 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert data["targets"]["measured"] == 0  # the targets' shapes are not in a dry run
     md = (tmp_path / "gpu_bench_dry_quick.md").read_text()
     assert "## Recurrent step" in md and "## Targets (issue 11)" in md
+
+
+def test_serve_bench_quick_writes_its_results(tmp_path):
+    argv = ["--quick", "--sequences", "5", "--max-len", "200", "--H", "2", "--D", "16",
+            "--active", "3", "64", "--pool-slots", "70", "--calls", "2", "--repeats", "2",
+            "--out", str(tmp_path)]
+    assert serve_bench.main(argv) == 0
+    data = json.loads((tmp_path / "serve_bench_quick.json").read_text())
+    assert data["command"].startswith("python -m benchmarks.serve_bench --quick")
+    packed = data["packed"]
+    L = serve_bench.lengths(5, 16, 200, 0)
+    assert packed["lengths"] == L.tolist() and packed["T"] == L.sum()
+    assert packed["padded_tokens"] == 5 * L.max()
+    assert packed["agreement"]["ok"]
+    assert set(packed["results"]) == {"packed", "padded", "single"}
+    assert all(r["repeats"] == 2 for r in packed["results"].values())
+    assert [t["limit"] for t in packed["targets"]] == [
+        serve_bench.PACKED_VS_SINGLE_MAX, packed["padded_over_real"] / serve_bench.PADDING_DISCOUNT]
+    records = {r["active"]: r for r in data["pool"]["records"]}
+    assert set(records) == {3, 64}
+    for A, r in records.items():
+        assert r["state_bytes_per_step"] == 2 * A * 2 * 16 * 16 * 4
+        per_step = {n: x["median_s"] for n, x in r["results"].items()}
+        assert r["bytes_per_s"]["copy"] == pytest.approx(r["state_bytes_per_step"]
+                                                         / per_step["copy"])
+        assert r["tokens_per_s"]["pool"] == pytest.approx(A / per_step["pool"])
+    assert [t["name"].split(",")[0] for t in data["pool"]["targets"]] == [
+        "pool step / batched step throughput", "pool step bandwidth / copy bandwidth"]
+    md = (tmp_path / "serve_bench_quick.md").read_text()
+    assert data["command"] in md and "## Targets (issue 14)" in md
+
+
+def test_serve_bench_lengths_are_log_uniform_and_fixed_by_the_seed():
+    L = serve_bench.lengths(2000, 16, 4096, 3)
+    assert L.min() >= 16 and L.max() <= 4096
+    assert np.array_equal(L, serve_bench.lengths(2000, 16, 4096, 3))
+    quarters = np.histogram(np.log(L + 0.5), bins=4, range=(np.log(16), np.log(4096)))[0]
+    assert quarters.min() > 0.8 * quarters.max()  # each quarter of the log range equally often
 
 
 def test_gpu_smoke_checks_pass_on_the_numpy_backend():

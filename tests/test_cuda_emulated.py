@@ -338,20 +338,36 @@ def problems(draw, instance):
                    draw(st.sampled_from(JUNK)), draw(st.integers(0, 2**32 - 1)))
 
 
-@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
-@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_forward_matches_the_reference(instance, data, cupy_on_host):
-    problem = data.draw(problems(instance), label="problem")
-    check_forward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
+# Every instance in the default variant; the 16-bit ones in every variant of the backend.
+RUNS = [(instance, variant) for instance in INSTANCES
+        for variant in (_cupy.VARIANTS if instance[0].itemsize == 2 else _cupy.VARIANTS[:1])]
 
 
-@pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)
+def _run_id(run: tuple) -> str:
+    (instance, variant) = run
+    return f"{_instance_id(instance)}-{variant}"
+
+
+@pytest.mark.parametrize("run", RUNS, ids=_run_id)
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_backward_matches_the_reference(instance, data, cupy_on_host):
+def test_forward_matches_the_reference(run, data, cupy_on_host):
+    instance, variant = run
     problem = data.draw(problems(instance), label="problem")
-    check_backward(problem.case(), causal=problem.causal, layout=problem.layout, backend="cupy")
+    with _cupy.variant(variant):
+        check_forward(problem.case(), causal=problem.causal, layout=problem.layout,
+                      backend="cupy")
+
+
+@pytest.mark.parametrize("run", RUNS, ids=_run_id)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_backward_matches_the_reference(run, data, cupy_on_host):
+    instance, variant = run
+    problem = data.draw(problems(instance), label="problem")
+    with _cupy.variant(variant):
+        check_backward(problem.case(), causal=problem.causal, layout=problem.layout,
+                       backend="cupy")
 
 
 @pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)

@@ -245,3 +245,33 @@ def _flatten(x):
     if isinstance(x, (tuple, list)):
         return [y for item in x for y in _flatten(item)]
     return [x]
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_junk_packed_and_pool_arguments_raise_only_documented_errors(data):
+    """cu_seqlens, state_indices and has_initial_state of any kind: forward, backward and a
+    pool's prefill and step raise only the documented errors, and a pool call that raises
+    leaves the pool bit for bit as it was."""
+    x = np.ones((1, 2, 3, 4), np.float32)
+    good = {"cu_seqlens": np.array([0, 1, 3]), "state_indices": np.array([1, -1]),
+            "has_initial_state": np.array([False, True])}
+    args = {n: data.draw(_JUNK_VALUES) if data.draw(st.integers(0, 2)) == 0 else g
+            for n, g in good.items()}
+    kv = np.random.default_rng(0).standard_normal((3, 2, 4, 4)).astype(np.float32)
+    pool = cosattn.StatePool(kv, np.array([4, 0, 2]))
+    token = np.ones((2, 2, 4), np.float32)
+    slots = {n: args[n] for n in ("state_indices", "has_initial_state")}
+    calls = [
+        (False, lambda: cosattn.forward(x, x, x, cu_seqlens=args["cu_seqlens"])),
+        (False, lambda: cosattn.backward(x, x, x, x, cu_seqlens=args["cu_seqlens"])),
+        (True, lambda: pool.prefill(x, x, x, cu_seqlens=args["cu_seqlens"], **slots)),
+        (True, lambda: pool.step(token, token, token, **slots)),
+    ]
+    for on_pool, run in calls:
+        before = pool.kv.tobytes(), pool.count.tobytes()
+        try:
+            run()
+        except (ValueError, TypeError, RuntimeError):
+            if on_pool:
+                assert (pool.kv.tobytes(), pool.count.tobytes()) == before

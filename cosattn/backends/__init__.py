@@ -19,18 +19,21 @@ from .._device import Device
 
 class Backend(Protocol):
     DEVICE: str  # "cpu" or "cuda": the kind of arrays it runs on
+    VARLEN: bool  # whether it takes packed sequences (cu_seqlens) and pools of states
 
     def unavailable(self) -> str | None:
         """Why it cannot run here; None when it can."""
 
     def forward(self, call: ForwardCall) -> tuple[Any, Any] | None:
-        """Write ``call.o``; return the outgoing ``(kv, count)`` when ``call.want_state``."""
+        """Write ``call.o``; return the outgoing ``(kv, count)`` when ``call.want_state``; with
+        ``call.state_indices``, write the outgoing states into the named slots instead."""
 
     def backward(self, call: BackwardCall) -> tuple[Any, Any]:
         """Write ``call.dq``, ``call.dk``, ``call.dv``; return ``(dm, dkv0)``."""
 
     def step(self, call: StepCall) -> None:
-        """Update ``call.kv`` and ``call.count`` in place and write ``call.o``."""
+        """Update ``call.kv`` and ``call.count`` in place (the named slots, with
+        ``call.state_indices``) and write ``call.o``."""
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -23,10 +23,12 @@ nothing synchronises with the host after a module is built.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.resources
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ from .._dtypes import INPUT_DTYPES, STATE_DTYPES
 from . import ceil_div
 
 DEVICE = "cuda"
+# Packed sequences and pools of states wait for the rebuilt kernels: such a call is refused by
+# the validation (a RuntimeError pointing to the numba backend) before it reaches this module.
+VARLEN = False
 INSTALL_HINT = "pip install cosattn[cuda13]"
 MIN_CAPABILITY = 80  # wmma on bfloat16 tiles needs sm_80
 
@@ -65,6 +70,28 @@ SMS = 132
 WIDTHS = (16, 32, 64, 128, 256)
 WIDE_STEP = 64
 WIDE_EXAMPLE = 320
+
+# Variants of the kernels that the GPU check times against each other (benchmarks/
+# gpu_variants.py): how the float16/bfloat16 products are taken, as the parameter `passes` of the
+# sweeps (common.cuh): three passes over hi/lo splits of every scaled tile (the default), or the
+# raw q/k tiles in one pass with their row factors applied outside the products. The loser is
+# deleted once it is measured.
+VARIANTS = ("three-pass", "raw-qk")
+PASSES = {"three-pass": 3, "raw-qk": 1}
+_variant = contextvars.ContextVar("cosattn_cupy_variant", default=VARIANTS[0])
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Run the cupy backend's calls made inside the block with kernel variant ``name``."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; the cupy backend has {VARIANTS}")
+    token = _variant.set(name)
+    try:
+        yield
+    finally:
+        _variant.reset(token)
+
 
 CTYPES = dict(zip(INPUT_DTYPES, ("__half", "__nv_bfloat16", "float", "double"), strict=True))
 
@@ -427,12 +454,12 @@ def _strided(n: int, *names: str) -> tuple[tuple[str, int], ...]:
 PARAMS = {
     "ForwardParams": _struct(
         ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out", "segment_states"),
-        ("B", "H", "S", "Dk", "Dv", "segments", "segment_chunks", "states_only"),
+        ("B", "H", "S", "Dk", "Dv", "segments", "segment_chunks", "states_only", "passes"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
     "BackwardParams": _struct(
         ("q", "k", "v", "dout", "dq", "dk", "dv", "m", "mask", "kv0", "count0", "dkv", "dkv0",
-         "dq_part", "dk_part", "dm_part", "dm"), ("B", "H", "S", "Dk", "Dv", "nsv"),
+         "dq_part", "dk_part", "dm_part", "dm"), ("B", "H", "S", "Dk", "Dv", "nsv", "passes"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "do_stride", "dq_stride",
                    "dk_stride", "dv_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
@@ -485,7 +512,7 @@ def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, kv0
                    count0=_ptr(count0), kv_out=_ptr(kv_out),
                    segment_states=_ptr(segment_states), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
                    Dv=p.Dv, segments=plan.segments, segment_chunks=plan.segment_chunks,
-                   states_only=int(states_only),
+                   states_only=int(states_only), passes=PASSES[_variant.get()],
                    q_stride=_strides(q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), o_stride=_strides(call.o, 4),
                    mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
@@ -499,7 +526,7 @@ def _backward_params(call: BackwardCall, nsv: int, **temporaries: Any) -> np.voi
                    dout=_ptr(call.do), dq=_ptr(call.dq), dk=_ptr(call.dk), dv=_ptr(call.dv),
                    m=_ptr(call.m), mask=_ptr(call.mask),
                    **{name: _ptr(x) for name, x in temporaries.items()},
-                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, nsv=nsv,
+                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, nsv=nsv, passes=PASSES[_variant.get()],
                    q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), do_stride=_strides(call.do, 4),
                    dq_stride=_strides(call.dq, 4), dk_stride=_strides(call.dk, 4),

@@ -19,6 +19,9 @@ dṽ -> dv    k̂      q̂'     do     dstate -> dkv0  i ≥ j      real_j w_j (
 is q̂ there. Bidirectional sweeps sum over every position and carry no state, except with
 ``total=``: then St_0 is the whole sequence's sum, or its gradient, taken as it is.)
 :func:`cosattn.absorb` is the ``o`` sweep forming its state alone (``state_only``).
+Every launch has one block per sequence (a batch row, or one of the ``cu_seqlens`` of a packed
+row, read by the kernels on the device: nothing waits for the host to learn the lengths), and
+a pool's prefill and step read and write the named slots of the pool directly.
 Native arrays are CuPy arrays (seen by Numba through ``__cuda_array_interface__``, no copy)
 or Numba device arrays (:mod:`cosattn._numba_arrays`); results are allocated in the same kind.
 """
@@ -47,6 +50,7 @@ else:
     _IMPORT_ERROR = None
 
 DEVICE = "cuda"
+VARLEN = True
 
 
 @dataclass(frozen=True)
@@ -126,20 +130,32 @@ class _Launches:
 
     def __init__(self, call: Call, count0: Any = None) -> None:
         p = self.p = call.p
+        self.N = call.N
         self.xp = namespace(p.device)
         self.cfg = CONFIG
         self.stream = cuda.external_stream(p.stream) if p.stream else cuda.legacy_default_stream()
         self.acc = np.dtype(p.acc)
         self.eps = self.acc.type(p.eps)
         index = p.device.index
+        offsets = getattr(call, "cu_seqlens", None)
+        slots, initial = (getattr(call, n, None) for n in ("state_indices", "has_initial"))
         self.has_m, self.has_mask, self.has_count0 = (
             a is not None for a in (call.m, call.mask, count0))
+        self.packed, self.pooled, self.has_initial = (
+            a is not None for a in (offsets, slots, initial))
         self.m = _view(call.m) if self.has_m else _dummy(index, self.acc, 1)
         mask_ndim = 1 if isinstance(call, StepCall) else 2
         self.mask = _view(call.mask) if self.has_mask else _dummy(index, np.bool_, mask_ndim)
         self.count0 = _view(count0) if self.has_count0 else _dummy(index, np.int64, 1)
+        self.offsets = _view(offsets) if self.packed else _dummy(index, np.int64, 1)
+        self.slots = _view(slots) if self.pooled else _dummy(index, np.int64, 1)
+        self.initial = _view(initial) if self.has_initial else _dummy(index, np.bool_, 1)
         self.state_dummy = _dummy(index, self.acc, 4)
         self.parts_dummy = _dummy(index, self.acc, 3)
+
+    def sequences(self) -> tuple[Any, ...]:
+        """The arguments that name each block's sequence and slot (see ``kernels.sweep``)."""
+        return self.offsets, self.slots, self.initial
 
     def spec(self, output: str) -> Any:
         p = self.p
@@ -155,11 +171,11 @@ class _Launches:
         v_view = views[0] if v is None else _view(v)
         parts = self.parts_dummy if dm_part is None else _view(dm_part)
         s0_dtype, s_out_dtype = (self.acc if a is None else np.dtype(a.dtype) for a in (s0, s_out))
-        _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (ceil_div(Dz, spec.TZ), p.H, p.B),
-                spec.NT,
-                self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
-                self.count0, v_view, parts, s0 is not None, s_out is not None, self.has_mask,
-                self.has_m, self.has_count0, self.eps)
+        _launch(kernels.sweep(spec, s0_dtype, s_out_dtype), (ceil_div(Dz, spec.TZ), p.H, self.N),
+                spec.NT, self.stream, spec.shared_bytes(Dx), *views, *state, self.mask, self.m,
+                self.count0, v_view, parts, *self.sequences(), s0 is not None,
+                s_out is not None, self.has_mask, self.has_m, self.has_count0, self.packed,
+                self.pooled, self.has_initial, self.eps)
 
     def normalise_backward(self, g: Any, x: Any, out: Any) -> None:
         p, threads = self.p, self.cfg.threads
@@ -169,25 +185,30 @@ class _Launches:
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
-    """With ``call.o`` None, the state alone: the ``o`` sweep without its output (k stands in
-    for the q it does not read, and a one-element dummy for ``o``)."""
+    """The forward sweep; a pool's prefill reads and writes the pool (``kv0``, ``count0``) in
+    place, one block per (slot, head, tile), which no other block touches. With ``call.o``
+    None, the state alone: the ``o`` sweep without its output (k stands in for the q it does
+    not read, and a one-element dummy for ``o``)."""
     p = call.p
     run = _Launches(call, call.count0)
-    kv = count = None
-    if call.want_state:
-        kv = run.xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
-        count = run.xp.empty((p.B,), dtype=np.int64)
+    kv, count = call.kv0, call.count0  # a pool's prefill: the outgoing states go to the slots
+    if not call.pooled:
+        kv = count = None
+        if call.want_state:
+            kv = run.xp.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+            count = run.xp.empty((call.N,), dtype=np.int64)
     if call.o is None:
         out = _dummy(p.device.index, kernels.bits(np.dtype(p.dtype)), 4)
         run.sweep(run.spec("state"), call.k, call.k, call.v, out, s0=call.kv0, s_out=kv)
     else:
         run.sweep(run.spec("o"), call.q, call.k, call.v, call.o, s0=call.kv0, s_out=kv)
-    if not call.want_state:
+    if count is None:
         return None
     threads = run.cfg.threads
-    _launch(kernels.count_total(threads), (p.B,), threads, run.stream, 0, run.count0, run.mask,
-            _view(count), p.S, run.has_count0 and p.causal, run.has_mask)
-    return kv, count
+    _launch(kernels.count_total(threads), (call.N,), threads, run.stream, 0, run.count0,
+            run.mask, _view(count), p.S, *run.sequences(), run.has_count0 and p.causal,
+            run.has_mask, run.packed, run.pooled, run.has_initial)
+    return None if call.pooled else (kv, count)
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:
@@ -208,7 +229,7 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     spec = run.spec("dv")
     dm_part = None
     if call.m is not None:
-        dm_part = xp.empty((p.B, p.H, ceil_div(p.Dv, spec.TZ)), dtype=p.acc)
+        dm_part = xp.empty((call.N, p.H, ceil_div(p.Dv, spec.TZ)), dtype=p.acc)
     run.sweep(spec, call.k, call.q, call.do, call.dv, s0=dkv, s_out=dkv0, v=call.v,
               dm_part=dm_part)
     dm = None
@@ -229,7 +250,7 @@ def step(call: StepCall) -> None:
     count_view = _view(call.count)
     _launch(kernel, (ceil_div(p.Dv, kernels.STEP_ROWS), p.H, p.B), threads, run.stream,
             2 * p.Dk * acc.itemsize, _view(call.kv), count_view, _view(call.q), _view(call.k),
-            _view(call.v), _view(call.o), run.m, run.mask, run.has_m, run.has_mask,
-            acc.type(p.eps))
+            _view(call.v), _view(call.o), run.m, run.mask, run.slots, run.initial, run.has_m,
+            run.has_mask, run.pooled, run.has_initial, acc.type(p.eps))
     _launch(kernels.COUNT_STEP, (ceil_div(p.B, threads),), threads, run.stream, 0, count_view,
-            run.mask, run.has_mask)
+            run.mask, run.slots, run.initial, run.has_mask, run.pooled, run.has_initial)

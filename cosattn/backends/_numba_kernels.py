@@ -7,8 +7,9 @@ kernel per operation and dtype). Building compiles it for the current device; th
 alone is what the PTX tests compile for sm_80 and sm_90. Everything the backend runs is one of
 these:
 
-- the *sweep*: the chunked algorithm of docs/design.md as one primitive. For one (b, h) and a
-  tile of ``TZ`` output columns, a thread block walks the chunks in order (or in reverse)
+- the *sweep*: the chunked algorithm of docs/design.md as one primitive. For one sequence (a
+  batch row, or a ``cu_seqlens`` span of a packed row), one head and a tile of ``TZ`` output
+  columns, a thread block walks the chunks in order (or in reverse)
   keeping its slice of the state ``St`` (TZ x Dx, accumulation dtype) in shared memory, and
   computes::
 
@@ -256,19 +257,29 @@ def sweep(spec: SweepSpec, s0: np.dtype, s_out: np.dtype) -> Kernel:
 
     Arguments: ``x, y`` (B, H, S, Dx) and ``z`` (B, H, S, Dz) in the input dtype; ``out``
     (B, H, S, Dz) in acc or the input dtype (``spec.out_acc``); ``s0``, ``s_out``
-    (B, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m`` (H,) in acc, ``count0`` (B,) int64
+    (N, H, Dz, Dx) or dummies; ``mask`` (B, S) bool, ``m`` (H,) in acc, ``count0`` (N,) int64
     (causal: the incoming count; ALL: every token's count, the whole sequence's),
-    ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part`` (B, H, tiles) in acc, or dummies; the
-    flags ``has_s0, has_s_out, has_mask, has_m, has_count0``; ``eps`` in acc. Grid
-    ``(ceil(Dz / TZ), H, B)``, ``NT`` threads, :meth:`SweepSpec.shared_bytes` of dynamic
-    shared memory.
+    ``v`` (B, H, S, Dz) the values for ``dm``, ``dm_part`` (N, H, tiles) in acc, or dummies;
+    ``offsets`` (N+1,) int64 (``cu_seqlens``), ``slots`` (N,) int64 and ``initial`` (N,) bool, or
+    dummies; the flags ``has_s0, has_s_out, has_mask, has_m, has_count0, packed, pooled,
+    has_initial``; ``eps`` in acc. Grid ``(ceil(Dz / TZ), H, N)``, ``NT`` threads,
+    :meth:`SweepSpec.shared_bytes` of dynamic shared memory.
+
+    Block (tile, h, n) walks sequence n: batch row n, or, ``packed``, the positions
+    ``offsets[n] .. offsets[n+1]-1`` of row 0 (clamped into 0..S, so that unchecked offsets
+    never reach outside the arrays). Its states are row n of ``s0``, ``s_out`` and ``count0``,
+    or, ``pooled``, row ``slots[n]`` of those pool arrays (the incoming state zero where
+    ``initial[n]`` is False); a slot outside the pool (-1: a padding entry) makes a block that
+    writes zeros to its outputs and returns. (``total=`` and ``state_only`` sweeps are never
+    packed nor pooled: the validation refuses ``total=`` with ``cu_seqlens``.)
     """
     io, acc = bits(spec.dtype), spec.acc
     signature = ((_array(io, 4),) * 3
                  + (_array(acc if spec.out_acc else io, 4), _array(s0, 4), _array(s_out, 4),
                     _array(np.bool_, 2), _array(acc, 1), _array(np.int64, 1), _array(io, 4),
-                    _array(acc, 3))
-                 + (_FLAG,) * 5 + (_scalar(acc),))
+                    _array(acc, 3), _array(np.int64, 1), _array(np.int64, 1),
+                    _array(np.bool_, 1))
+                 + (_FLAG,) * 8 + (_scalar(acc),))
     return Kernel(_sweep_function(spec), signature)
 
 
@@ -298,13 +309,34 @@ def _sweep_function(spec: SweepSpec) -> Any:
         return acc(1) / max(math.sqrt(total), eps)
 
     def sweep(x: Any, y: Any, z: Any, out: Any, s0: Any, s_out: Any, mask: Any, m: Any,
-              count0: Any, v: Any, dm_part: Any, has_s0: Any, has_s_out: Any, has_mask: Any,
-              has_m: Any, has_count0: Any, eps: Any) -> None:
+              count0: Any, v: Any, dm_part: Any, offsets: Any, slots: Any, initial: Any,
+              has_s0: Any, has_s_out: Any, has_mask: Any, has_m: Any, has_count0: Any,
+              packed: Any, pooled: Any, has_initial: Any, eps: Any) -> None:
         tid = cuda.threadIdx.x
-        zt, h, b = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
-        S, Dx, Dz = x.shape[2], x.shape[3], z.shape[3]
+        zt, h, n = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        Dx, Dz = x.shape[3], z.shape[3]
         z0 = zt * TZ
         tz = min(TZ, Dz - z0)
+        b, start, S = np.int64(n), np.int64(0), np.int64(x.shape[2])  # x's row and positions
+        if packed:
+            start = min(max(offsets[n], np.int64(0)), S)
+            S = min(max(offsets[n + 1], start), S) - start
+            b = np.int64(0)
+        slot = np.int64(n)  # the row of the states
+        from_state = True
+        if pooled:
+            slot = slots[n]
+            if slot < 0 or slot >= count0.shape[0]:  # a padding entry: zeros, no slot
+                for e in range(tid, S * tz, NT):
+                    s = e // tz
+                    if OUT_ACC:
+                        out[b, h, start + s, z0 + e - s * tz] = acc(0)
+                    else:
+                        store(out, (b, h, start + s, z0 + e - s * tz), acc(0))
+                if DM and has_m and tid == 0:
+                    dm_part[n, h, zt] = acc(0)
+                return
+            from_state = not has_initial or initial[n]
         st = cuda.shared.array(0, dt)  # the state slice, TZ x Dx
         xt = cuda.shared.array(C_TD, dt)
         yt = cuda.shared.array(C_TD, dt)
@@ -324,16 +356,17 @@ def _sweep_function(spec: SweepSpec) -> Any:
 
         for e in range(tid, TZ * Dx, NT):
             t = e // Dx
-            st[e] = acc(s0[b, h, z0 + t, e - t * Dx]) if has_s0 and t < tz else acc(0)
+            st[e] = (acc(s0[slot, h, z0 + t, e - t * Dx]) if has_s0 and from_state and t < tz
+                     else acc(0))
         total = np.int64(S)
         if has_mask and not FWD:
             part = np.int64(0)
             for s in range(tid, S, NT):
-                if mask[b, s]:
+                if mask[b, start + s]:
                     part += 1
             red[0, tid] = part
             total = block_sum(red, tid)
-        n0 = count0[b] if has_count0 else np.int64(0)
+        n0 = count0[slot] if has_count0 and from_state else np.int64(0)
         sig = _sigmoid(m[h], acc(1)) if has_m else acc(0)
         if BOTH and has_count0:
             total = n0
@@ -344,16 +377,17 @@ def _sweep_function(spec: SweepSpec) -> Any:
             update = STATE_ONLY or not BOTH or npass == 0
             emit = not STATE_ONLY and (not BOTH or npass == 1)
             running = n0 + total if REV else n0
-            for n in range(nchunks):
-                base = (nchunks - 1 - n) * C if REV else n * C
+            for chunk in range(nchunks):
+                base = (nchunks - 1 - chunk) * C if REV else chunk * C
                 if tid == 0:
                     if REV:
                         for r in range(min(C, S - base)):
-                            if not has_mask or mask[b, base + r]:
+                            if not has_mask or mask[b, start + base + r]:
                                 running -= 1
                     c = total if BOTH else running
                     for r in range(C):
-                        if not BOTH and base + r < S and (not has_mask or mask[b, base + r]):
+                        if not BOTH and base + r < S and (not has_mask
+                                                          or mask[b, start + base + r]):
                             c += 1
                         cnt[r] = c
                     if FWD:
@@ -361,15 +395,16 @@ def _sweep_function(spec: SweepSpec) -> Any:
                 cuda.syncthreads()
                 if tid < C:
                     s = base + tid
-                    real[tid] = s < S and (not has_mask or mask[b, s])
+                    p = start + s
+                    real[tid] = s < S and (not has_mask or mask[b, p])
                     if real[tid]:
                         count = acc(max(np.int64(1), cnt[tid]))
                         w = math.pow(count, -sig) if has_m else acc(1)
                         if not STATE_ONLY:
-                            sx[tid] = scale(X_SCALE, x, b, h, s, w, eps)
-                        sy[tid] = scale(Y_SCALE, y, b, h, s, w, eps)
-                        sz[tid] = scale(Z_SCALE, z, b, h, s, w, eps)
-                        so[tid] = scale(OUT_SCALE, z, b, h, s, w, eps)
+                            sx[tid] = scale(X_SCALE, x, b, h, p, w, eps)
+                        sy[tid] = scale(Y_SCALE, y, b, h, p, w, eps)
+                        sz[tid] = scale(Z_SCALE, z, b, h, p, w, eps)
+                        so[tid] = scale(OUT_SCALE, z, b, h, p, w, eps)
                         lc[tid] = -math.log(count)
                 cuda.syncthreads()
                 if update:
@@ -377,7 +412,8 @@ def _sweep_function(spec: SweepSpec) -> Any:
                         r = e // TZ
                         t = e - r * TZ
                         inside = real[r] and t < tz
-                        zs[e] = load(z, (b, h, base + r, z0 + t)) * sz[r] if inside else acc(0)
+                        zs[e] = (load(z, (b, h, start + base + r, z0 + t)) * sz[r] if inside
+                                 else acc(0))
                 for k in range(NA):
                     acc_a[k] = acc(0)
                 for k in range(NO):
@@ -388,10 +424,11 @@ def _sweep_function(spec: SweepSpec) -> Any:
                         r = e // TD
                         dd = e - r * TD
                         inside = real[r] and dd < td
+                        p = start + base + r
                         if emit:
-                            xt[e] = load(x, (b, h, base + r, d0 + dd)) * sx[r] if inside else acc(0)
+                            xt[e] = load(x, (b, h, p, d0 + dd)) * sx[r] if inside else acc(0)
                         if not BOTH or update:
-                            yt[e] = load(y, (b, h, base + r, d0 + dd)) * sy[r] if inside else acc(0)
+                            yt[e] = load(y, (b, h, p, d0 + dd)) * sy[r] if inside else acc(0)
                     cuda.syncthreads()
                     if emit:
                         for k in range(NO):
@@ -441,28 +478,28 @@ def _sweep_function(spec: SweepSpec) -> Any:
                             if not BOTH:
                                 for j in range(C):
                                     value += at[i * C + j] * zs[j * TZ + t]
-                            s = base + i
-                            if s < S and t < tz:
+                            p = start + base + i
+                            if base + i < S and t < tz:
                                 if real[i]:
                                     value = value * so[i]
                                     if DM and has_m:
-                                        dm_acc += value * load(v, (b, h, s, z0 + t)) * lc[i]
+                                        dm_acc += value * load(v, (b, h, p, z0 + t)) * lc[i]
                                 else:
                                     value = acc(0)
                                 if OUT_ACC:
-                                    out[b, h, s, z0 + t] = value
+                                    out[b, h, p, z0 + t] = value
                                 else:
-                                    store(out, (b, h, s, z0 + t), value)
+                                    store(out, (b, h, p, z0 + t), value)
                 cuda.syncthreads()
         if has_s_out:
             for e in range(tid, tz * Dx, NT):
                 t = e // Dx
-                s_out[b, h, z0 + t, e - t * Dx] = st[e]
+                s_out[slot, h, z0 + t, e - t * Dx] = st[e]
         if DM and has_m:
             redf[0, tid] = dm_acc
             dm_total = block_sum(redf, tid)
             if tid == 0:
-                dm_part[b, h, zt] = dm_total
+                dm_part[n, h, zt] = dm_total
 
     return sweep
 
@@ -532,13 +569,16 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     """One recurrent step for every (b, h): ``kv += w v k̂ᵀ``, ``o = kv q̂`` where the token is
     real; where it is padding, ``o`` is +0 and ``kv`` is not written (it keeps its bits).
 
-    ``kv`` (B, H, Dv, Dk) in ``state`` (float32 or float64, the dtype it accumulates in),
-    ``count`` (B,) int64 the counts *before* the step, ``q, k`` (B, H, Dk), ``v`` and ``o``
+    ``kv`` (P, H, Dv, Dk) in ``state`` (float32 or float64, the dtype it accumulates in),
+    ``count`` (P,) int64 the counts *before* the step, ``q, k`` (B, H, Dk), ``v`` and ``o``
     (B, H, Dv) in the input dtype ``dtype``, ``m`` (H,) in its accumulation dtype, ``mask``
-    (B,), or dummies; the flags ``has_m, has_mask``; ``eps`` in ``state``. Grid
-    ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads (``lanes`` of them share a row of the
-    state), dynamic shared memory ``2 Dk`` elements of ``state``. The counts are advanced
-    afterwards by :data:`COUNT_STEP`.
+    (B,), ``slots`` (B,) int64, ``initial`` (B,) bool, or dummies; the flags ``has_m,
+    has_mask, pooled, has_initial``; ``eps`` in ``state``. Row b steps state b, or, ``pooled``,
+    state ``slots[b]`` (none when that is outside the pool: a -1 entry, whose output is +0), from
+    a zero state where ``initial[b]`` is False (the state then receives the step's outgoing
+    state, zeros for a padded row). Grid ``(ceil(Dv / STEP_ROWS), H, B)``, ``threads`` threads
+    (``lanes`` of them share a row of the state), dynamic shared memory ``2 Dk`` elements of
+    ``state``. The counts are advanced afterwards by :data:`COUNT_STEP`.
     """
     dt = state
     acc = dt.type
@@ -548,12 +588,19 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
     rows = threads // lanes
 
     def step(kv: Any, count: Any, q: Any, k: Any, v: Any, o: Any, m: Any, mask: Any,
-             has_m: Any, has_mask: Any, eps: Any) -> None:
+             slots: Any, initial: Any, has_m: Any, has_mask: Any, pooled: Any,
+             has_initial: Any, eps: Any) -> None:
         tid = cuda.threadIdx.x
         lane = tid % lanes
         h, b = cuda.blockIdx.y, cuda.blockIdx.z
         Dk, Dv = q.shape[2], v.shape[2]
         row0 = cuda.blockIdx.x * STEP_ROWS
+        slot = slots[b] if pooled else np.int64(b)
+        if slot < 0 or slot >= kv.shape[0]:  # a padding entry: zeros, no state
+            for t in range(row0 + tid, min(row0 + STEP_ROWS, Dv), threads):
+                store(o, (b, h, t), acc(0))
+            return
+        from_state = not has_initial or initial[b]
         vectors = cuda.shared.array(0, dt)  # q̂ then k̂, 2 x Dk
         norms = cuda.shared.array((2, threads), dt)  # q·q and k·k
         red = cuda.shared.array((1, threads), dt)
@@ -579,8 +626,8 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
                 vectors[Dk + d] = vectors[Dk + d] / k_den
         w = acc(1)
         if has_m:
-            sig = _sigmoid(m[h], acc(1))
-            w = math.pow(acc(max(np.int64(1), count[b] + 1)), -sig)
+            before = count[slot] if from_state else np.int64(0)
+            w = math.pow(acc(max(np.int64(1), before + 1)), -_sigmoid(m[h], acc(1)))
         cuda.syncthreads()
         for r0 in range(0, min(STEP_ROWS, Dv - row0), rows):  # the same for the whole block
             t = row0 + r0 + tid // lanes
@@ -588,9 +635,13 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
             if real and t < Dv:
                 vt = w * load(v, (b, h, t))
                 for d in range(lane, Dk, lanes):
-                    kv_td = acc(kv[b, h, t, d]) + vt * vectors[Dk + d]
-                    kv[b, h, t, d] = kv_td
+                    old = acc(kv[slot, h, t, d]) if from_state else acc(0)
+                    kv_td = old + vt * vectors[Dk + d]
+                    kv[slot, h, t, d] = kv_td
                     part += kv_td * vectors[d]
+            elif not from_state and t < Dv:
+                for d in range(lane, Dk, lanes):
+                    kv[slot, h, t, d] = acc(0)
             red[0, tid] = part
             lane_sums(red, tid)
             if lane == 0 and t < Dv:
@@ -599,47 +650,74 @@ def step(state: np.dtype, dtype: np.dtype, threads: int, lanes: int) -> Kernel:
 
     io = bits(dtype)
     return Kernel(step, (_array(dt, 4), _array(np.int64, 1), *(_array(io, 3),) * 4,
-                         _array(accumulation(dtype), 1), _array(np.bool_, 1), _FLAG, _FLAG,
+                         _array(accumulation(dtype), 1), _array(np.bool_, 1),
+                         _array(np.int64, 1), _array(np.bool_, 1), *(_FLAG,) * 4,
                          _scalar(dt)))
 
 
 @functools.cache
 def count_total(threads: int) -> Kernel:
-    """``out[b] = count0[b] + Σ_s mask[b, s]`` (or ``+ S``); grid B, ``threads`` threads.
+    """``out[n] = count0[n] + Σ_s mask[b, s]`` (or ``+`` the length) over sequence n; grid N,
+    ``threads`` threads.
 
-    Arguments ``count0, mask, out, S, has_count0, has_mask``.
+    Arguments ``count0, mask, out, S, offsets, slots, initial, has_count0, has_mask, packed,
+    pooled, has_initial``; sequences, slots and ``initial`` as for :func:`sweep` (with
+    ``pooled``, ``count0`` and ``out`` are the pool's counts, and a -1 entry writes nothing).
     """
     block_sum = _block_sum_fn(threads)
 
-    def count_total(count0: Any, mask: Any, out: Any, S: Any, has_count0: Any,
-                    has_mask: Any) -> None:
+    def count_total(count0: Any, mask: Any, out: Any, S: Any, offsets: Any, slots: Any,
+                    initial: Any, has_count0: Any, has_mask: Any, packed: Any, pooled: Any,
+                    has_initial: Any) -> None:
         tid = cuda.threadIdx.x
-        b = cuda.blockIdx.x
+        n = cuda.blockIdx.x
+        b, start, length = np.int64(n), np.int64(0), S
+        if packed:
+            start = min(max(offsets[n], np.int64(0)), S)
+            length = min(max(offsets[n + 1], start), S) - start
+            b = np.int64(0)
+        slot = np.int64(n)
+        from_state = True
+        if pooled:
+            slot = slots[n]
+            if slot < 0 or slot >= out.shape[0]:
+                return
+            from_state = not has_initial or initial[n]
         red = cuda.shared.array((1, threads), _I64)
         part = np.int64(0)
         if has_mask:
-            for s in range(tid, S, threads):
-                if mask[b, s]:
+            for s in range(tid, length, threads):
+                if mask[b, start + s]:
                     part += 1
         elif tid == 0:
-            part = np.int64(S)
+            part = length
         red[0, tid] = part
         total = block_sum(red, tid)
         if tid == 0:
-            out[b] = total + (count0[b] if has_count0 else np.int64(0))
+            out[slot] = total + (count0[slot] if has_count0 and from_state else np.int64(0))
 
     return Kernel(count_total, (_array(np.int64, 1), _array(np.bool_, 2), _array(np.int64, 1),
-                                numba.types.int64, _FLAG, _FLAG))
+                                numba.types.int64, _array(np.int64, 1), _array(np.int64, 1),
+                                _array(np.bool_, 1), *(_FLAG,) * 5))
 
 
-def _count_step(count: Any, mask: Any, has_mask: Any) -> None:
+def _count_step(count: Any, mask: Any, slots: Any, initial: Any, has_mask: Any, pooled: Any,
+                has_initial: Any) -> None:
     b = cuda.grid(1)
-    if b < count.shape[0] and (not has_mask or mask[b]):
-        count[b] += 1
+    if b < (slots.shape[0] if pooled else count.shape[0]):
+        slot = slots[b] if pooled else np.int64(b)
+        if 0 <= slot < count.shape[0]:
+            real = not has_mask or mask[b]
+            if has_initial and not initial[b]:
+                count[slot] = np.int64(1) if real else np.int64(0)
+            elif real:
+                count[slot] += 1
 
 
-COUNT_STEP = Kernel(_count_step, (_array(np.int64, 1), _array(np.bool_, 1), _FLAG))
-"""``count[b] += mask[b]`` (or 1), after :func:`step`; one thread per b."""
+COUNT_STEP = Kernel(_count_step, (_array(np.int64, 1), _array(np.bool_, 1),
+                                  _array(np.int64, 1), _array(np.bool_, 1), *(_FLAG,) * 3))
+"""``count[slot] += mask[b]`` (or 1; from 0 where ``initial[b]`` is False), after
+:func:`step`, with the rows, slots and flags of :func:`step`; one thread per row b."""
 
 
 @functools.cache

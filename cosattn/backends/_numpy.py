@@ -11,25 +11,32 @@ the normalisation backward, ``dm``'s terms) runs as one fused pass per array in
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
 to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
 as +0.
+
+Packed sequences (``cu_seqlens``) are copied by the same passes into a work layout in which
+every sequence starts a chunk (:class:`_Layout`); the running sums over chunks restart at each
+sequence. A pool's prefill gathers and scatters its N slots around the packed forward; a pool's
+step runs the fused step kernel on the slots in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .._call import BackwardCall, Call, ForwardCall, Problem, StepCall
+from .._call import BackwardCall, ForwardCall, Problem, StepCall
 from . import _cpu_kernels, ceil_div
 
 DEVICE = "cpu"
+VARLEN = True
 CHUNK = 64
 # Below this many input elements (B*H*S*(Dk+Dv)) a call runs on the calling thread alone.
 PARALLEL_MIN_ELEMENTS = 1 << 18
@@ -44,14 +51,65 @@ def unavailable() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a call's tokens sit in the work buffers (B, H, n, D), ``n`` a multiple of CHUNK.
+
+    Unpacked, row b's S tokens sit at positions 0 .. S-1, and the chunks of all rows form one
+    segment, whose states are the call's B rows. Packed, sequence i (the positions ``src[i]``
+    .. ``src[i] + lengths[i] - 1`` of the one row) sits at positions ``CHUNK * c0`` onward for
+    its segment of chunks ``segments[i] = (c0, c1)``: every sequence starts a chunk, no chunk
+    holds two sequences, and the positions between sequences are zero. Its state is row i.
+    """
+
+    n: int
+    segments: list[tuple[int, int]]  # chunk ranges
+    src: Any = None  # (N,) each sequence's first position in the caller's row; None unpacked
+    lengths: Any = None  # (N,) tokens of each sequence
+
+    def rows(self, i: int) -> slice:
+        """The state rows of segment i."""
+        return slice(None) if self.src is None else slice(i, i + 1)
+
+    def tokens(self, i: int) -> slice:
+        """The work positions of segment i."""
+        c0, c1 = self.segments[i]
+        return slice(c0 * CHUNK, c1 * CHUNK)
+
+    def pieces(self, S: int) -> Any:
+        """Where the tokens sit, as the CPU kernels take it: rows (caller start, work start,
+        length, work length), int64. Unpacked, one piece: the S tokens of every row at the same
+        place; packed, one per non-empty sequence."""
+        if self.src is None:
+            return np.array([[0, 0, S, self.n]], dtype=np.int64)
+        table = np.array([[s0, c0 * CHUNK, L, (c1 - c0) * CHUNK] for s0, L, (c0, c1) in
+                          zip(self.src, self.lengths, self.segments, strict=True) if L],
+                         dtype=np.int64)
+        return table.reshape(-1, 4)
+
+
+def _layout(call: ForwardCall | BackwardCall) -> _Layout:
+    p = call.p
+    if not call.packed:
+        n = ceil_div(p.S, CHUNK) * CHUNK
+        return _Layout(n, [(0, n // CHUNK)])
+    lengths = np.diff(call.cu_seqlens)
+    chunks = -(-lengths // CHUNK)
+    ends = np.cumsum(chunks)
+    n = int(ends[-1]) * CHUNK if len(ends) else 0
+    return _Layout(n, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
+                   call.cu_seqlens[:-1], lengths)
+
+
 @dataclass
 class _Normalised:
-    """Normalised, scaled inputs, zero at padded positions and past S (B, H, N*C, D)."""
+    """Normalised, scaled inputs in the work layout, zero where no real token sits
+    (B, H, n, D); per-token quantities at the caller's positions."""
 
     qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
     kh: Any  # k_j / max(|k_j|, eps)
     vt: Any  # w_j * v_j
-    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, S); None without q
+    q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (at the tokens' work positions); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
@@ -63,19 +121,22 @@ def _readable(x: Any, acc: np.dtype) -> Any:
 
 
 def _no_mask(mask: Any) -> Any:
-    """``mask`` (B, S) as the CPU kernels take it: (0, 0) when every token is real."""
+    """``mask`` (B, S) as the CPU kernels take it: (0, 0) when every token is real (and stays
+    so when sliced)."""
     return _ALL_REAL if mask is None else mask
 
 
 def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
-    """Run an epilogue ``kernel(*args, target)`` writing ``out`` (B, H, S, D): straight into it
-    when it has the accumulation dtype, else into the first S rows of the padded buffer
-    ``buf`` (in place), then cast into ``out``."""
+    """Run an epilogue ``kernel(*args[:-1], target, pieces)`` writing ``out`` (B, H, S, D):
+    straight into it when it has the accumulation dtype, else into the first S rows of the
+    work buffer ``buf`` (in place: the kernels read each row before they write over it), then
+    cast into ``out``."""
+    *head, pieces = args
     if out.dtype == buf.dtype:
-        kernel(*args, out)
+        kernel(*head, out, pieces)
     else:
         rows = buf[:, :, : out.shape[2]]
-        kernel(*args, rows)
+        kernel(*head, rows, pieces)
         out[...] = rows
 
 
@@ -100,6 +161,19 @@ def _counts(p: Problem, mask: Any, count0: Any) -> Any:
     return c if count0 is None else c + count0[:, None]
 
 
+def _packed_counts(p: Problem, cu: Any, mask: Any, count0: Any) -> Any:
+    """The counts (1, S) of packed sequences: they restart at every sequence (from its
+    incoming count); bidirectional, each sequence's real tokens."""
+    lengths = np.diff(cu)
+    real = np.ones(p.S, dtype=np.int64) if mask is None else mask[0]
+    total = np.concatenate(([0], np.cumsum(real, dtype=np.int64)))  # real tokens before each
+    sequence = np.repeat(np.arange(len(lengths)), lengths)
+    if p.causal:
+        base = total[cu[:-1]] if count0 is None else total[cu[:-1]] - count0
+        return (total[1:] - base[sequence])[None]
+    return (total[cu[1:]] - total[cu[:-1]])[sequence][None]
+
+
 def _sigmoid(m: Any) -> Any:
     return 1.0 / (1.0 + np.exp(-m))
 
@@ -109,29 +183,31 @@ def _weights(m: Any, c: Any) -> Any:
     return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-def _normalised_inputs(call: ForwardCall | BackwardCall) -> _Normalised:
-    p, mask = call.p, _no_mask(call.mask)
-    n = ceil_div(p.S, CHUNK) * CHUNK
-    kh = np.empty((p.B, p.H, n, p.Dk), p.acc)
-    k_inv = np.empty((p.B, p.H, p.S), p.acc)
-    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv)
+def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
+    p, mask, pieces = call.p, _no_mask(call.mask), layout.pieces(call.p.S)
+    kh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+    k_inv = np.empty((p.B, p.H, layout.n), p.acc)
+    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv, pieces)
     qh = q_inv = None
     if call.q is not None:
-        qh = np.empty((p.B, p.H, n, p.Dk), p.acc)
-        q_inv = np.empty((p.B, p.H, p.S), p.acc)
-        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv)
-    c = _counts(p, call.mask, call.count0)
+        qh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+        q_inv = np.empty((p.B, p.H, layout.n), p.acc)
+        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv, pieces)
+    if call.packed:
+        c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
+    else:
+        c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    vt = _scaled(call.v, n, p.acc, mask, w)
+    vt = _scaled(call.v, layout, p.acc, mask, w)
     return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
 
 
-def _scaled(x: Any, n: int, acc: np.dtype, mask: Any, w: Any = None) -> Any:
-    """``w x`` (B, H, S, D) in a padded buffer (B, H, n, D), zero past S and where padded."""
-    B, H, _, D = x.shape
-    out = np.empty((B, H, n, D), acc)
+def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, w: Any = None) -> Any:
+    """``w x`` (B, H, S, D) in a work buffer (B, H, n, D), zero where no real token sits."""
+    B, H, S, D = x.shape
+    out = np.empty((B, H, layout.n, D), acc)
     _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0, 0, 0), acc) if w is None
-                             else w, out)
+                             else w, out, layout.pieces(S))
     return out
 
 
@@ -148,29 +224,40 @@ def _lower_scores(a: Any, b: Any) -> Any:
     return scores
 
 
-def _chunk_sums(a: Any, b: Any, *, reverse: bool) -> Any:
-    """Running sums over chunks of ``a^T b``, (B, H, N, Da, Db): entry n holds chunks <= n
-    (chunks >= n with ``reverse``). A loop over chunks, since ``np.cumsum`` along a middle axis
-    is several times slower."""
+def _chunk_sums(a: Any, b: Any, layout: _Layout, *, reverse: bool) -> Any:
+    """Running sums over the chunks of each segment of ``a^T b``, (B, H, N, Da, Db): entry n
+    holds its segment's chunks <= n (chunks >= n with ``reverse``). A loop over chunks, since
+    ``np.cumsum`` along a middle axis is several times slower."""
     sums = _chunks(a).swapaxes(-1, -2) @ _chunks(b)
-    N = sums.shape[2]
-    if reverse:
-        for n in range(N - 2, -1, -1):
-            sums[:, :, n] += sums[:, :, n + 1]
-    else:
-        for n in range(1, N):
-            sums[:, :, n] += sums[:, :, n - 1]
+    for c0, c1 in layout.segments:
+        if reverse:
+            for n in range(c1 - 2, c0 - 1, -1):
+                sums[:, :, n] += sums[:, :, n + 1]
+        else:
+            for n in range(c0 + 1, c1):
+                sums[:, :, n] += sums[:, :, n - 1]
     return sums
 
 
-def _add_other_chunks(out: Any, x: Any, sums: Any, *, reverse: bool) -> None:
-    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``): each chunk meets the
-    chunks strictly before (after) it through their running sum."""
+def _add_other_chunks(out: Any, x: Any, sums: Any, layout: _Layout, *, reverse: bool) -> None:
+    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``) within each segment:
+    each chunk meets the chunks strictly before (after) it through their running sum."""
     out, x = _chunks(out), _chunks(x)
-    if reverse:
-        out[:, :, :-1] += x[:, :, :-1] @ sums[:, :, 1:]
-    else:
-        out[:, :, 1:] += x[:, :, 1:] @ sums[:, :, :-1]
+    for c0, c1 in layout.segments:
+        if c1 - c0 < 2:
+            continue
+        if reverse:
+            out[:, :, c0:c1 - 1] += x[:, :, c0:c1 - 1] @ sums[:, :, c0 + 1:c1]
+        else:
+            out[:, :, c0 + 1:c1] += x[:, :, c0 + 1:c1] @ sums[:, :, c0:c1 - 1]
+
+
+def _add_states(out: Any, x: Any, states: Any, layout: _Layout) -> None:
+    """``out += x @ states`` with each segment's positions meeting its own state (B or N rows,
+    (..., Dx, Dz))."""
+    for i in range(len(layout.segments)):
+        tokens = layout.tokens(i)
+        out[:, :, tokens] += x[:, :, tokens] @ states[layout.rows(i)]
 
 
 def _unchunk(x: Any) -> Any:
@@ -179,15 +266,27 @@ def _unchunk(x: Any) -> Any:
     return x.reshape(B, H, N * C, D)
 
 
+def _sequence_tokens(call: ForwardCall) -> Any:
+    """Real tokens of each sequence, (N,) int64 (each batch row's when unpacked)."""
+    p, mask = call.p, call.mask
+    if not call.packed:
+        return _real_tokens(p, mask)
+    if mask is None:
+        return np.diff(call.cu_seqlens)
+    total = np.concatenate(([0], np.cumsum(mask[0], dtype=np.int64)))
+    return np.diff(total[call.cu_seqlens])
+
+
 def _state_part(call: ForwardCall) -> tuple[Any, Any]:
-    """The ``(kv, count)`` of :class:`ForwardCall` alone (``o`` None): one product over S."""
+    """The ``(kv, count)`` of :class:`ForwardCall` alone (``o`` None): one product over S.
+    Never packed nor pooled (:func:`cosattn.absorb` takes no ``cu_seqlens``)."""
     p, kv0 = call.p, call.kv0
     count = _real_tokens(p, call.mask)
     if p.causal and call.count0 is not None:
         count = count + call.count0
     kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
     if p.S:
-        x = _normalised_inputs(call)
+        x = _normalised_inputs(call, _layout(call))
         kv += x.vt.swapaxes(-1, -2) @ x.kh
     return kv, count
 
@@ -195,32 +294,41 @@ def _state_part(call: ForwardCall) -> tuple[Any, Any]:
 def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     if call.o is None:
         return _state_part(call)
-    p, mask, kv0 = call.p, call.mask, call.kv0
+    p, kv0 = call.p, call.kv0
     state = None
     if call.want_state:
-        count = np.zeros(p.B, dtype=np.int64) if call.count0 is None else call.count0
-        count = count + _real_tokens(p, mask)
-        kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+        count = np.zeros(call.N, dtype=np.int64) if call.count0 is None else call.count0
+        count = count + _sequence_tokens(call)
+        kv = np.zeros((call.N, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
         state = kv, count
     if p.S == 0:
         return state
-    x = _normalised_inputs(call)
+    layout = _layout(call)
+    x = _normalised_inputs(call, layout)
     if not p.causal:
-        # the call's own sum, or the whole sequence's (total=)
-        kv = x.vt.swapaxes(-1, -2) @ x.kh if kv0 is None else kv0.astype(p.acc, copy=False)
-        out = x.qh @ kv.swapaxes(-1, -2)
-        _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
+        out = np.empty((*x.qh.shape[:3], p.Dv), dtype=p.acc)
+        for i in range(len(layout.segments)):
+            tokens = layout.tokens(i)
+            if kv0 is None:  # the sequence's own sum
+                kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
+            else:  # the whole sequence's (total=; never packed, so one segment)
+                kv = kv0[layout.rows(i)].astype(p.acc, copy=False)
+            out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
+        _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask),
+              layout.pieces(p.S))
         return None
     out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
-    sums = _chunk_sums(x.kh, x.vt, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
-    _add_other_chunks(out, x.qh, sums, reverse=False)
+    sums = _chunk_sums(x.kh, x.vt, layout, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
+    _add_other_chunks(out, x.qh, sums, layout, reverse=False)
     if kv0 is not None:
-        out += x.qh @ kv0.astype(p.acc, copy=False).swapaxes(-1, -2)
-    _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(mask))
+        _add_states(out, x.qh, kv0.astype(p.acc, copy=False).swapaxes(-1, -2), layout)
+    _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask), layout.pieces(p.S))
     if state is None:
         return None
     kv, count = state
-    kv += sums[:, :, -1].swapaxes(-1, -2)
+    for i, (c0, c1) in enumerate(layout.segments):
+        if c1 > c0:
+            kv[layout.rows(i)] += sums[:, :, c1 - 1].swapaxes(-1, -2)
     return kv, count
 
 
@@ -279,6 +387,36 @@ def _parts(p: Problem, workers: int) -> list[tuple[slice, slice]]:
             for b in range(0, p.B, rows) for h in range(0, p.H, heads)]
 
 
+def _packed_parts(call: ForwardCall | BackwardCall, workers: int) -> list[tuple[slice, slice]]:
+    """Cut a packed call into blocks ``(sequences, heads)``: runs of whole sequences of about
+    ``PART_ELEMENTS`` input elements (or of a core's share, when that is smaller), a run larger
+    than that cut into blocks of heads, at least one block per worker thread where the heads allow.
+    Each block walks few sequences, so the per-sequence work of the whole call is done once,
+    not once per block of heads."""
+    p = call.p
+    per_token = p.H * (p.Dk + p.Dv)
+    if workers <= 1 or p.S * per_token < PARALLEL_MIN_ELEMENTS:
+        return [(slice(None), slice(None))]
+    ends = np.cumsum(np.diff(call.cu_seqlens)) * per_token  # elements up to each sequence's end
+    target = min(PART_ELEMENTS, ceil_div(int(ends[-1]), workers))
+    groups, first = [], 0
+    while first < call.N:
+        base = ends[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, base + target, side="right")))
+        groups.append((first, last, int(ends[last - 1] - base)))
+        first = last
+    split = [min(p.H, max(1, ceil_div(size, PART_ELEMENTS))) for _, _, size in groups]
+    while sum(split) < workers and any(c < p.H for c in split):
+        biggest = max((g for g in range(len(groups)) if split[g] < p.H),
+                      key=lambda g: groups[g][2] / split[g])
+        split[biggest] = min(p.H, 2 * split[biggest])
+    blocks = []
+    for (first, last, _), parts in zip(groups, split, strict=True):
+        cuts = [i * p.H // parts for i in range(parts + 1)]
+        blocks += [(slice(first, last), slice(h0, h1)) for h0, h1 in itertools.pairwise(cuts)]
+    return blocks
+
+
 def _workers_pool(workers: int) -> ThreadPoolExecutor:
     """The pool of ``workers`` threads (replaced when the thread setting changes)."""
     global _pool
@@ -290,36 +428,64 @@ def _workers_pool(workers: int) -> ThreadPoolExecutor:
         return _pool[1]
 
 
-def _run(call: Call, part: Any) -> list[tuple[tuple[slice, slice], Any]]:
-    """``part(block)`` for every block of :func:`_parts`, in parallel when there are several;
-    returns each block's ``(rows, heads)`` with its result, in a fixed order.
+def _run(call: ForwardCall | BackwardCall,
+         part: Any) -> list[tuple[tuple[slice, slice], Any]]:
+    """``part(block)`` for every block of :func:`_parts` (:func:`_packed_parts`), in parallel
+    when there are several; returns each block's ``(rows, heads)`` (``(sequences, heads)``)
+    with its result, in a fixed order.
 
     With ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, each with
     one BLAS thread, or, when it is not cut, the calling thread with at most n BLAS threads.
     Unset, there is one worker per core and the BLAS library keeps its own setting.
     """
     threads = num_threads()
-    blocks = _parts(call.p, threads or os.cpu_count() or 1)
+    workers = threads or os.cpu_count() or 1
+    blocks = _packed_parts(call, workers) if call.packed else _parts(call.p, workers)
     if len(blocks) == 1:
         with _blas_threads(threads):
             return [(blocks[0], part(call))]
-    pool = _workers_pool(threads or os.cpu_count() or 1)
+    pool = _workers_pool(workers)
     with _blas_threads(None if threads is None else 1):
         futures = [pool.submit(part, call.block(*b)) for b in blocks]
         return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
+    if call.pooled:
+        _prefill(call)
+        return None
     results = _run(call, _forward_part)
     if len(results) == 1 or not call.want_state:
         return results[0][1]
     p = call.p
-    kv = np.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
-    count = np.empty(p.B, dtype=np.int64)
+    kv = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+    count = np.empty(call.N, dtype=np.int64)
     for (rows, heads), (kv_part, count_part) in results:
         kv[rows, heads] = kv_part
         count[rows] = count_part
     return kv, count
+
+
+def _prefill(call: ForwardCall) -> None:
+    """A pool's prefill: the packed forward from the named slots (zero where a sequence has no
+    initial state), its outgoing states written back into them. The slots are gathered and
+    scattered whole, once per call (a prefill's cost is in its tokens); a ``-1`` entry's tokens
+    are masked, so they reach no result, and its slot index is never used."""
+    indices = call.state_indices
+    live = indices >= 0
+    slot = np.where(live, indices, 0)
+    start = live if call.has_initial is None else live & call.has_initial
+    kv0 = np.where(start[:, None, None, None], call.kv0[slot], 0).astype(call.kv0.dtype)
+    count0 = np.where(start, call.count0[slot], 0)
+    mask = call.mask
+    if not live.all():
+        real = np.repeat(live, np.diff(call.cu_seqlens))[None]
+        mask = real if mask is None else mask & real
+    pure = replace(call, kv0=kv0, count0=count0, mask=mask, want_state=True, state_indices=None,
+                   has_initial=None)
+    kv, count = forward(pure)
+    call.kv0[indices[live]] = kv[live]
+    call.count0[indices[live]] = count[live]
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:
@@ -339,55 +505,68 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
 
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
-    S = p.S
-    if S == 0:
+    if p.S == 0:
         dm = None if call.m is None else np.zeros(p.H, dtype=p.acc)
         if kv0 is None or not p.causal:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
-    x = _normalised_inputs(call)
+    layout = _layout(call)
+    x = _normalised_inputs(call, layout)
     mask = _no_mask(call.mask)
-    dof = _scaled(call.do, x.qh.shape[2], p.acc, mask)
+    dof = _scaled(call.do, layout, p.acc, mask)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and one sum:
         # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
         # transposed, and dv~ later ones through (q^' . k^), the forward's scores transposed.
         dov = _lower_scores(dof, x.vt)  # (i, j): do_i . v~_j
         dqh = _unchunk(dov @ _chunks(x.kh))
-        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, reverse=False), reverse=False)
+        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, layout, reverse=False), layout,
+                          reverse=False)
         dkh = _unchunk(dov.swapaxes(-1, -2) @ _chunks(x.qh))
         del dov
-        later = _chunk_sums(dof, x.qh, reverse=True)  # sum over later tokens of do q^'^T
-        _add_other_chunks(dkh, x.vt, later, reverse=True)
+        later = _chunk_sums(dof, x.qh, layout, reverse=True)  # sum over later tokens of do q^'^T
+        _add_other_chunks(dkh, x.vt, later, layout, reverse=True)
         dvt = _unchunk(_lower_scores(x.qh, x.kh).swapaxes(-1, -2) @ _chunks(dof))
-        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), reverse=True)
-        dkv0 = later[:, :, 0]
+        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), layout, reverse=True)
+        dkv0 = np.zeros((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
+        for i, (c0, c1) in enumerate(layout.segments):
+            if c1 > c0:
+                dkv0[layout.rows(i)] = later[:, :, c0]
         if kv0 is not None:
-            dqh += dof @ kv0.astype(p.acc, copy=False)
+            _add_states(dqh, dof, kv0.astype(p.acc, copy=False), layout)
         if dkv is not None:
             dkv_acc = dkv.astype(p.acc, copy=False)
-            dkh += x.vt @ dkv_acc
-            dvt += x.kh @ dkv_acc.swapaxes(-1, -2)
-            dkv0 = dkv0 + dkv_acc
-    else:  # the call's own sums, or the whole sequence's and their gradient (total=)
-        if kv0 is None:
-            kv = x.vt.swapaxes(-1, -2) @ x.kh  # (B, H, Dv, Dk)
-            g = dof.swapaxes(-1, -2) @ x.qh  # sum_i do_i q'_i^T, (B, H, Dv, Dk)
-        else:
-            kv, g = kv0.astype(p.acc, copy=False), dkv.astype(p.acc, copy=False)
-        dqh = dof @ kv
-        dkh = x.vt @ g
-        dvt = x.kh @ g.swapaxes(-1, -2)
+            _add_states(dkh, x.vt, dkv_acc, layout)
+            _add_states(dvt, x.kh, dkv_acc.swapaxes(-1, -2), layout)
+            dkv0 += dkv_acc
+    else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
+        dqh, dkh, dvt = (np.empty((*x.qh.shape[:3], D), dtype=p.acc)
+                         for D in (p.Dk, p.Dk, p.Dv))
+        for i in range(len(layout.segments)):
+            t = layout.tokens(i)
+            if kv0 is None:
+                kv = x.vt[:, :, t].swapaxes(-1, -2) @ x.kh[:, :, t]  # (B, H, Dv, Dk)
+                g = dof[:, :, t].swapaxes(-1, -2) @ x.qh[:, :, t]  # sum_i do_i q'_i^T
+            else:  # total= (never packed, so one segment)
+                rows = layout.rows(i)
+                kv, g = (a[rows].astype(p.acc, copy=False) for a in (kv0, dkv))
+            dqh[:, :, t] = dof[:, :, t] @ kv
+            dkh[:, :, t] = x.vt[:, :, t] @ g
+            dvt[:, :, t] = x.kh[:, :, t] @ g.swapaxes(-1, -2)
+        dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
-    _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps)
-    _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps)
-    dm = None
     if call.m is None:
         w, log_c = np.empty((0, 0, 0), p.acc), np.empty((0, 0), p.acc)
     else:
         w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
+    pieces = layout.pieces(p.S)
     terms = np.empty((p.B, p.H), p.acc)
-    _into(call.dv, dvt, _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask, terms)
+    _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps,
+          pieces)
+    _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps,
+          pieces)
+    _into(call.dv, dvt, _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask, terms, pieces)
+    dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
         dm = -terms.sum(axis=0) * sig * (1.0 - sig)
@@ -397,19 +576,24 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
 
 
 def step(call: StepCall) -> None:
-    """One fused pass over the state (:func:`._cpu_kernels.step`); a padded row's state is not
-    written at all, so it keeps its bits (docs/spec.md, "Bad input")."""
+    """One fused pass over the state (:func:`._cpu_kernels.step`), in place on the slots a
+    pool's step names (no copies of them); a padded row's state is not written at all, so it
+    keeps its bits (docs/spec.md, "Bad input")."""
     kv, acc = call.kv, call.kv.dtype
     q, k, v = (np.ascontiguousarray(x, dtype=acc) for x in (call.q, call.k, call.v))
     sig = _NONE if call.m is None else _sigmoid(call.m.astype(acc))
     mask = _ALL_REAL_ROWS if call.mask is None else np.ascontiguousarray(call.mask)
+    slots = _NO_SLOTS if call.state_indices is None else call.state_indices
+    initial = (_ALL_REAL_ROWS if call.has_initial is None
+               else np.ascontiguousarray(call.has_initial))
     direct = call.o.dtype == acc and call.o.flags.c_contiguous
     o = call.o if direct else np.empty(call.o.shape, acc)
-    _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, o, call.p.eps)
+    _cpu_kernels.step(kv, call.count, q, k, v, sig, mask, slots, initial, o, call.p.eps)
     if not direct:
         call.o[...] = o
 
 
 _NONE = np.empty(0, np.float32)  # no stabiliser
 _ALL_REAL = np.empty((0, 0), np.bool_)  # no mask, as the CPU kernels take it
-_ALL_REAL_ROWS = np.empty(0, np.bool_)  # no step mask
+_ALL_REAL_ROWS = np.empty(0, np.bool_)  # no step mask; every row from its state
+_NO_SLOTS = np.empty(0, np.int64)  # row b is state b

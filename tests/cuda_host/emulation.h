@@ -55,10 +55,14 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
-// The read-only data cache load: a plain load on the host.
+// The read-only data cache load and the streaming store: plain accesses on the host.
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
+}
+template <typename T>
+inline void __stcs(T* p, T value) {
+  *p = value;
 }
 
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
