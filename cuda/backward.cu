@@ -26,7 +26,7 @@ namespace cosattn {
 // Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
 // incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) values_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dk = int(p.Dk);
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) values_kernel(const Back
 // dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
 // a block owns a slice of Dk; nsv is the number of slices of Dv values_kernel used.
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) queries_keys_kernel(const BackwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dkn = int(p.Dk);

@@ -65,9 +65,6 @@ constexpr int kWarp = 32;
 constexpr int kThreads = COSATTN_THREADS;
 constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kAllLanes = 0xffffffffu;
-// Resident blocks per SM the sweep and step kernels are compiled for (__launch_bounds__): it caps
-// their registers at 65536 / (kMinBlocks kThreads), and keeps ptxas from spilling below that.
-constexpr int kMinBlocks = 2;
 static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32 of them");
 
 // ---------------------------------------------------------------------------- parameters
@@ -532,6 +529,9 @@ struct Block {
   static constexpr bool kMma = Num<T>::mma;
   static_assert(C % 16 == 0 && SL % 16 == 0 && W % 16 == 0, "tiles are made of 16 x 16 pieces");
   static_assert(C <= 64, "the count scan gives each lane at most two rows");
+  // Resident blocks per SM the sweep kernels are compiled for (__launch_bounds__): it caps their
+  // registers at 65536 / (kMinBlocks kThreads), and keeps ptxas from spilling below that.
+  static constexpr int kMinBlocks = 2;
 
   Smem sm;
   Sequence<T> seq;

@@ -54,7 +54,7 @@ struct Place {
 // W: the tile width, a multiple of 16 at least Dk and Dv; C: the chunk; SL: the slice of Dv.
 // p.o may be null (the state alone; p.kv_out is then given).
 template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) forward_kernel(const ForwardParams<T> p) {
+__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forward_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
   const Place<T, W, C, SL> at(p);
   const int dk = int(p.Dk), dv = int(p.Dv);

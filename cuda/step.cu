@@ -18,6 +18,9 @@
 namespace cosattn {
 
 constexpr int kStepRows = COSATTN_STEP_ROWS;  // rows of kv per block: _cupy.STEP_ROWS
+// Resident blocks per SM step_kernel is compiled for (at most 80 registers a thread): the step
+// moves the state once and needs many warps in flight to cover its memory latency.
+constexpr int kStepBlocks = 6;
 
 // Entries of a state row moved by one 16-byte access, and the access.
 template <typename St>
@@ -81,7 +84,7 @@ constexpr size_t kStepShared = kWarps * sizeof(St);
 // St: the state's type (the arithmetic is done in it). Grid: B * H * ceil(Dv / kStepRows)
 // blocks of kThreads threads with kStepShared<St> bytes of dynamic shared memory.
 template <typename T, typename St>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) step_kernel(const StepParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepParams<T> p) {
   St* scratch = reinterpret_cast<St*>(dynamic_shared());
   const index_t groups = (p.Dv + kStepRows - 1) / kStepRows;
   const index_t group = index_t(blockIdx.x) % groups;
