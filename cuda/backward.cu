@@ -188,6 +188,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
       }
     }
   };
+  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
+  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
 
   // Sweep 3 (dq̂) and sweep 4 (dk̂): one sweep body with the roles chosen at run time.
 #pragma unroll 1
@@ -200,10 +202,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
               third ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
                     : (dkv == nullptr ? nullptr : dkv + state_offset),
               true, nullptr, true, true, [&](index_t t0, int rows) {
-                // dq or dk: the pointer is chosen first (a choice between two Rows loses the
-                // global space, and ptxas stores through generic addresses, ST.E)
-                normalise(third ? seq.q : seq.k,
-                          rows_of(third ? p.dq : p.dk, third ? p.dq_stride : p.dk_stride, b, h),
+                normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
                           third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,
                           rows);
