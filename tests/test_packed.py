@@ -30,10 +30,13 @@ from helpers import (
     make_slots,
 )
 
-CHUNK = _numpy.CHUNK
-# Sequence lengths around the chunk: empty, single tokens, a chunk less one, one, one more, two.
-LENGTHS = st.one_of(st.sampled_from([0, 1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3]),
-                    st.integers(0, 150))
+# The numpy backend's chunk sizes (_numpy.chunk_size) for the dtypes and head sizes drawn here.
+CHUNKS = sorted({_numpy.chunk_size(np.dtype(acc), D) for acc in (np.float32, np.float64)
+                 for D in (16, 64)})
+# Sequence lengths around each chunk size: empty, single tokens, a chunk less one, one, one
+# more, two.
+LENGTHS = st.one_of(st.sampled_from(sorted({n for C in CHUNKS for n in (
+    0, 1, 2, C - 1, C, C + 1, 2 * C + 3)})), st.integers(0, 150))
 HEADS = st.sampled_from([1, 3, 16, 48])
 INDEX_DTYPES = st.sampled_from([np.int32, np.int64])
 

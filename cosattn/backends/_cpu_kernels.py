@@ -81,65 +81,130 @@ def step(kv: np.ndarray, count: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.
 
 # --- the chunked algorithm's prologue and epilogues: one pass over each array ----------------
 # Arrays ``x`` are (B, H, S, D) in float32 or float64 (16-bit inputs are cast by the caller), at
-# the caller's positions; work buffers are (B, H, n, D) with a whole number of chunks, at work
-# positions. ``pieces`` (P, 4) int64 says where each run of tokens sits: rows (caller start,
-# work start, length, work length), the work length a whole number of chunks, in increasing
-# order, with work start >= caller start (so an output at the caller's positions may be the
-# first S rows of the work buffer it is computed from: no row is written before it is read).
-# Unpacked, one piece (0, 0, S, n); packed, one per sequence. ``mask`` is (B, S) bool, or (0, 0)
-# when every token is real; a padded row is never read and its output is +0.
+# the caller's positions; work buffers hold a whole number of chunks at work positions, cut into
+# chunks, (B, H, N, C, D) (any strides). ``pieces`` (P, 4) int64 says where each run of tokens
+# sits: rows (caller start, work start, length, work length), the work start and length whole
+# numbers of chunks, in increasing order, with work start >= caller start (so an output at the
+# caller's positions may be the first S rows of the work buffer it is computed from: no row is
+# written before it is read). Unpacked, one piece (0, 0, S, n); packed, one per sequence.
+# ``mask`` is (B, S) bool, or (0, 0) when every token is real; a padded row is never read and its
+# output is +0.
+
+
+@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
+def _emit(tile: np.ndarray, out: np.ndarray, out_t: np.ndarray, b: int, h: int,
+          chunk: int) -> None:  # pragma: no cover (compiled)
+    """Write the rows ``tile`` (C, D) of one chunk into ``out`` (B, H, N, C, D) and, transposed,
+    into ``out_t`` (B, H, N, D, C), each when it is not empty (either may have any strides)."""
+    if out.size:
+        out[b, h, chunk] = tile
+    if out_t.size:
+        target = out_t[b, h, chunk]
+        for r in range(tile.shape[0]):
+            for d in range(tile.shape[1]):
+                target[d, r] = tile[r, d]
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, inv: np.ndarray,
-              pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``out[.., q, :] = x_p / max(|x_p|, eps)`` and ``inv[.., q] = 1 / max(|x_p|, eps)`` for
-    each token at caller position p and work position q (1/eps and zeros where padded, as for
-    a zero row); the work positions past a piece's tokens are zeroed."""
+def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, out_t: np.ndarray,
+              inv: np.ndarray, pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``x_p / max(|x_p|, eps)`` for each token at caller position p into the chunked work
+    buffers at its work position, and ``inv[.., q] = 1 / max(|x_p|, eps)`` at work position q
+    (1/eps and zeros where padded, as for a zero row); the work positions past a piece's tokens
+    are zeroed. ``out`` takes the rows (B, H, N, C, D), ``out_t`` the rows of each chunk
+    transposed (B, H, N, D, C); either may be empty (then it is not written)."""
     B, H = x.shape[:2]
     D = x.shape[3]
-    norm = np.empty(1, out.dtype)  # the norm in the output's dtype, so the division is too
+    C = max(out.shape[3], out_t.shape[4])
+    tile = np.empty((C, D), inv.dtype)
+    norm = np.empty(1, inv.dtype)  # the norm in the outputs' dtype, so the division is too
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
-                for s in range(length):
-                    p, q = src + s, dst + s
-                    if mask.size and not mask[b, p]:
-                        out[b, h, q] = 0.0
-                        inv[b, h, q] = 1.0 / eps
-                        continue
-                    sq = 0.0
-                    for d in range(D):
-                        sq += x[b, h, p, d] * x[b, h, p, d]
-                    norm[0] = max(math.sqrt(sq), eps)
-                    n = norm[0]
-                    for d in range(D):
-                        out[b, h, q, d] = x[b, h, p, d] / n
-                    inv[b, h, q] = 1.0 / n
-                out[b, h, dst + length:dst + span] = 0.0
+                for s0 in range(0, span, C):
+                    for r in range(C):
+                        s = s0 + r
+                        p, q = src + s, dst + s
+                        if s >= length or (mask.size and not mask[b, p]):
+                            tile[r] = 0.0
+                            if s < length:
+                                inv[b, h, q] = 1.0 / eps
+                            continue
+                        sq = 0.0
+                        for d in range(D):
+                            sq += x[b, h, p, d] * x[b, h, p, d]
+                        norm[0] = max(math.sqrt(sq), eps)
+                        n = norm[0]
+                        for d in range(D):
+                            tile[r, d] = x[b, h, p, d] / n
+                        inv[b, h, q] = 1.0 / n
+                    _emit(tile, out, out_t, b, h, (dst + s0) // C)
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
 def scaled_rows(x: np.ndarray, mask: np.ndarray, w: np.ndarray, out: np.ndarray,
-                pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``out[.., q, :] = w[.., p] x_p`` (``w`` (B, H, S) at the caller's positions, or
-    (0, 0, 0) for 1), zero where padded and past a piece's tokens."""
+                out_t: np.ndarray, pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``w[.., p] x_p`` (``w`` (B, H, S) at the caller's positions, or (0, 0, 0) for 1) into
+    ``out`` and ``out_t`` as :func:`unit_rows` writes them, zero where padded and past a
+    piece's tokens."""
     B, H = x.shape[:2]
     D = x.shape[3]
+    C = max(out.shape[3], out_t.shape[4])
+    tile = np.empty((C, D), x.dtype)
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
-                for s in range(length):
-                    p, q = src + s, dst + s
-                    if mask.size and not mask[b, p]:
-                        out[b, h, q] = 0.0
-                    elif w.size:
-                        scale = w[b, h, p]
-                        for d in range(D):
-                            out[b, h, q, d] = x[b, h, p, d] * scale
-                    else:
-                        out[b, h, q] = x[b, h, p]
-                out[b, h, dst + length:dst + span] = 0.0
+                for s0 in range(0, span, C):
+                    for r in range(C):
+                        s = s0 + r
+                        p = src + s
+                        if s >= length or (mask.size and not mask[b, p]):
+                            tile[r] = 0.0
+                        elif w.size:
+                            scale = w[b, h, p]
+                            for d in range(D):
+                                tile[r, d] = x[b, h, p, d] * scale
+                        else:
+                            for d in range(D):
+                                tile[r, d] = x[b, h, p, d]
+                    _emit(tile, out, out_t, b, h, (dst + s0) // C)
+
+
+@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
+def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, init: np.ndarray,
+               total: np.ndarray, out_t: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """Exclusive running sums over the chunks of each segment, in place: ``sums`` (B, H, N, X,
+    Y) holds one term per chunk; entry n becomes the segment's initial value plus the terms of
+    its chunks before n (after n with ``reverse``). ``segments`` (K, 3) int64 holds rows (first
+    chunk, end chunk, state row), the state row -1 for "the batch row b". ``init`` (R, H, X, Y)
+    holds the initial values by state row (empty: zeros); ``total`` (R, H, X, Y), when not
+    empty, receives each segment's whole sum (its initial value and every term); ``out_t``
+    (B, H, N, Y, X), when not empty, receives the results transposed."""
+    B, H, _, X, Y = sums.shape
+    carry = np.empty((X, Y), sums.dtype)
+    for b in range(B):
+        for h in range(H):
+            for c0, c1, row in segments:
+                r = b if row < 0 else row
+                if init.size:
+                    carry[:] = init[r, h]
+                else:
+                    carry[:] = 0.0
+                for i in range(c1 - c0):
+                    n = c1 - 1 - i if reverse else c0 + i
+                    term = sums[b, h, n]
+                    for x in range(X):
+                        for y in range(Y):
+                            t = term[x, y]
+                            term[x, y] = carry[x, y]
+                            carry[x, y] += t
+                    if out_t.size:
+                        target = out_t[b, h, n]
+                        for x in range(X):
+                            for y in range(Y):
+                                target[y, x] = term[x, y]
+                if total.size:
+                    total[r, h] = carry
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
@@ -148,6 +213,7 @@ def rows_out(work: np.ndarray, mask: np.ndarray, out: np.ndarray,
     """``out[.., p, :] = work[.., q, :]``, +0 where padded (``out`` (B, H, S, D), any
     strides)."""
     B, H = out.shape[:2]
+    C = work.shape[3]
     for b in range(B):
         for h in range(H):
             for src, dst, length, _ in pieces:
@@ -156,7 +222,8 @@ def rows_out(work: np.ndarray, mask: np.ndarray, out: np.ndarray,
                     if mask.size and not mask[b, p]:
                         out[b, h, p] = 0.0
                     else:
-                        out[b, h, p] = work[b, h, dst + s]
+                        n, r = divmod(dst + s, C)
+                        out[b, h, p] = work[b, h, n, r]
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
@@ -164,11 +231,11 @@ def unit_rows_backward(g: np.ndarray, xh: np.ndarray, inv: np.ndarray, mask: np.
                        eps: float, out: np.ndarray,
                        pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
     """The normalisation's backward, docs/spec.md "Backward": ``out_p = (g_q - x̂_q (x̂_q ·
-    g_q)) / |x|`` where ``|x| > eps``, else ``g_q / eps``; +0 where padded. ``g``, ``xh`` and
-    ``inv`` are at work positions, ``out`` (B, H, S, D) at the caller's (it may be the first S
-    rows of ``g``)."""
+    g_q)) / |x|`` where ``|x| > eps``, else ``g_q / eps``; +0 where padded. ``g``, ``xh`` (cut
+    into chunks) and ``inv`` are at work positions, ``out`` (B, H, S, D) at the caller's (it may
+    be the first S rows of ``g``)."""
     B, H = out.shape[:2]
-    D = out.shape[3]
+    C, D = g.shape[3], out.shape[3]
     big = 1.0 / eps
     inner = np.empty(1, g.dtype)  # x̂ · g in the buffers' dtype
     for b in range(B):
@@ -179,14 +246,16 @@ def unit_rows_backward(g: np.ndarray, xh: np.ndarray, inv: np.ndarray, mask: np.
                     if mask.size and not mask[b, p]:
                         out[b, h, p] = 0.0
                         continue
+                    n, i = divmod(q, C)
+                    gq, xq = g[b, h, n, i], xh[b, h, n, i]
                     r = inv[b, h, q]
                     inner[0] = 0.0
                     if r < big:
                         for d in range(D):
-                            inner[0] += xh[b, h, q, d] * g[b, h, q, d]
+                            inner[0] += xq[d] * gq[d]
                     c = inner[0]
                     for d in range(D):
-                        out[b, h, p, d] = (g[b, h, q, d] - xh[b, h, q, d] * c) * r
+                        out[b, h, p, d] = (gq[d] - xq[d] * c) * r
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
@@ -195,28 +264,31 @@ def values_backward(dvt: np.ndarray, vt: np.ndarray, w: np.ndarray, log_c: np.nd
                     pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
     """``out_p = w_p dṽ_q`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] =
     Σ (dṽ_q · ṽ_q) ln max(1, c_p)`` (``w`` (B, H, S) and ``log_c`` (B, S) at the caller's
-    positions, ``dvt`` and ``vt`` at work positions); ``out`` may be the first S rows of
-    ``dvt``."""
+    positions, ``dvt`` and ``vt`` at work positions, cut into chunks); ``out`` may be the first
+    S rows of ``dvt``."""
     B, H = out.shape[:2]
-    D = out.shape[3]
+    C, D = dvt.shape[3], out.shape[3]
     for b in range(B):
         for h in range(H):
             total = 0.0
             for src, dst, length, _ in pieces:
                 for s in range(length):
-                    p, q = src + s, dst + s
+                    p = src + s
                     if mask.size and not mask[b, p]:
                         out[b, h, p] = 0.0
                         continue
+                    n, i = divmod(dst + s, C)
+                    gq = dvt[b, h, n, i]
                     if w.size == 0:
-                        out[b, h, p] = dvt[b, h, q]
+                        out[b, h, p] = gq
                         continue
                     dot = 0.0
+                    xq = vt[b, h, n, i]
                     for d in range(D):
-                        dot += dvt[b, h, q, d] * vt[b, h, q, d]
+                        dot += gq[d] * xq[d]
                     total += dot * log_c[b, p]
                     scale = w[b, h, p]
                     for d in range(D):
-                        out[b, h, p, d] = dvt[b, h, q, d] * scale
+                        out[b, h, p, d] = gq[d] * scale
             if w.size:
                 dm_terms[b, h] = total

@@ -1,12 +1,17 @@
 """The CPU backend: the chunked algorithm of docs/design.md on batched BLAS matmuls.
 
-Sequences are cut into chunks of ``CHUNK`` tokens. Within a chunk the causal interaction is a
-small masked C x C product; across chunks it goes through per-chunk states (Dv x Dk) whose
-prefix sums are taken over the chunk axis. Nothing of size S x S or S x D x D is ever built.
-Accumulation is float32 (float64 for float64 inputs) whatever the input dtype. The products
-are NumPy's (BLAS); the elementwise work around them (normalisation, scaling, the output copy,
-the normalisation backward, ``dm``'s terms) runs as one fused pass per array in
-:mod:`._cpu_kernels`, as does the recurrent step.
+Sequences are cut into chunks of C tokens (:func:`chunk_size`). Within a chunk the causal
+interaction is a small masked C x C product; across chunks it goes through per-chunk states
+(Dk x Dv) whose exclusive running sums over the chunks (one fused pass,
+:func:`._cpu_kernels.chunk_scan`, which also adds the incoming state) each chunk meets in one
+product. Nothing of size S x S or S x D x D is ever built. Work buffers are cut into chunks,
+(B, H, N, C, D), and an operand that a product would take transposed is written transposed
+chunk by chunk (B, H, N, D, C) by the pass that makes it: OpenBLAS multiplies these small
+matrices by a transposed right operand at about half the speed. Accumulation is float32
+(float64 for float64 inputs) whatever the input dtype. The products are NumPy's (BLAS); the
+elementwise work around them (normalisation, scaling, the output copy, the normalisation
+backward, ``dm``'s terms) runs as one fused pass per array in :mod:`._cpu_kernels`, as does
+the recurrent step.
 
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
 to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
@@ -37,7 +42,6 @@ from . import _cpu_kernels, ceil_div
 
 DEVICE = "cpu"
 VARLEN = True
-CHUNK = 64
 # Below this many input elements (B*H*S*(Dk+Dv)) a call runs on the calling thread alone.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 # Above it, a call is cut into parts of about this many input elements (whole heads), so that
@@ -51,17 +55,31 @@ def unavailable() -> str | None:
     return None
 
 
+def chunk_size(acc: np.dtype, D: int) -> int:
+    """The chunk size C for accumulation dtype ``acc`` and head size D = max(Dk, Dv).
+
+    A chunk costs C x C x D products inside it and D x D x C ones between chunks; smaller
+    chunks do fewer operations inside but multiply smaller matrices, which BLAS does less
+    efficiently. Measured (single thread, B1 S8192 with m, forward and backward): float32 D64
+    is about 20 % faster with C = 32 than with 64, D16 about 35 %; D128 is about 25 % slower;
+    float64 D64 is about 15 % slower with 32.
+    """
+    return 32 if acc == np.float32 and D <= 64 else 64
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Where a call's tokens sit in the work buffers (B, H, n, D), ``n`` a multiple of CHUNK.
+    """Where a call's tokens sit in the work buffers (B, H, n, D), ``n`` a multiple of the chunk
+    size C.
 
     Unpacked, row b's S tokens sit at positions 0 .. S-1, and the chunks of all rows form one
     segment, whose states are the call's B rows. Packed, sequence i (the positions ``src[i]``
-    .. ``src[i] + lengths[i] - 1`` of the one row) sits at positions ``CHUNK * c0`` onward for
+    .. ``src[i] + lengths[i] - 1`` of the one row) sits at positions ``C * c0`` onward for
     its segment of chunks ``segments[i] = (c0, c1)``: every sequence starts a chunk, no chunk
     holds two sequences, and the positions between sequences are zero. Its state is row i.
     """
 
+    chunk: int  # C
     n: int
     segments: list[tuple[int, int]]  # chunk ranges
     src: Any = None  # (N,) each sequence's first position in the caller's row; None unpacked
@@ -74,7 +92,15 @@ class _Layout:
     def tokens(self, i: int) -> slice:
         """The work positions of segment i."""
         c0, c1 = self.segments[i]
-        return slice(c0 * CHUNK, c1 * CHUNK)
+        return slice(c0 * self.chunk, c1 * self.chunk)
+
+    def scan_table(self) -> Any:
+        """The segments as :func:`._cpu_kernels.chunk_scan` takes them: rows (first chunk, end
+        chunk, state row), int64; unpacked, one segment whose state row is the batch row (-1)."""
+        if self.src is None:
+            return np.array([[*self.segments[0], -1]], dtype=np.int64)
+        return np.array([[c0, c1, i] for i, (c0, c1) in enumerate(self.segments)],
+                        dtype=np.int64).reshape(-1, 3)
 
     def pieces(self, S: int) -> Any:
         """Where the tokens sit, as the CPU kernels take it: rows (caller start, work start,
@@ -82,7 +108,7 @@ class _Layout:
         place; packed, one per non-empty sequence."""
         if self.src is None:
             return np.array([[0, 0, S, self.n]], dtype=np.int64)
-        table = np.array([[s0, c0 * CHUNK, L, (c1 - c0) * CHUNK] for s0, L, (c0, c1) in
+        table = np.array([[s0, c0 * self.chunk, L, (c1 - c0) * self.chunk] for s0, L, (c0, c1) in
                           zip(self.src, self.lengths, self.segments, strict=True) if L],
                          dtype=np.int64)
         return table.reshape(-1, 4)
@@ -90,25 +116,31 @@ class _Layout:
 
 def _layout(call: ForwardCall | BackwardCall) -> _Layout:
     p = call.p
+    C = chunk_size(p.acc, max(p.Dk, p.Dv))
     if not call.packed:
-        n = ceil_div(p.S, CHUNK) * CHUNK
-        return _Layout(n, [(0, n // CHUNK)])
+        n = ceil_div(p.S, C) * C
+        return _Layout(C, n, [(0, n // C)])
     lengths = np.diff(call.cu_seqlens)
-    chunks = -(-lengths // CHUNK)
+    chunks = -(-lengths // C)
     ends = np.cumsum(chunks)
-    n = int(ends[-1]) * CHUNK if len(ends) else 0
-    return _Layout(n, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
+    n = int(ends[-1]) * C if len(ends) else 0
+    return _Layout(C, n, list(zip((ends - chunks).tolist(), ends.tolist(), strict=True)),
                    call.cu_seqlens[:-1], lengths)
 
 
 @dataclass
 class _Normalised:
-    """Normalised, scaled inputs in the work layout, zero where no real token sits
-    (B, H, n, D); per-token quantities at the caller's positions."""
+    """Normalised, scaled inputs in the work layout cut into chunks, (B, H, N, C, D), zero where
+    no real token sits; some also transposed chunk by chunk, (B, H, N, D, C), to be the right
+    operand of a product that would otherwise take them transposed (OpenBLAS multiplies these
+    small matrices by a transposed right operand at about half the speed); per-token
+    quantities at the caller's positions."""
 
     qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
-    kh: Any  # k_j / max(|k_j|, eps)
+    kh: Any  # k_j / max(|k_j|, eps); None when not asked for
+    kt: Any  # k^ transposed chunk by chunk; None when not asked for
     vt: Any  # w_j * v_j
+    vt_t: Any  # v~ transposed chunk by chunk; None when not asked for
     q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (at the tokens' work positions); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
@@ -183,81 +215,81 @@ def _weights(m: Any, c: Any) -> Any:
     return np.maximum(1, c).astype(m.dtype)[:, None, :] ** (-_sigmoid(m))[None, :, None]
 
 
-def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
+def _chunked(p: Problem, layout: _Layout, *shape: int) -> Any:
+    """A work buffer cut into chunks, (B, H, N, *shape)."""
+    return np.empty((p.B, p.H, layout.n // layout.chunk, *shape), p.acc)
+
+
+_FRESH = object()  # a destination of _normalised_inputs: a buffer of its own
+
+
+def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *, qh: Any = _FRESH,
+                       kh: Any = _FRESH, kt: Any = None, vt: Any = _FRESH,
+                       vt_t: Any = None) -> _Normalised:
+    """The inputs of the chunked products, written where the caller says: each destination a
+    chunked array (or view) the caller owns, ``_FRESH`` for a buffer of its own, or None for
+    none (q^ and v~ always have one)."""
     p, mask, pieces = call.p, _no_mask(call.mask), layout.pieces(call.p.S)
-    kh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+
+    def into(given: Any, *shape: int) -> Any:
+        return _chunked(p, layout, *shape) if given is _FRESH else given
+
+    none = np.empty((0,) * 5, p.acc)  # no destination (reshaped to 3-D: no weights)
+    C = layout.chunk
+    kh, kt = into(kh, C, p.Dk), into(kt, p.Dk, C)
+    vt, vt_t = into(vt, C, p.Dv), into(vt_t, p.Dv, C)
     k_inv = np.empty((p.B, p.H, layout.n), p.acc)
-    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, kh, k_inv, pieces)
-    qh = q_inv = None
-    if call.q is not None:
-        qh = np.empty((p.B, p.H, layout.n, p.Dk), p.acc)
+    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, none if kh is None else kh,
+                           none if kt is None else kt, k_inv, pieces)
+    q_inv = None
+    if call.q is None:
+        qh = None
+    else:
+        qh = into(qh, C, p.Dk)
         q_inv = np.empty((p.B, p.H, layout.n), p.acc)
-        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, q_inv, pieces)
+        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, none, q_inv, pieces)
     if call.packed:
         c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
     else:
         c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    vt = _scaled(call.v, layout, p.acc, mask, w)
-    return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
+    _cpu_kernels.scaled_rows(_readable(call.v, p.acc), mask,
+                             none.reshape(0, 0, 0) if w is None else w, vt,
+                             none if vt_t is None else vt_t, pieces)
+    return _Normalised(qh, kh, kt, vt, vt_t, q_inv, k_inv, c, w)
 
 
-def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, w: Any = None) -> Any:
-    """``w x`` (B, H, S, D) in a work buffer (B, H, n, D), zero where no real token sits."""
-    B, H, S, D = x.shape
-    out = np.empty((B, H, layout.n, D), acc)
-    _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0, 0, 0), acc) if w is None
-                             else w, out, layout.pieces(S))
-    return out
+def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, out: Any) -> None:
+    """``x`` (B, H, S, D) into the chunked work buffer ``out``, zero where no real token sits."""
+    _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0,) * 3, acc), out,
+                             np.empty((0,) * 5, acc), layout.pieces(x.shape[2]))
 
 
-def _chunks(x: Any) -> Any:
+def _chunks(x: Any, C: int) -> Any:
     """(B, H, N*C, D) -> (B, H, N, C, D), a view."""
     B, H, n, D = x.shape
-    return x.reshape(B, H, n // CHUNK, CHUNK, D)
+    return x.reshape(B, H, n // C, C, D)
 
 
-def _lower_scores(a: Any, b: Any) -> Any:
-    """Per chunk, ``tril(a b^T)``: entry (i, j) is ``a_i . b_j`` for ``j <= i``, else 0."""
-    scores = _chunks(a) @ _chunks(b).swapaxes(-1, -2)  # (B, H, N, C, C)
-    scores *= np.tri(CHUNK, dtype=scores.dtype)
-    return scores
+def _lower(out: Any, a: Any, b_t: Any) -> None:
+    """Per chunk, ``out = tril(a b^T)``: entry (i, j) is ``a_i . b_j`` for ``j <= i``, else 0
+    (``a`` (B, H, N, C, D), ``b_t`` b transposed chunk by chunk (B, H, N, D, C))."""
+    np.matmul(a, b_t, out=out)
+    out *= np.tri(out.shape[-1], dtype=out.dtype)
 
 
-def _chunk_sums(a: Any, b: Any, layout: _Layout, *, reverse: bool) -> Any:
-    """Running sums over the chunks of each segment of ``a^T b``, (B, H, N, Da, Db): entry n
-    holds its segment's chunks <= n (chunks >= n with ``reverse``). A loop over chunks, since
-    ``np.cumsum`` along a middle axis is several times slower."""
-    sums = _chunks(a).swapaxes(-1, -2) @ _chunks(b)
-    for c0, c1 in layout.segments:
-        if reverse:
-            for n in range(c1 - 2, c0 - 1, -1):
-                sums[:, :, n] += sums[:, :, n + 1]
-        else:
-            for n in range(c0 + 1, c1):
-                sums[:, :, n] += sums[:, :, n - 1]
-    return sums
-
-
-def _add_other_chunks(out: Any, x: Any, sums: Any, layout: _Layout, *, reverse: bool) -> None:
-    """``out[n] += x[n] @ sums[n - 1]`` (``sums[n + 1]`` with ``reverse``) within each segment:
-    each chunk meets the chunks strictly before (after) it through their running sum."""
-    out, x = _chunks(out), _chunks(x)
-    for c0, c1 in layout.segments:
-        if c1 - c0 < 2:
-            continue
-        if reverse:
-            out[:, :, c0:c1 - 1] += x[:, :, c0:c1 - 1] @ sums[:, :, c0 + 1:c1]
-        else:
-            out[:, :, c0 + 1:c1] += x[:, :, c0 + 1:c1] @ sums[:, :, c0:c1 - 1]
-
-
-def _add_states(out: Any, x: Any, states: Any, layout: _Layout) -> None:
-    """``out += x @ states`` with each segment's positions meeting its own state (B or N rows,
-    (..., Dx, Dz))."""
-    for i in range(len(layout.segments)):
-        tokens = layout.tokens(i)
-        out[:, :, tokens] += x[:, :, tokens] @ states[layout.rows(i)]
+def _scan(terms: Any, layout: _Layout, *, reverse: bool, init: Any = None, total: Any = None,
+          out_t: Any = None) -> None:
+    """Exclusive running sums of the per-chunk ``terms`` (B, H, N, X, Y) within each segment,
+    in place (:func:`._cpu_kernels.chunk_scan`): entry n becomes ``init`` (its segment's state
+    row, or zero) plus the terms of the segment's chunks before n (after n with ``reverse``).
+    Each chunk thereby meets the chunks before (after) it, and the incoming state, in one
+    product. ``total`` receives each state row's whole sum; ``out_t`` the results transposed."""
+    none = np.empty((0,) * 4, terms.dtype)
+    init = none if init is None else init.astype(terms.dtype, copy=False)
+    _cpu_kernels.chunk_scan(terms, layout.scan_table(), reverse, init,
+                            none if total is None else total,
+                            none[..., None] if out_t is None else out_t)
 
 
 def _unchunk(x: Any) -> Any:
@@ -287,7 +319,7 @@ def _state_part(call: ForwardCall) -> tuple[Any, Any]:
     kv = np.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
     if p.S:
         x = _normalised_inputs(call, _layout(call))
-        kv += x.vt.swapaxes(-1, -2) @ x.kh
+        kv += _unchunk(x.vt).swapaxes(-1, -2) @ _unchunk(x.kh)
     return kv, count
 
 
@@ -295,41 +327,42 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     if call.o is None:
         return _state_part(call)
     p, kv0 = call.p, call.kv0
-    state = None
+    count = None
     if call.want_state:
         count = np.zeros(call.N, dtype=np.int64) if call.count0 is None else call.count0
         count = count + _sequence_tokens(call)
-        kv = np.zeros((call.N, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
-        state = kv, count
+        if p.S == 0:
+            kv = np.zeros((call.N, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
+            return kv, count
     if p.S == 0:
-        return state
+        return None
     layout = _layout(call)
-    x = _normalised_inputs(call, layout)
+    mask, pieces = _no_mask(call.mask), layout.pieces(p.S)
     if not p.causal:
-        out = np.empty((*x.qh.shape[:3], p.Dv), dtype=p.acc)
+        x = _normalised_inputs(call, layout)
+        qh, kh, vt = (_unchunk(a) for a in (x.qh, x.kh, x.vt))
+        out = np.empty((*qh.shape[:3], p.Dv), dtype=p.acc)
         for i in range(len(layout.segments)):
             tokens = layout.tokens(i)
             if kv0 is None:  # the sequence's own sum
-                kv = x.vt[:, :, tokens].swapaxes(-1, -2) @ x.kh[:, :, tokens]  # (B, H, Dv, Dk)
+                kv = vt[:, :, tokens].swapaxes(-1, -2) @ kh[:, :, tokens]  # (B, H, Dv, Dk)
             else:  # the whole sequence's (total=; never packed, so one segment)
                 kv = kv0[layout.rows(i)].astype(p.acc, copy=False)
-            out[:, :, tokens] = x.qh[:, :, tokens] @ kv.swapaxes(-1, -2)
-        _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask),
-              layout.pieces(p.S))
+            out[:, :, tokens] = qh[:, :, tokens] @ kv.swapaxes(-1, -2)
+        _into(call.o, out, _cpu_kernels.rows_out, _chunks(out, layout.chunk), mask, pieces)
         return None
-    out = _unchunk(_lower_scores(x.qh, x.kh) @ _chunks(x.vt))
-    sums = _chunk_sums(x.kh, x.vt, layout, reverse=False)  # sum of k^ v~^T, (B, H, N, Dk, Dv)
-    _add_other_chunks(out, x.qh, sums, layout, reverse=False)
-    if kv0 is not None:
-        _add_states(out, x.qh, kv0.astype(p.acc, copy=False).swapaxes(-1, -2), layout)
-    _into(call.o, out, _cpu_kernels.rows_out, out, _no_mask(call.mask), layout.pieces(p.S))
-    if state is None:
-        return None
-    kv, count = state
-    for i, (c0, c1) in enumerate(layout.segments):
-        if c1 > c0:
-            kv[layout.rows(i)] += sums[:, :, c1 - 1].swapaxes(-1, -2)
-    return kv, count
+    x = _normalised_inputs(call, layout, kh=None, kt=_FRESH)
+    scores = _chunked(p, layout, layout.chunk, layout.chunk)
+    _lower(scores, x.qh, x.kt)
+    out = scores @ x.vt
+    del scores
+    states = x.kt @ x.vt  # k^^T v~ of each chunk, then the state before it
+    kv = np.empty((call.N, p.H, p.Dv, p.Dk), p.acc) if call.want_state else None
+    _scan(states, layout, reverse=False, init=None if kv0 is None else kv0.swapaxes(-1, -2),
+          total=None if kv is None else kv.swapaxes(-1, -2))
+    out += x.qh @ states
+    _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
+    return None if kv is None else (kv.astype(p.state_dtype, copy=False), count)
 
 
 def num_threads() -> int | None:
@@ -511,48 +544,52 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     layout = _layout(call)
-    x = _normalised_inputs(call, layout)
-    mask = _no_mask(call.mask)
-    dof = _scaled(call.do, layout, p.acc, mask)
+    mask, C = _no_mask(call.mask), layout.chunk
     if p.causal:
-        # Three causal products of the forward's shape share two score matrices and one sum:
-        # dq^ meets earlier tokens through (do . v~), dk^ later ones through the same scores
-        # transposed, and dv~ later ones through (q^' . k^), the forward's scores transposed.
-        dov = _lower_scores(dof, x.vt)  # (i, j): do_i . v~_j
-        dqh = _unchunk(dov @ _chunks(x.kh))
-        _add_other_chunks(dqh, dof, _chunk_sums(x.vt, x.kh, layout, reverse=False), layout,
-                          reverse=False)
-        dkh = _unchunk(dov.swapaxes(-1, -2) @ _chunks(x.qh))
+        # Three causal products of the forward's shape share two score matrices and two running
+        # sums: dq^ meets earlier tokens through (do . v~) and the sum of v~ k^^T before its
+        # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
+        # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
+        # transposed, and that sum transposed.
+        x = _normalised_inputs(call, layout, kt=_FRESH, vt_t=_FRESH)
+        dof = _chunked(p, layout, C, p.Dv)
+        _scaled(call.do, layout, p.acc, mask, dof)
+        dov = _chunked(p, layout, C, C)
+        _lower(dov, dof, x.vt_t)  # (i, j): do_i . v~_j
+        dqh = dov @ x.kh
+        before = x.vt_t @ x.kh  # v~^T k^ of each chunk, then the sum before it
+        _scan(before, layout, reverse=False, init=kv0)
+        dqh += dof @ before
+        del before
+        dkh = dov.swapaxes(-1, -2) @ x.qh
         del dov
-        later = _chunk_sums(dof, x.qh, layout, reverse=True)  # sum over later tokens of do q^'^T
-        _add_other_chunks(dkh, x.vt, later, layout, reverse=True)
-        dvt = _unchunk(_lower_scores(x.qh, x.kh).swapaxes(-1, -2) @ _chunks(dof))
-        _add_other_chunks(dvt, x.kh, later.swapaxes(-1, -2), layout, reverse=True)
-        dkv0 = np.zeros((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
-        for i, (c0, c1) in enumerate(layout.segments):
-            if c1 > c0:
-                dkv0[layout.rows(i)] = later[:, :, c0]
-        if kv0 is not None:
-            _add_states(dqh, dof, kv0.astype(p.acc, copy=False), layout)
-        if dkv is not None:
-            dkv_acc = dkv.astype(p.acc, copy=False)
-            _add_states(dkh, x.vt, dkv_acc, layout)
-            _add_states(dvt, x.kh, dkv_acc.swapaxes(-1, -2), layout)
-            dkv0 += dkv_acc
+        later = dof.swapaxes(-1, -2) @ x.qh  # do^T q^' of each chunk, then the sum after it
+        later_t = _chunked(p, layout, p.Dk, p.Dv)
+        dkv0 = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
+        _scan(later, layout, reverse=True, init=dkv, total=dkv0, out_t=later_t)
+        dkh += x.vt @ later
+        del later
+        scores = _chunked(p, layout, C, C)
+        _lower(scores, x.qh, x.kt)
+        dvt = scores.swapaxes(-1, -2) @ dof
+        dvt += x.kh @ later_t
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
-        dqh, dkh, dvt = (np.empty((*x.qh.shape[:3], D), dtype=p.acc)
-                         for D in (p.Dk, p.Dk, p.Dv))
+        x = _normalised_inputs(call, layout)
+        dof = _chunked(p, layout, C, p.Dv)
+        _scaled(call.do, layout, p.acc, mask, dof)
+        qh, kh, vt, do = (_unchunk(a) for a in (x.qh, x.kh, x.vt, dof))
+        dqh, dkh, dvt = (_chunked(p, layout, C, D) for D in (p.Dk, p.Dk, p.Dv))
         for i in range(len(layout.segments)):
             t = layout.tokens(i)
             if kv0 is None:
-                kv = x.vt[:, :, t].swapaxes(-1, -2) @ x.kh[:, :, t]  # (B, H, Dv, Dk)
-                g = dof[:, :, t].swapaxes(-1, -2) @ x.qh[:, :, t]  # sum_i do_i q'_i^T
+                kv = vt[:, :, t].swapaxes(-1, -2) @ kh[:, :, t]  # (B, H, Dv, Dk)
+                g = do[:, :, t].swapaxes(-1, -2) @ qh[:, :, t]  # sum_i do_i q'_i^T
             else:  # total= (never packed, so one segment)
                 rows = layout.rows(i)
                 kv, g = (a[rows].astype(p.acc, copy=False) for a in (kv0, dkv))
-            dqh[:, :, t] = dof[:, :, t] @ kv
-            dkh[:, :, t] = x.vt[:, :, t] @ g
-            dvt[:, :, t] = x.kh[:, :, t] @ g.swapaxes(-1, -2)
+            _unchunk(dqh)[:, :, t] = do[:, :, t] @ kv
+            _unchunk(dkh)[:, :, t] = vt[:, :, t] @ g
+            _unchunk(dvt)[:, :, t] = kh[:, :, t] @ g.swapaxes(-1, -2)
         dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
     if call.m is None:
@@ -561,11 +598,12 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
     pieces = layout.pieces(p.S)
     terms = np.empty((p.B, p.H), p.acc)
-    _into(call.dq, dqh, _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask, p.eps,
-          pieces)
-    _into(call.dk, dkh, _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask, p.eps,
-          pieces)
-    _into(call.dv, dvt, _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask, terms, pieces)
+    _into(call.dq, _unchunk(dqh), _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask,
+          p.eps, pieces)
+    _into(call.dk, _unchunk(dkh), _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask,
+          p.eps, pieces)
+    _into(call.dv, _unchunk(dvt), _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask,
+          terms, pieces)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
