@@ -92,17 +92,23 @@ def step(kv: np.ndarray, count: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.
 
 
 @numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
-def _emit(tile: np.ndarray, out: np.ndarray, out_t: np.ndarray, b: int, h: int,
-          chunk: int) -> None:  # pragma: no cover (compiled)
-    """Write the rows ``tile`` (C, D) of one chunk into ``out`` (B, H, N, C, D) and, transposed,
-    into ``out_t`` (B, H, N, D, C), each when it is not empty (either may have any strides)."""
-    if out.size:
-        out[b, h, chunk] = tile
+def _rows(out: np.ndarray, tile: np.ndarray, b: int, h: int,
+          chunk: int) -> np.ndarray:  # pragma: no cover (compiled)
+    """Where a pass writes the rows of one chunk: ``out[b, h, chunk]`` (C, D) when ``out`` is
+    not empty, else ``tile``."""
+    return out[b, h, chunk] if out.size else tile
+
+
+@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
+def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
+               chunk: int) -> None:  # pragma: no cover (compiled)
+    """Copy the rows (C, D) of one chunk, transposed, into ``out_t`` (B, H, N, D, C) when it is
+    not empty."""
     if out_t.size:
         target = out_t[b, h, chunk]
-        for r in range(tile.shape[0]):
-            for d in range(tile.shape[1]):
-                target[d, r] = tile[r, d]
+        for r in range(rows.shape[0]):
+            for d in range(rows.shape[1]):
+                target[d, r] = rows[r, d]
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
@@ -116,17 +122,19 @@ def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, out_
     B, H = x.shape[:2]
     D = x.shape[3]
     C = max(out.shape[3], out_t.shape[4])
-    tile = np.empty((C, D), inv.dtype)
+    tile = np.empty((C, D), inv.dtype)  # the rows of a chunk when ``out`` is empty
     norm = np.empty(1, inv.dtype)  # the norm in the outputs' dtype, so the division is too
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
                 for s0 in range(0, span, C):
+                    chunk = (dst + s0) // C
+                    rows = _rows(out, tile, b, h, chunk)
                     for r in range(C):
                         s = s0 + r
                         p, q = src + s, dst + s
                         if s >= length or (mask.size and not mask[b, p]):
-                            tile[r] = 0.0
+                            rows[r] = 0.0
                             if s < length:
                                 inv[b, h, q] = 1.0 / eps
                             continue
@@ -136,9 +144,9 @@ def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, out_
                         norm[0] = max(math.sqrt(sq), eps)
                         n = norm[0]
                         for d in range(D):
-                            tile[r, d] = x[b, h, p, d] / n
+                            rows[r, d] = x[b, h, p, d] / n
                         inv[b, h, q] = 1.0 / n
-                    _emit(tile, out, out_t, b, h, (dst + s0) // C)
+                    _transpose(rows, out_t, b, h, chunk)
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
@@ -150,24 +158,26 @@ def scaled_rows(x: np.ndarray, mask: np.ndarray, w: np.ndarray, out: np.ndarray,
     B, H = x.shape[:2]
     D = x.shape[3]
     C = max(out.shape[3], out_t.shape[4])
-    tile = np.empty((C, D), x.dtype)
+    tile = np.empty((C, D), x.dtype)  # the rows of a chunk when ``out`` is empty
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
                 for s0 in range(0, span, C):
+                    chunk = (dst + s0) // C
+                    rows = _rows(out, tile, b, h, chunk)
                     for r in range(C):
                         s = s0 + r
                         p = src + s
                         if s >= length or (mask.size and not mask[b, p]):
-                            tile[r] = 0.0
+                            rows[r] = 0.0
                         elif w.size:
                             scale = w[b, h, p]
                             for d in range(D):
-                                tile[r, d] = x[b, h, p, d] * scale
+                                rows[r, d] = x[b, h, p, d] * scale
                         else:
                             for d in range(D):
-                                tile[r, d] = x[b, h, p, d]
-                    _emit(tile, out, out_t, b, h, (dst + s0) // C)
+                                rows[r, d] = x[b, h, p, d]
+                    _transpose(rows, out_t, b, h, chunk)
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)

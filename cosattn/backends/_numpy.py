@@ -132,9 +132,8 @@ def _layout(call: ForwardCall | BackwardCall) -> _Layout:
 class _Normalised:
     """Normalised, scaled inputs in the work layout cut into chunks, (B, H, N, C, D), zero where
     no real token sits; some also transposed chunk by chunk, (B, H, N, D, C), to be the right
-    operand of a product that would otherwise take them transposed (OpenBLAS multiplies these
-    small matrices by a transposed right operand at about half the speed); per-token
-    quantities at the caller's positions."""
+    operand of a product that would otherwise take them transposed (copies or views,
+    :func:`_copies_transposed`); per-token quantities at the caller's positions."""
 
     qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
     kh: Any  # k_j / max(|k_j|, eps); None when not asked for
@@ -220,32 +219,39 @@ def _chunked(p: Problem, layout: _Layout, *shape: int) -> Any:
     return np.empty((p.B, p.H, layout.n // layout.chunk, *shape), p.acc)
 
 
-_FRESH = object()  # a destination of _normalised_inputs: a buffer of its own
+def _copies_transposed(acc: np.dtype) -> bool:
+    """Whether an operand a product takes transposed is better copied transposed first: for
+    float32, where OpenBLAS's products with a transposed right operand take about twice as long
+    as plain ones (a transposed copy costs about two thirds of a plain product); not for
+    float64, where they take about 10 % longer and the copy costs a third of a product."""
+    return acc == np.float32
 
 
-def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *, qh: Any = _FRESH,
-                       kh: Any = _FRESH, kt: Any = None, vt: Any = _FRESH,
-                       vt_t: Any = None) -> _Normalised:
-    """The inputs of the chunked products, written where the caller says: each destination a
-    chunked array (or view) the caller owns, ``_FRESH`` for a buffer of its own, or None for
-    none (q^ and v~ always have one)."""
-    p, mask, pieces = call.p, _no_mask(call.mask), layout.pieces(call.p.S)
+def _transposed(x: Any) -> Any:
+    """A chunked buffer (B, H, N, C, D) transposed chunk by chunk, as a view."""
+    return x.swapaxes(-1, -2)
 
-    def into(given: Any, *shape: int) -> Any:
-        return _chunked(p, layout, *shape) if given is _FRESH else given
 
+def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
+                       k_rows: bool = True, transposed: bool = False) -> _Normalised:
+    """The inputs of the chunked products; with ``transposed``, kt and vt_t too (copies or
+    views, :func:`_copies_transposed`), and without ``k_rows`` no k^ by rows where it is not
+    needed for them."""
+    p, mask, pieces, C = call.p, _no_mask(call.mask), layout.pieces(call.p.S), layout.chunk
     none = np.empty((0,) * 5, p.acc)  # no destination (reshaped to 3-D: no weights)
-    C = layout.chunk
-    kh, kt = into(kh, C, p.Dk), into(kt, p.Dk, C)
-    vt, vt_t = into(vt, C, p.Dv), into(vt_t, p.Dv, C)
+    copies = transposed and _copies_transposed(p.acc)
+    kh = _chunked(p, layout, C, p.Dk) if k_rows or not copies else None
+    kt = _chunked(p, layout, p.Dk, C) if copies else None
+    vt = _chunked(p, layout, C, p.Dv)
+    vt_t = _chunked(p, layout, p.Dv, C) if copies else None
     k_inv = np.empty((p.B, p.H, layout.n), p.acc)
     _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, none if kh is None else kh,
                            none if kt is None else kt, k_inv, pieces)
-    q_inv = None
-    if call.q is None:
-        qh = None
-    else:
-        qh = into(qh, C, p.Dk)
+    if transposed and not copies:
+        kt = _transposed(kh)
+    qh = q_inv = None
+    if call.q is not None:
+        qh = _chunked(p, layout, C, p.Dk)
         q_inv = np.empty((p.B, p.H, layout.n), p.acc)
         _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, none, q_inv, pieces)
     if call.packed:
@@ -256,7 +262,9 @@ def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *, qh:
     _cpu_kernels.scaled_rows(_readable(call.v, p.acc), mask,
                              none.reshape(0, 0, 0) if w is None else w, vt,
                              none if vt_t is None else vt_t, pieces)
-    return _Normalised(qh, kh, kt, vt, vt_t, q_inv, k_inv, c, w)
+    if transposed and not copies:
+        vt_t = _transposed(vt)
+    return _Normalised(qh, kh if k_rows else None, kt, vt, vt_t, q_inv, k_inv, c, w)
 
 
 def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, out: Any) -> None:
@@ -351,7 +359,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
             out[:, :, tokens] = qh[:, :, tokens] @ kv.swapaxes(-1, -2)
         _into(call.o, out, _cpu_kernels.rows_out, _chunks(out, layout.chunk), mask, pieces)
         return None
-    x = _normalised_inputs(call, layout, kh=None, kt=_FRESH)
+    x = _normalised_inputs(call, layout, k_rows=False, transposed=True)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
     _lower(scores, x.qh, x.kt)
     out = scores @ x.vt
@@ -551,7 +559,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
         # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
         # transposed, and that sum transposed.
-        x = _normalised_inputs(call, layout, kt=_FRESH, vt_t=_FRESH)
+        x = _normalised_inputs(call, layout, transposed=True)
         dof = _chunked(p, layout, C, p.Dv)
         _scaled(call.do, layout, p.acc, mask, dof)
         dov = _chunked(p, layout, C, C)
@@ -564,9 +572,11 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         dkh = dov.swapaxes(-1, -2) @ x.qh
         del dov
         later = dof.swapaxes(-1, -2) @ x.qh  # do^T q^' of each chunk, then the sum after it
-        later_t = _chunked(p, layout, p.Dk, p.Dv)
+        later_t = (_chunked(p, layout, p.Dk, p.Dv) if _copies_transposed(p.acc)
+                   else _transposed(later))
         dkv0 = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
-        _scan(later, layout, reverse=True, init=dkv, total=dkv0, out_t=later_t)
+        _scan(later, layout, reverse=True, init=dkv, total=dkv0,
+              out_t=later_t if _copies_transposed(p.acc) else None)
         dkh += x.vt @ later
         del later
         scores = _chunked(p, layout, C, C)
