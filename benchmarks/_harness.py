@@ -105,6 +105,25 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_header(title: str, data: dict[str, Any]) -> list[str]:
+    """The first lines of a CPU benchmark's Markdown: the title, the command, the date and the
+    machine (load averages at the start and the end, the BLAS library) the numbers came from."""
+    mach = data["machine"]
+    blas = mach["blas"]
+    return [
+        title,
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Date: {data['created']}  ",
+        f"Machine: {mach['cpu']}, {mach['usable_cpus']} usable of {mach['cpu_count']} CPUs, "
+        f"{fmt_bytes(mach['memory_bytes'])} memory; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in mach['load_average'] or [])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in data['load_average_end'] or [])}  ",
+        f"Python {mach['python']}, NumPy {mach['numpy']} ({blas.get('name', '?')} "
+        f"{blas.get('version', '')}), {mach['platform']}  ",
+    ]
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

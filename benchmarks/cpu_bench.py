@@ -308,19 +308,10 @@ def margin_markdown(data: dict[str, Any]) -> list[str]:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    cfg, mach = data["config"], data["machine"]
-    blas = mach["blas"]
+    cfg = data["config"]
     lines = [
-        "# cosattn CPU benchmark" + (" (quick profile)" if cfg["quick"] else ""),
-        "",
-        f"Command: `{data['command']}`  ",
-        f"Date: {data['created']}  ",
-        f"Machine: {mach['cpu']}, {mach['usable_cpus']} usable of {mach['cpu_count']} CPUs, "
-        f"{hx.fmt_bytes(mach['memory_bytes'])} memory; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in mach['load_average'] or [])}, at end "
-        f"{', '.join(f'{x:.2f}' for x in data['load_average_end'] or [])}  ",
-        f"Python {mach['python']}, NumPy {mach['numpy']} ({blas.get('name', '?')} "
-        f"{blas.get('version', '')}), {mach['platform']}  ",
+        *hx.cpu_header("# cosattn CPU benchmark" + (" (quick profile)" if cfg["quick"] else ""),
+                       data),
         f"Config: B={cfg['B']}, H={cfg['H']}, Dk={cfg['Dk']}, Dv={cfg['Dv']}, {cfg['dtype']}, "
         f"causal, m given; median of up to {cfg['repeats']} timed runs after one warm-up "
         f"run and one tracemalloc run; memory budget "

@@ -230,17 +230,10 @@ def pool_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    cfg, mach, packed, pool = data["config"], data["machine"], data["packed"], data["pool"]
+    cfg, packed, pool = data["config"], data["packed"], data["pool"]
     lines = [
-        "# cosattn serving benchmark (CPU)" + (" (quick profile)" if cfg["quick"] else ""),
-        "",
-        f"Command: `{data['command']}`  ",
-        f"Date: {data['created']}  ",
-        f"Machine: {mach['cpu']}, {mach['usable_cpus']} usable of {mach['cpu_count']} CPUs, "
-        f"{hx.fmt_bytes(mach['memory_bytes'])} memory; load average at start "
-        f"{', '.join(f'{x:.2f}' for x in mach['load_average'] or [])}, at end "
-        f"{', '.join(f'{x:.2f}' for x in data['load_average_end'] or [])}  ",
-        f"Python {mach['python']}, NumPy {mach['numpy']}, {mach['platform']}  ",
+        *hx.cpu_header("# cosattn serving benchmark (CPU)"
+                       + (" (quick profile)" if cfg["quick"] else ""), data),
         f"Config: H={cfg['H']}, D={cfg['D']}, float32, causal, m = 0.5; {cfg['repeats']} "
         "interleaved rounds (medians; ratios are medians of per-round ratios).",
         "",
