@@ -181,40 +181,37 @@ def scaled_rows(x: np.ndarray, mask: np.ndarray, w: np.ndarray, out: np.ndarray,
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, init: np.ndarray,
-               total: np.ndarray, out_t: np.ndarray) -> None:  # pragma: no cover (compiled)
+def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, carry: np.ndarray,
+               out_t: np.ndarray) -> None:  # pragma: no cover (compiled)
     """Exclusive running sums over the chunks of each segment, in place: ``sums`` (B, H, N, X,
-    Y) holds one term per chunk; entry n becomes the segment's initial value plus the terms of
+    Y) holds one term per chunk; entry n becomes the segment's carried value plus the terms of
     its chunks before n (after n with ``reverse``). ``segments`` (K, 3) int64 holds rows (first
-    chunk, end chunk, state row), the state row -1 for "the batch row b". ``init`` (R, H, X, Y)
-    holds the initial values by state row (empty: zeros); ``total`` (R, H, X, Y), when not
-    empty, receives each segment's whole sum (its initial value and every term); ``out_t``
-    (B, H, N, Y, X), when not empty, receives the results transposed."""
+    chunk, end chunk, state row), the state row -1 for "the batch row b". ``carry`` (R, H, X,
+    Y) holds by state row the value a segment starts from, and receives the value it ends with
+    (its start plus every term), so that a sweep cut into blocks of chunks carries its sums
+    from block to block. ``out_t`` (B, H, N, Y, X), when not empty, receives the results
+    transposed."""
     B, H, _, X, Y = sums.shape
-    carry = np.empty((X, Y), sums.dtype)
+    acc = np.empty((X, Y), sums.dtype)
     for b in range(B):
         for h in range(H):
             for c0, c1, row in segments:
                 r = b if row < 0 else row
-                if init.size:
-                    carry[:] = init[r, h]
-                else:
-                    carry[:] = 0.0
+                acc[:] = carry[r, h]
                 for i in range(c1 - c0):
                     n = c1 - 1 - i if reverse else c0 + i
                     term = sums[b, h, n]
                     for x in range(X):
                         for y in range(Y):
                             t = term[x, y]
-                            term[x, y] = carry[x, y]
-                            carry[x, y] += t
+                            term[x, y] = acc[x, y]
+                            acc[x, y] += t
                     if out_t.size:
                         target = out_t[b, h, n]
                         for x in range(X):
                             for y in range(Y):
                                 target[y, x] = term[x, y]
-                if total.size:
-                    total[r, h] = carry
+                carry[r, h] = acc
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)

@@ -30,6 +30,7 @@ import functools
 import itertools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,6 +48,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 # Above it, a call is cut into parts of about this many input elements (whole heads), so that
 # a part's temporaries stay small enough for the caches; parts run on a pool of threads.
 PART_ELEMENTS = 1 << 20
+# A sweep forms the states of blocks of chunks holding about this many numbers at a time.
+STATE_BLOCK_ELEMENTS = 1 << 18
 # The most threads a call uses, its own and the BLAS library's (unset: one per core).
 THREADS_ENV_VAR = "COSATTN_NUM_THREADS"
 
@@ -94,12 +97,14 @@ class _Layout:
         c0, c1 = self.segments[i]
         return slice(c0 * self.chunk, c1 * self.chunk)
 
-    def scan_table(self) -> Any:
-        """The segments as :func:`._cpu_kernels.chunk_scan` takes them: rows (first chunk, end
-        chunk, state row), int64; unpacked, one segment whose state row is the batch row (-1)."""
+    def scan_table(self, n0: int, n1: int) -> Any:
+        """The segments within the chunks n0 .. n1 - 1 as :func:`._cpu_kernels.chunk_scan` takes
+        them: rows (first chunk, end chunk, state row), chunks counted from n0, int64;
+        unpacked, one segment whose state row is the batch row (-1)."""
         if self.src is None:
-            return np.array([[*self.segments[0], -1]], dtype=np.int64)
-        return np.array([[c0, c1, i] for i, (c0, c1) in enumerate(self.segments)],
+            return np.array([[0, n1 - n0, -1]], dtype=np.int64)
+        return np.array([[max(c0, n0) - n0, min(c1, n1) - n0, i]
+                         for i, (c0, c1) in enumerate(self.segments) if c0 < n1 and c1 > n0],
                         dtype=np.int64).reshape(-1, 3)
 
     def pieces(self, S: int) -> Any:
@@ -286,18 +291,37 @@ def _lower(out: Any, a: Any, b_t: Any) -> None:
     out *= np.tri(out.shape[-1], dtype=out.dtype)
 
 
-def _scan(terms: Any, layout: _Layout, *, reverse: bool, init: Any = None, total: Any = None,
-          out_t: Any = None) -> None:
-    """Exclusive running sums of the per-chunk ``terms`` (B, H, N, X, Y) within each segment,
-    in place (:func:`._cpu_kernels.chunk_scan`): entry n becomes ``init`` (its segment's state
-    row, or zero) plus the terms of the segment's chunks before n (after n with ``reverse``).
-    Each chunk thereby meets the chunks before (after) it, and the incoming state, in one
-    product. ``total`` receives each state row's whole sum; ``out_t`` the results transposed."""
-    none = np.empty((0,) * 4, terms.dtype)
-    init = none if init is None else init.astype(terms.dtype, copy=False)
-    _cpu_kernels.chunk_scan(terms, layout.scan_table(), reverse, init,
-                            none if total is None else total,
-                            none[..., None] if out_t is None else out_t)
+def _blocks(layout: _Layout, per_chunk: int, *,
+            reverse: bool) -> Iterator[tuple[slice, Any]]:
+    """The chunks cut into blocks whose per-chunk states (``per_chunk`` numbers a chunk) hold
+    about ``STATE_BLOCK_ELEMENTS`` numbers, in the order of a sweep (last to first with
+    ``reverse``), each with its segments for :func:`._cpu_kernels.chunk_scan`. A sweep forms the
+    states of one block, scans them and multiplies them in, so they stay cache-sized instead
+    of S / C states a head."""
+    N = layout.n // layout.chunk
+    step = max(1, STATE_BLOCK_ELEMENTS // max(per_chunk, 1))
+    starts = range(0, N, step)
+    for n0 in reversed(starts) if reverse else starts:
+        n1 = min(n0 + step, N)
+        yield slice(n0, n1), layout.scan_table(n0, n1)
+
+
+def _carry(rows: int, p: Problem, X: int, Y: int, init: Any) -> Any:
+    """The carried sums of a sweep, (rows, H, X, Y): a copy of ``init`` (the incoming state or
+    ``dstate``, in the layout of the sums), or zeros."""
+    if init is None:
+        return np.zeros((rows, p.H, X, Y), p.acc)
+    return np.array(init, dtype=p.acc)
+
+
+def _scan(terms: Any, table: Any, carry: Any, *, reverse: bool, out_t: Any = None) -> None:
+    """Exclusive running sums of the per-chunk ``terms`` (B, H, n, X, Y) of one block, in
+    place (:func:`._cpu_kernels.chunk_scan`): entry n becomes its segment's carried value plus
+    the terms before n (after n with ``reverse``), so each chunk meets the chunks before (after)
+    it, and the incoming state, in one product; ``carry`` goes on to the next block. ``out_t``
+    receives the results transposed."""
+    _cpu_kernels.chunk_scan(terms, table, reverse, carry,
+                            np.empty((0,) * 5, terms.dtype) if out_t is None else out_t)
 
 
 def _unchunk(x: Any) -> Any:
@@ -364,13 +388,15 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     _lower(scores, x.qh, x.kt)
     out = scores @ x.vt
     del scores
-    states = x.kt @ x.vt  # k^^T v~ of each chunk, then the state before it
-    kv = np.empty((call.N, p.H, p.Dv, p.Dk), p.acc) if call.want_state else None
-    _scan(states, layout, reverse=False, init=None if kv0 is None else kv0.swapaxes(-1, -2),
-          total=None if kv is None else kv.swapaxes(-1, -2))
-    out += x.qh @ states
+    carry = _carry(call.N, p, p.Dk, p.Dv, None if kv0 is None else kv0.swapaxes(-1, -2))
+    for n, table in _blocks(layout, p.B * p.H * p.Dk * p.Dv, reverse=False):
+        states = x.kt[:, :, n] @ x.vt[:, :, n]  # k^^T v~ of each chunk, then the state before
+        _scan(states, table, carry, reverse=False)
+        out[:, :, n] += x.qh[:, :, n] @ states
     _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
-    return None if kv is None else (kv.astype(p.state_dtype, copy=False), count)
+    if not call.want_state:
+        return None
+    return carry.swapaxes(-1, -2).astype(p.state_dtype), count
 
 
 def num_threads() -> int | None:
@@ -559,30 +585,36 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
         # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
         # transposed, and that sum transposed.
+        # The order keeps the live buffers few: each operand goes as soon as its last
+        # product is done.
         x = _normalised_inputs(call, layout, transposed=True)
         dof = _chunked(p, layout, C, p.Dv)
         _scaled(call.do, layout, p.acc, mask, dof)
-        dov = _chunked(p, layout, C, C)
-        _lower(dov, dof, x.vt_t)  # (i, j): do_i . v~_j
-        dqh = dov @ x.kh
-        before = x.vt_t @ x.kh  # v~^T k^ of each chunk, then the sum before it
-        _scan(before, layout, reverse=False, init=kv0)
-        dqh += dof @ before
-        del before
-        dkh = dov.swapaxes(-1, -2) @ x.qh
-        del dov
-        later = dof.swapaxes(-1, -2) @ x.qh  # do^T q^' of each chunk, then the sum after it
-        later_t = (_chunked(p, layout, p.Dk, p.Dv) if _copies_transposed(p.acc)
-                   else _transposed(later))
-        dkv0 = np.empty((call.N, p.H, p.Dv, p.Dk), dtype=p.acc)
-        _scan(later, layout, reverse=True, init=dkv, total=dkv0,
-              out_t=later_t if _copies_transposed(p.acc) else None)
-        dkh += x.vt @ later
-        del later
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
         dvt = scores.swapaxes(-1, -2) @ dof
-        dvt += x.kh @ later_t
+        x.kt = None
+        dov, scores = scores, None  # its buffer again, for (i, j): do_i . v~_j
+        _lower(dov, dof, x.vt_t)
+        dqh = dov @ x.kh
+        dkh = dov.swapaxes(-1, -2) @ x.qh
+        dov = None
+        carry = _carry(call.N, p, p.Dv, p.Dk, kv0)
+        for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=False):
+            before = x.vt_t[:, :, n] @ x.kh[:, :, n]  # v~^T k^ of each chunk, then the sum before
+            _scan(before, table, carry, reverse=False)
+            dqh[:, :, n] += dof[:, :, n] @ before
+        x.vt_t = None
+        copies = _copies_transposed(p.acc)
+        carry = _carry(call.N, p, p.Dv, p.Dk, dkv)
+        for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=True):
+            later = dof[:, :, n].swapaxes(-1, -2) @ x.qh[:, :, n]  # do^T q^', then the sum after
+            later_t = (np.empty(later.swapaxes(-1, -2).shape, p.acc) if copies
+                       else _transposed(later))
+            _scan(later, table, carry, reverse=True, out_t=later_t if copies else None)
+            dkh[:, :, n] += x.vt[:, :, n] @ later
+            dvt[:, :, n] += x.kh[:, :, n] @ later_t
+        dkv0 = carry
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         x = _normalised_inputs(call, layout)
         dof = _chunked(p, layout, C, p.Dv)
