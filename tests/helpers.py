@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 from cosattn import reference
@@ -670,3 +673,17 @@ def pool_steps(draw, head_sizes, dtypes=DTYPES, max_entries: int = 8):
                        index_dtype=draw(INDEX_DTYPES))
     return dict(rng=rng, slots=slots, H=H, Dk=Dk, Dv=Dv, dtype=dtype,
                 mask=draw(st.booleans()), junk=draw(st.sampled_from(JUNK)))
+
+
+@contextlib.contextmanager
+def split_sequences(split: bool) -> Iterator[None]:
+    """The cupy backend with, when ``split``, a GPU of many SMs and segments of one chunk: every
+    forward with more than one chunk in its row cuts each sequence into segments
+    (forward_kernel, scan_kernel, forward_kernel: docs/design.md, "The sequence split")."""
+    from cosattn.backends import _cupy
+
+    with pytest.MonkeyPatch.context() as patch:
+        if split:
+            patch.setattr(_cupy, "_sm_count", lambda device: 10**6)
+            patch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
+        yield

@@ -14,7 +14,6 @@ when no C++17 compiler is found ($CXX, default g++; $CXXFLAGS are added, e.g.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
@@ -56,6 +55,7 @@ from helpers import (
     pool_steps,
     prefills,
     reference_forward,
+    split_sequences,
 )
 
 HOST = Path(__file__).parent / "cuda_host"
@@ -584,18 +584,6 @@ def test_results_are_the_same_bits_from_run_to_run(cupy_on_host):
 # (32 and 64 tokens): boundaries inside chunks, on their edges and across them.
 PACKED_HEADS = st.sampled_from(HEAD_SIZES[16] + HEAD_SIZES[64])
 PACKED_LENGTHS = packed_lengths(sorted({_cupy.tiles(d, W)[0] for d, W in INSTANCES}), 100)
-
-
-@contextlib.contextmanager
-def split_sequences(split: bool):
-    """With ``split``, a GPU of many SMs and segments of one chunk: every call with more than
-    one chunk in its row cuts each sequence into segments (forward_kernel, scan_kernel,
-    forward_kernel)."""
-    with pytest.MonkeyPatch.context() as patch:
-        if split:
-            patch.setattr(_cupy, "_sm_count", lambda device: 10**6)
-            patch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
-        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -17,7 +17,9 @@ of ``cuda/common.cuh``), filled here in one place each (:func:`_forward_params`,
 dtype (:data:`PARAMS`): CuPy passes it to the kernel by value.
 
 Kernels run on the caller's stream (``Problem.stream``), temporaries are allocated on it, and
-nothing synchronises with the host after a module is built.
+nothing synchronises with the host after a module is built: packed sequences (``cu_seqlens``)
+and a pool's slots (``state_indices``) are read by the kernels on the device, and a pool is
+read and written in place.
 """
 
 from __future__ import annotations
@@ -603,10 +605,9 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
                             output=call.o is not None, total=not p.causal and kv0 is not None)
         # Without tokens or heads there is nothing to sweep, except in a pool, whose sweeps also
         # zero the slots of sequences that do not start from them.
-        launches = []
-        if p.H * p.Dk * p.Dv and (p.S or call.pooled):
-            launches = list(plan.launches)
-        else:
+        sweeps = p.H * p.Dk * p.Dv > 0 and (p.S > 0 or call.pooled)
+        launches = list(plan.launches) if sweeps else []
+        if not sweeps:
             if call.o is not None:
                 call.o[...] = 0
             if kv_out is not None and not call.pooled:
@@ -614,10 +615,10 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
         if count_out is not None:
             launches.append(count_launch(p.dtype, N, p.Dk, p.Dv))
         segment_states = None
-        if plan.segments > 1 and launches:
+        if plan.segments > 1 and sweeps:
             segment_states = xp.empty((N, p.H, plan.segments, p.Dv, p.Dk), dtype=p.acc)
-        arrays = dict(count0=_contiguous(xp, call.count0, np.int64) if not call.pooled
-                      else call.count0, kv_out=kv_out, count_out=count_out,
+        count0 = call.count0 if call.pooled else _contiguous(xp, call.count0, np.int64)
+        arrays = dict(count0=count0, kv_out=kv_out, count_out=count_out,
                       segment_states=segment_states, **_sequences(xp, call))
         for launch in launches:
             _launch(launch, _forward_params(call, plan, launch.states_only, count_stride,
