@@ -350,7 +350,9 @@ __device__ __forceinline__ Rows<T> rows_of(T* base, const index_t* stride, const
 // A Dout x Dq state matrix in global memory: element (r, c) at ptr[r * sr + c * sc], of type
 // double when wide, else float, whatever the accumulation type (a float64 state or pool serves
 // float32 inputs too). A null ptr stands for a zero state (or no output). V is const void for a
-// state that is read, void for one that is written.
+// state that is read, void for one that is written. Each element is read or written once per
+// block, through the streaming global accesses (__ldcs, __stcs), which also tell the compiler
+// the address is global (not __ldg: a pool's slot is read, then written by the same kernel).
 template <typename V>
 struct StateView {
   V* ptr = nullptr;
@@ -360,15 +362,16 @@ struct StateView {
   template <typename A>
   __device__ __forceinline__ A get(index_t r, index_t c) const {
     const index_t i = r * sr + c * sc;
-    return wide ? A(static_cast<const double*>(ptr)[i]) : A(static_cast<const float*>(ptr)[i]);
+    return wide ? A(__ldcs(static_cast<const double*>(ptr) + i))
+                : A(__ldcs(static_cast<const float*>(ptr) + i));
   }
   template <typename A>
   __device__ __forceinline__ void set(index_t r, index_t c, A x) const {
     const index_t i = r * sr + c * sc;
     if (wide) {
-      static_cast<double*>(ptr)[i] = double(x);
+      __stcs(static_cast<double*>(ptr) + i, double(x));
     } else {
-      static_cast<float*>(ptr)[i] = float(x);
+      __stcs(static_cast<float*>(ptr) + i, float(x));
     }
   }
 };

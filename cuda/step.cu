@@ -100,9 +100,10 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   const index_t sv = p.kv_stride[2], sd = p.kv_stride[3];
 
   if (!at.padding && !at.from_state) {  // a new request in a used slot: its rows start at zero
-    for (index_t idx = threadIdx.x; idx < index_t(kStepRows) * p.Dk; idx += kThreads) {
-      const index_t a = group * kStepRows + idx / p.Dk;
-      if (a < p.Dv) kv[a * sv + idx % p.Dk * sd] = St(0);
+    for (int i = warp_id(); i < kStepRows; i += kWarps) {
+      const index_t a = group * kStepRows + i;
+      if (a >= p.Dv) break;
+      for (index_t d = lane_id(); d < p.Dk; d += kWarp) kv[a * sv + d * sd] = St(0);
     }
     __syncthreads();  // the whole block takes this branch; update_row reads the zeros
   }
