@@ -397,7 +397,7 @@ enum class Scale { kNone, kQuery, kKey, kValue };  // 1, 1/max(|q|, eps), 1/max(
 
 template <typename T>
 struct Operand {
-  Rows<const T> x;  // (S, D) of this (b, h)
+  Rows<const T> x;  // (S, D) of this sequence and head
   int D;            // its columns
   Scale scale;
 };
@@ -411,7 +411,7 @@ struct Sequence {
   const bool* mask;  // the mask at the sequence's first position, or null
   index_t mask_ss;
   index_t n0;        // causal: the incoming count, 0 without a state
-  bool total;        // global: n0 is every token's count (the whole sequence's), not the row's
+  bool total;        // global: n0 is every token's count (the whole sequence's), not its own
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
@@ -531,7 +531,7 @@ struct Shared {
   static __device__ __forceinline__ A* red() { return at<A>(kRed); }  // block reductions
   // [0]: 1 / scale of the split state
   static __device__ __forceinline__ A* scalars() { return at<A>(kScalars); }
-  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
+  // [0]: running count, [1]: real tokens of the sequence, [8..]: reductions
   static __device__ __forceinline__ index_t* ints() { return at<index_t>(kInts); }
 };
 
@@ -629,7 +629,8 @@ __device__ __forceinline__ void gemm(A* c, int ldc, const X* a, const typename S
 
 enum class Mode { kForward, kReverse, kGlobal };
 
-// One thread block of a sweep kernel: a (b, h) and the output columns [c0, c0 + cols) of Dout.
+// One thread block of a sweep kernel: a sequence (Span) and head, and the output columns
+// [c0, c0 + cols) of Dout.
 // Its tiles are W columns wide (a multiple of 16, known at compile time); the contraction runs
 // over the first Dq <= W of them, the others are zero.
 template <typename T, int W, int C, int SL>
@@ -665,15 +666,15 @@ struct Block {
         Dout(dout),
         cols(dout - col0 < SL ? dout - col0 : SL) {}
 
-  // Count the real tokens of the row (the bidirectional c_j, and where a reverse sweep starts)
-  // into sm.ints()[1].
+  // Count the real tokens of the sequence (the bidirectional c_j, and where a reverse sweep
+  // starts) into sm.ints()[1].
   __device__ __forceinline__ void begin() {
     const index_t n = real_before(seq.S);
     if (threadIdx.x == 0) sm.ints()[1] = n;
     __syncthreads();
   }
 
-  // The real tokens of the row before position t (every thread gets the number).
+  // The real tokens of the sequence before its position t (every thread gets the number).
   __device__ __forceinline__ index_t real_before(index_t t) {
     if (seq.mask == nullptr) return t;
     index_t n = 0;
@@ -939,7 +940,7 @@ struct Block {
     return loaded ? tile : nullptr;
   }
 
-  // One sweep over the chunks [first, last) of the row (all of them without the sequence split;
+  // One sweep over the chunks [first, last) of the sequence (all of them without the split;
   // a segment with it). The epilogue is called by the whole block as epilogue(t0, rows) once
   // the chunk's Out tile (sm.out(), C x SL: rows < rows and columns < cols are meaningful) and
   // the row arrays of the prologue are ready; it must not write shared memory. The state starts

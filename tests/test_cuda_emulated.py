@@ -708,3 +708,16 @@ def test_a_failed_pool_call_changes_nothing(cupy_on_host):
             call()
         assert (pool.kv.tobytes(), pool.count.tobytes()) == before
     assert not cupy_on_host
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_gpu_smoke_checks_pass(dtype, cupy_on_host):
+    """benchmarks/gpu_smoke.py, what compute-sanitizer runs on a GPU (packed sequences and a
+    pool included), passes on the emulated kernels."""
+    from benchmarks import _harness, gpu_smoke
+
+    Dk, Dv = gpu_smoke.HEADS[1]
+    errors = gpu_smoke.check(np, "cupy", dtype, Dk, Dv)
+    assert any(name.startswith("prefill") for name in errors)
+    bad = {n: e for n, e in errors.items() if not e <= _harness.SPEC_TOL[dtype]}
+    assert not bad
