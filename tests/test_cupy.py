@@ -211,20 +211,21 @@ def test_absorb_and_total_match_the_reference(dtype, data):
 
 # --- packed sequences and pools of states ------------------------------------------------------
 
-# Head sizes of every band, and lengths around the chunks (16, 32 and 64 tokens) and up to 300.
+# Head sizes of every band, and lengths around the chunks (16, 32 and 64 tokens) and up to 200;
+# few draws each, so that the module stays within the time benchmarks/gpu_check.sh gives it.
 PACKED_HEADS = st.sampled_from([pair for band in ("D16", "D32", "D64", "D128", "D256")
                                 for pair in BANDS[band]])
-PACKED_LENGTHS = packed_lengths((16, 32, 64), 300)
+PACKED_LENGTHS = packed_lengths((16, 32, 64), 200)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
-@settings(max_examples=25)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_packed_calls_match_the_reference(dtype, data):
     """forward and backward with cu_seqlens against the reference's unpack/pack definition:
     empty and one-token sequences, junk in the padding inside them, states per sequence, and
     the sequence split restarting at every sequence."""
-    pc, causal, layout = data.draw(packed_cases(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 8),
+    pc, causal, layout = data.draw(packed_cases(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 6),
                                    label="packed")
     with split_sequences(data.draw(st.booleans(), label="split")):
         check_packed_forward(pc, causal=causal, layout=layout, **ON_DEVICE)
@@ -232,19 +233,19 @@ def test_packed_calls_match_the_reference(dtype, data):
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
-@settings(max_examples=25)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_prefill_matches_the_reference(dtype, data):
     """A pool's prefill in place on the device: random slots, -1 entries with junk in their
     tokens, reused slots that hold NaN and start from zero, float32 and float64 pools."""
-    pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 8),
+    pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 6),
                                   label="prefill")
     with split_sequences(data.draw(st.booleans(), label="split")):
         check_prefill(pc, slots, layout=layout, **ON_DEVICE)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
-@settings(max_examples=25)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_pool_step_matches_the_reference(dtype, data):
     check_pool_step(**data.draw(pool_steps(PACKED_HEADS, (dtype,), 16), label="step"),
