@@ -3,8 +3,9 @@ runs in ``gpu_check.sh``.
 
 For each backend, dtype (float32, float16, bfloat16, float64) and head size pair (Dk=Dv=64, a
 specialised instance; Dk=48, Dv=20, the general one): a causal forward with a padding mask and
-an incoming state, its backward with ``dstate``, a bidirectional forward, and a few recurrent
-steps, at B=2, H=3, S=67 (not a multiple of the chunk); each result is compared with the float64
+an incoming state, its backward with ``dstate``, a bidirectional forward, a few recurrent
+steps, and packed sequences and a pool of states (forward, backward, prefill and step), at
+B=2, H=3, S=67 (not a multiple of the chunk); each result is compared with the float64
 reference on the same rounded inputs by docs/spec.md's measure and bound (dm against the size of
 its terms as well, docs/spec.md, "Measuring dm"). With
 ``--no-pool`` CuPy allocates every array on its own (no memory pool), so memcheck sees the exact
@@ -98,6 +99,65 @@ def check(xp: Any, backend: str, dtype: np.dtype, Dk: int, Dv: int, seed: int = 
     o_rnn, _, _ = reference.forward_rnn(f64["q"][:, :, :5], f64["k"][:, :, :5],
                                         f64["v"][:, :, :5], m64, mask=mask[:, :5])
     errors["steps o"] = hx.rel_err(np.stack([_host(x) for x in outs], axis=2), o_rnn)
+    errors.update(check_packed_and_pool(xp, backend, rng, host, m, mask))
+    return errors
+
+
+def check_packed_and_pool(xp: Any, backend: str, rng: np.random.Generator,
+                          host: dict[str, np.ndarray], m: np.ndarray, mask: np.ndarray
+                          ) -> dict[str, float]:
+    """Row 0's tokens as three packed sequences (one empty) with states, forward and backward;
+    a prefill of them into slots of a pool (a -1 entry, a reused slot) and a step of the pool:
+    the offsets and slots the kernels read on the device."""
+    _, _, _, Dk = host["q"].shape
+    Dv = host["v"].shape[3]
+    acc = np.float64 if host["q"].dtype == np.float64 else np.float32
+    cu = np.array([0, 30, 30, S])
+    row = {n: a[:1] for n, a in host.items()}
+    f64 = {n: a.astype(np.float64) for n, a in row.items()}
+    q, k, v, do = (_device(xp, row[n]) for n in ("q", "k", "v", "do"))
+    kv0, dkv = (rng.standard_normal((3, H, Dv, Dk)).astype(acc) for _ in range(2))
+    count0 = rng.integers(0, 50, size=3).astype(np.int64)
+    m_d, mask_d, cu_d = xp.asarray(m), xp.asarray(mask[:1]), xp.asarray(cu)
+    m64 = m.astype(np.float64)
+    state = cosattn.RecurrentState(xp.asarray(kv0), xp.asarray(count0))
+    refs = dict(cu_seqlens=cu, mask=mask[:1], kv0=kv0.astype(np.float64), count0=count0)
+    errors = {}
+    o, out = cosattn.forward(q, k, v, m_d, mask=mask_d, state=state, return_state=True,
+                             cu_seqlens=cu_d, backend=backend)
+    o_ref, kv_ref, _ = reference.forward_packed(f64["q"], f64["k"], f64["v"], m64, **refs)
+    errors["packed o"] = hx.rel_err(_host(o), o_ref)
+    errors["packed state"] = hx.rel_err(_host(out.kv), kv_ref)
+    grads = cosattn.backward(do, q, k, v, m_d, mask=mask_d, state=state,
+                             dstate=xp.asarray(dkv), cu_seqlens=cu_d, backend=backend)
+    grads_ref = reference.backward_packed(f64["do"], f64["q"], f64["k"], f64["v"], m64,
+                                          dkv=dkv.astype(np.float64), **refs)
+    for name, got, ref in zip(("dq", "dk", "dv", "dm", "dkv0"), grads, grads_ref, strict=True):
+        if name != "dm":  # dm has its own measure (gpu_variants.dm_error): check() covers it
+            errors[f"packed {name}"] = hx.rel_err(_host(got), ref)
+
+    kv_pool = rng.standard_normal((5, H, Dv, Dk)).astype(acc)
+    count_pool = rng.integers(0, 50, size=5).astype(np.int64)
+    pool = cosattn.StatePool(xp.array(kv_pool), xp.array(count_pool))  # copies: written
+    slots, initial = np.array([3, -1, 0]), np.array([True, True, False])
+    o_pre = pool.prefill(q, k, v, m_d, mask=mask_d, cu_seqlens=cu_d,
+                         state_indices=xp.asarray(slots), has_initial_state=xp.asarray(initial),
+                         backend=backend)
+    o_ref, kv_ref, count_ref = reference.pool_prefill(
+        kv_pool.astype(np.float64), count_pool, f64["q"], f64["k"], f64["v"], m64, cu_seqlens=cu,
+        state_indices=slots, has_initial_state=initial, mask=mask[:1])
+    errors["prefill o"] = hx.rel_err(_host(o_pre), o_ref)
+    errors["prefill pool"] = hx.rel_err(_host(pool.kv), kv_ref)
+    # one token for each of the three entries (positions 0, 1, 2 of row 0), slots reversed
+    token = {n: np.ascontiguousarray(row[n][0, :, :3].transpose(1, 0, 2))
+             for n in ("q", "k", "v")}
+    o_t = pool.step(*(_device(xp, token[n]) for n in ("q", "k", "v")), m_d,
+                    state_indices=xp.asarray(slots[::-1].copy()), backend=backend)
+    o_ref, kv_ref, _ = reference.pool_step(kv_ref, count_ref,
+                                           *(token[n].astype(np.float64) for n in "qkv"), m64,
+                                           state_indices=slots[::-1])
+    errors["pool step o"] = hx.rel_err(_host(o_t), o_ref)
+    errors["pool step pool"] = hx.rel_err(_host(pool.kv), kv_ref)
     return errors
 
 

@@ -16,13 +16,15 @@
 // order. values_kernel also writes per-slice partial sums of dm, which dm_kernel adds up. No
 // atomics: the gradients are the same bits from run to run. The epilogues select padded rows
 // away: dq, dk and dv are +0 there, and their partial sums of δq, δk and dm are 0, whatever q, k,
-// v or do hold at those rows (docs/spec.md, "Bad input").
+// v or do hold at those rows (docs/spec.md, "Bad input"). A block's (b, h) is a sequence and a
+// head: a batch row, or one span of a packed row (cu_seqlens, read on the device: Span), with
+// its own rows of kv0, dkv and dkv0; dm sums over every sequence.
 #include "common.cuh"
 
 namespace cosattn {
 
 // Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), or null when queries_keys_kernel
-// does not need them (sweep 1 is then skipped), dm_part (B, H, nsv) or null, holding
+// does not need them (sweep 1 is then skipped), dm_part (N, H, nsv) or null, holding
 // Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
 // incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
 template <typename T, int W, int C, int SL>
@@ -33,24 +35,24 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
   const int dvn = int(p.Dv);
   const index_t slices = (dvn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
-  const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t nh = index_t(blockIdx.x) / slices;
   const index_t H = p.H, B = p.B, S = p.S;
-  const index_t h = bh % H, b = bh / H;
-  const A* kv0 = static_cast<const A*>(p.kv0);
-  const A* dkv = static_cast<const A*>(p.dkv);
-  A* dkv0 = static_cast<A*>(p.dkv0);
+  const index_t h = nh % H, n = nh / H;
+  const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
+  constexpr bool wide = sizeof(A) == 8;
+  // kv0, dkv and dkv0 are (Dv x Dk) matrices, contiguous
+  const index_t state_stride[4] = {H * dvn * dk, index_t(dvn) * dk, dk, 1};
   A* dq_part = static_cast<A*>(p.dq_part);
   A* dk_part = static_cast<A*>(p.dk_part);
   A* dm_part = static_cast<A*>(p.dm_part);
 
-  const Sequence<T> seq = sequence_of<T>(p, dk, b, h);
+  const Sequence<T> seq = sequence_of<T>(p, dk, at, h, 1);
   Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn, p.passes > 1);
   block.begin();
-  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
-  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
-  const Rows<T> dvrows = rows_of(p.dv, p.dv_stride, b, h);
-  const index_t state_offset = (b * H + h) * index_t(dvn) * dk;
-  const index_t part_offset = ((slice * B + b) * H + h) * S;
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, at, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, at, h);
+  const Rows<T> dvrows = rows_of(p.dv, p.dv_stride, at, h);
+  const index_t part_offset = ((slice * B + at.row) * H + h) * S + at.start;
   const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
   const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
@@ -103,9 +105,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
                                                     first ? Scale::kQuery : Scale::kKey},
               Operand<T>{first ? seq.k : seq.q, dk, first ? Scale::kKey : Scale::kQuery},
               Operand<T>{first ? vrows : drows, dvn, first ? Scale::kValue : Scale::kNone},
-              first ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
-                    : (dkv == nullptr ? nullptr : dkv + state_offset),
-              false, first || dkv0 == nullptr ? nullptr : dkv0 + state_offset, true, true,
+              state_of(first ? p.kv0 : p.dkv, state_stride, wide, n, h),
+              first ? StateView<void>{} : state_of(p.dkv0, state_stride, wide, n, h), true, true,
               [&](index_t t0, int rows) {
                 if (first) {
                   delta_q(t0, rows);
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
     if (threadIdx.x == 0) {
       A total = 0;
       for (int w = 0; w < kWarps; ++w) total += scratch[w];
-      dm_part[(b * H + h) * slices + slice] = total;
+      dm_part[(n * H + h) * slices + slice] = total;
     }
   }
 }
@@ -137,22 +138,23 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
   const int dvn = int(p.Dv);
   const index_t slices = (dkn + SL - 1) / SL;
   const index_t slice = index_t(blockIdx.x) % slices;
-  const index_t bh = index_t(blockIdx.x) / slices;
+  const index_t nh = index_t(blockIdx.x) / slices;
   const index_t H = p.H, B = p.B, S = p.S, nsv = p.nsv;
-  const index_t h = bh % H, b = bh / H;
-  const A* kv0 = static_cast<const A*>(p.kv0);
-  const A* dkv = static_cast<const A*>(p.dkv);
+  const index_t h = nh % H, n = nh / H;
+  const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
+  constexpr bool wide = sizeof(A) == 8;
+  // kv0 and dkv are contiguous (Dv x Dk) matrices, read transposed: Dk x Dv with swapped strides
+  const index_t transposed[4] = {H * dvn * dkn, index_t(dvn) * dkn, 1, dkn};
   const A* dq_part = static_cast<const A*>(p.dq_part);
   const A* dk_part = static_cast<const A*>(p.dk_part);
 
-  const Sequence<T> seq = sequence_of<T>(p, dkn, b, h);
+  const Sequence<T> seq = sequence_of<T>(p, dkn, at, h, 1);
   Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn, p.passes > 1);
   block.begin();
-  const Rows<const T> vrows = rows_of(p.v, p.v_stride, b, h);
-  const Rows<const T> drows = rows_of(p.dout, p.do_stride, b, h);
-  const index_t state_offset = (b * H + h) * index_t(dvn) * dkn;
+  const Rows<const T> vrows = rows_of(p.v, p.v_stride, at, h);
+  const Rows<const T> drows = rows_of(p.dout, p.do_stride, at, h);
   const index_t part_stride = B * H * S;
-  const index_t part_offset = (b * H + h) * S;
+  const index_t part_offset = (at.row * H + h) * S + at.start;
   const Mode forward = p.causal ? Mode::kForward : Mode::kGlobal;
   const Mode reverse = p.causal ? Mode::kReverse : Mode::kGlobal;
   const int c0 = block.c0, cols = block.cols;
@@ -188,8 +190,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
       }
     }
   };
-  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, b, h);
-  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, b, h);
+  const Rows<T> dqrows = rows_of(p.dq, p.dq_stride, at, h);
+  const Rows<T> dkrows = rows_of(p.dk, p.dk_stride, at, h);
 
   // Sweep 3 (dq̂) and sweep 4 (dk̂): one sweep body with the roles chosen at run time.
 #pragma unroll 1
@@ -199,9 +201,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
               Operand<T>{third ? drows : vrows, dvn, third ? Scale::kNone : Scale::kValue},
               Operand<T>{third ? vrows : drows, dvn, third ? Scale::kValue : Scale::kNone},
               Operand<T>{third ? seq.k : seq.q, dkn, third ? Scale::kKey : Scale::kQuery},
-              third ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
-                    : (dkv == nullptr ? nullptr : dkv + state_offset),
-              true, nullptr, true, true, [&](index_t t0, int rows) {
+              state_of(third ? p.kv0 : p.dkv, transposed, wide, n, h), StateView<void>{}, true,
+              true, [&](index_t t0, int rows) {
                 normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
                           third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
   }
 }
 
-// dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_b Σ_slice dm_part[b, h, slice], in that order.
+// dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_n Σ_slice dm_part[n, h, slice], in that order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
@@ -220,8 +221,8 @@ __global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p)
   for (index_t h = index_t(blockIdx.x) * kThreads + threadIdx.x; h < p.H;
        h += index_t(gridDim.x) * kThreads) {
     A total = 0;
-    for (index_t b = 0; b < p.B; ++b) {
-      for (index_t s = 0; s < p.nsv; ++s) total += dm_part[(b * p.H + h) * p.nsv + s];
+    for (index_t n = 0; n < p.N; ++n) {
+      for (index_t s = 0; s < p.nsv; ++s) total += dm_part[(n * p.H + h) * p.nsv + s];
     }
     const A sig = sigmoid(m[h]);
     dm[h] = total * sig * (A(1) - sig);

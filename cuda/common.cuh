@@ -76,15 +76,20 @@ static_assert(kThreads % kWarp == 0 && kWarps <= kWarp, "whole warps, at most 32
 // tests/test_cuda_emulated.py compares offsetof and sizeof with the dtype. Strides are in
 // elements, in the order of the canonical axes (B, H, S, D) or (B, H, D) of a step.
 
-// forward_kernel and the sequence split (forward.cu): q, k (B, H, S, Dk), v, o (B, H, S, Dv)
-// strided; m (H,), mask (B, S), kv0 and kv_out (contiguous (B, H, Dv, Dk), accumulation type),
-// count0 (B,): null when absent. Causal: kv0, count0 the incoming state. Bidirectional (total=):
-// kv0 the whole sequence's sum, which the global sweep takes instead of its own, and count0 its
-// count, every token's c_j. o null: the state alone into kv_out (cosattn.absorb), q not read.
-// The sequence is cut into `segments` segments of `segment_chunks` chunks; with more than one,
-// segment_states (B, H, segments, Dv, Dk) holds their states, which forward_kernel forms when
-// states_only is 1. passes: 3 or 1, the products of 16-bit tiles (see above), in the backward
-// too.
+// forward_kernel, scan_kernel and count_kernel (forward.cu): q, k (B, H, S, Dk), v, o (B, H, S,
+// Dv) strided; m (H,), mask (B, S): null when absent. The call has N sequences (see Span): the B
+// batch rows, or, with cu_seqlens (N+1,), the spans of its one row. kv0 and kv_out (P, H, Dv, Dk),
+// strided (kv0_stride, kv_out_stride), of the state's type (double when state_wide, else float),
+// and count0, count_out (P,) (count_stride): row n of each for sequence n (P = N), or, with
+// state_indices (N,) and has_initial (N,) (or null), the slots of a pool, read and written in
+// place (kv0 and kv_out, count0 and count_out are then the same arrays). Causal: kv0, count0 the
+// incoming states. Bidirectional (total=, never packed): kv0 the whole sequence's sum, which the
+// global sweep takes instead of its own, and count0 its count, every token's c_j. o null: the
+// state alone into kv_out (cosattn.absorb), q not read. count_out: the outgoing counts
+// (count_kernel), or null. Each sequence is cut into `segments` segments of `segment_chunks`
+// chunks; with more than one, segment_states (N, H, segments, Dv, Dk) holds their states, which
+// forward_kernel forms when states_only is 1. passes: 3 or 1, the products of 16-bit tiles (see
+// above), in the backward too.
 template <typename T>
 struct ForwardParams {
   const T* q;
@@ -96,20 +101,26 @@ struct ForwardParams {
   const void* kv0;
   const index_t* count0;
   void* kv_out;
+  index_t* count_out;
   void* segment_states;
-  index_t B, H, S, Dk, Dv;
-  index_t segments, segment_chunks, states_only, passes;
-  index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4];
+  const index_t* cu_seqlens;
+  const index_t* state_indices;
+  const bool* has_initial;
+  index_t B, H, S, Dk, Dv, N, P;
+  index_t segments, segment_chunks, states_only, passes, state_wide, count_stride;
+  index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4], kv0_stride[4], kv_out_stride[4];
   index_t mask_stride[2];
   double eps;
   index_t causal;
 };
 
 // values_kernel, queries_keys_kernel and dm_kernel (see backward.cu): the forward's inputs,
-// dout (like o), the gradients dq, dk, dv (like q, k, v), dkv (like kv0) and dkv0, the
-// partial sums dq_part, dk_part (nsv, B, H, S) and dm_part (B, H, nsv), and dm (H,). Causal:
-// dkv the gradient at the outgoing state, dkv0 (or null) the incoming state's. Bidirectional
-// (total=): kv0 and count0 as ForwardParams, dkv the gradient at the whole sum, dkv0 null.
+// dout (like o), the gradients dq, dk, dv (like q, k, v), the partial sums dq_part, dk_part
+// (nsv, B, H, S) and dm_part (N, H, nsv), and dm (H,). N sequences as ForwardParams (the B rows,
+// or the spans of cu_seqlens); kv0, dkv and dkv0 contiguous (N, H, Dv, Dk) in the accumulation
+// type, count0 (N,). Causal: dkv the gradient at the outgoing state, dkv0 (or null) the incoming
+// state's. Bidirectional (total=): kv0 and count0 as ForwardParams, dkv the gradient at the
+// whole sum, dkv0 null.
 template <typename T>
 struct BackwardParams {
   const T* q;
@@ -129,7 +140,8 @@ struct BackwardParams {
   void* dk_part;
   void* dm_part;
   void* dm;
-  index_t B, H, S, Dk, Dv, nsv, passes;
+  const index_t* cu_seqlens;
+  index_t B, H, S, Dk, Dv, N, nsv, passes;
   index_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], dq_stride[4], dk_stride[4],
       dv_stride[4];
   index_t mask_stride[2];
@@ -137,8 +149,9 @@ struct BackwardParams {
   index_t causal;
 };
 
-// step_kernel and step_count_kernel: q, k (B, H, Dk), v, o (B, H, Dv), kv (B, H, Dv, Dk) of
-// the state's type, count (B,), m (H,) or null, mask (B,) or null.
+// step_kernel and step_count_kernel: q, k (B, H, Dk), v, o (B, H, Dv), kv (P, H, Dv, Dk) of
+// the state's type, count (P,), m (H,) or null, mask (B,) or null. Row b steps state b (P = B),
+// or, with state_indices (B,) and has_initial (B,) (or null), the pool slot it names (see Span).
 template <typename T>
 struct StepParams {
   const T* q;
@@ -149,9 +162,11 @@ struct StepParams {
   index_t* count;
   const void* m;
   const bool* mask;
-  index_t B, H, Dk, Dv;
+  const index_t* state_indices;
+  const bool* has_initial;
+  index_t B, H, Dk, Dv, P;
   index_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], kv_stride[4];
-  index_t mask_stride;
+  index_t mask_stride, count_stride;
   double eps;
 };
 
@@ -291,10 +306,90 @@ struct Rows<const T> {
   __device__ __forceinline__ T operator()(index_t s, index_t d) const { return __ldg(at(s, d)); }
 };
 
-// The rows of (b, h) of a strided (B, H, S, D) array with element strides stride[0..3].
+// Sequence n of a call, and where its state lives (docs/spec.md, "Packed variable-length
+// sequences" and "A pool of states"). Unpacked, sequence n is batch row n, all S positions.
+// Packed (cu_seqlens given), it is the positions cu_seqlens[n] .. cu_seqlens[n+1]-1 of row 0,
+// the offsets clamped into 0..S: unchecked bad offsets give wrong numbers, never an access
+// outside the arrays. Its state is row n of the state arrays, or, in a pool (state_indices
+// given), slot state_indices[n]: a slot outside 0..P-1 (-1) marks a padding entry, which reads
+// and writes no state, and where has_initial[n] is false the sequence starts from zero without
+// reading its slot. The kernels read these on the device: no launch waits for the host to learn
+// a length.
+struct Span {
+  index_t row, start, length, slot;
+  bool padding, from_state;
+};
+
+__device__ __forceinline__ Span span_of(const index_t* cu_seqlens, index_t S,
+                                        const index_t* state_indices, const bool* has_initial,
+                                        index_t P, index_t n) {
+  Span at{n, 0, S, n, false, true};
+  if (cu_seqlens != nullptr) {
+    const index_t a = cu_seqlens[n], e = cu_seqlens[n + 1];
+    at.row = 0;
+    at.start = a < 0 ? 0 : (a > S ? S : a);
+    at.length = (e < at.start ? at.start : (e > S ? S : e)) - at.start;
+  }
+  if (state_indices != nullptr) {
+    at.slot = state_indices[n];
+    at.padding = at.slot < 0 || at.slot >= P;
+    at.from_state = !at.padding && (has_initial == nullptr || has_initial[n]);
+  }
+  return at;
+}
+
+// The rows of sequence `at`, head h, of a strided (B, H, S, D) array with element strides
+// stride[0..3]: row 0 is the sequence's first position.
 template <typename T>
-__device__ __forceinline__ Rows<T> rows_of(T* base, const index_t* stride, index_t b, index_t h) {
-  return Rows<T>{base + b * stride[0] + h * stride[1], stride[2], stride[3]};
+__device__ __forceinline__ Rows<T> rows_of(T* base, const index_t* stride, const Span& at,
+                                           index_t h) {
+  return Rows<T>{base + at.row * stride[0] + h * stride[1] + at.start * stride[2], stride[2],
+                 stride[3]};
+}
+
+// A Dout x Dq state matrix in global memory: element (r, c) at ptr[r * sr + c * sc], of type
+// double when wide, else float, whatever the accumulation type (a float64 state or pool serves
+// float32 inputs too). A null ptr stands for a zero state (or no output). V is const void for a
+// state that is read, void for one that is written. Each element is read or written once per
+// block, through the streaming global accesses (__ldcs, __stcs), which also tell the compiler
+// the address is global (not __ldg: a pool's slot is read, then written by the same kernel).
+template <typename V>
+struct StateView {
+  V* ptr = nullptr;
+  index_t sr = 0, sc = 0;
+  bool wide = false;
+
+  template <typename A>
+  __device__ __forceinline__ A get(index_t r, index_t c) const {
+    const index_t i = r * sr + c * sc;
+    return wide ? A(__ldcs(static_cast<const double*>(ptr) + i))
+                : A(__ldcs(static_cast<const float*>(ptr) + i));
+  }
+  template <typename A>
+  __device__ __forceinline__ void set(index_t r, index_t c, A x) const {
+    const index_t i = r * sr + c * sc;
+    if (wide) {
+      __stcs(static_cast<double*>(ptr) + i, double(x));
+    } else {
+      __stcs(static_cast<float*>(ptr) + i, float(x));
+    }
+  }
+};
+
+__device__ __forceinline__ const void* advance(const void* p, index_t bytes) {
+  return static_cast<const char*>(p) + bytes;
+}
+__device__ __forceinline__ void* advance(void* p, index_t bytes) {
+  return static_cast<char*>(p) + bytes;
+}
+
+// The (row, h) matrix of a strided (rows, H, Dout, Dq) array of states (null base: none).
+template <typename V>
+__device__ __forceinline__ StateView<V> state_of(V* base, const index_t* stride, bool wide,
+                                                 index_t row, index_t h) {
+  if (base == nullptr) return {};
+  const index_t offset = row * stride[0] + h * stride[1];
+  return {advance(base, offset * (wide ? 8 : 4)), stride[2], stride[3], wide};
 }
 
 // Which row scale a tile takes while it is loaded (padded rows are zero whatever the scale).
@@ -302,21 +397,21 @@ enum class Scale { kNone, kQuery, kKey, kValue };  // 1, 1/max(|q|, eps), 1/max(
 
 template <typename T>
 struct Operand {
-  Rows<const T> x;  // (S, D) of this (b, h)
+  Rows<const T> x;  // (S, D) of this sequence and head
   int D;            // its columns
   Scale scale;
 };
 
-// What the prologue reads besides the operands: one (b, h) of the problem.
+// What the prologue reads besides the operands: one sequence and head of the problem.
 template <typename T>
 struct Sequence {
   Rows<const T> q, k;  // for the row norms
   int Dk;
-  index_t S;
-  const bool* mask;  // row b of the (B, S) mask, or null
+  index_t S;         // the sequence's length
+  const bool* mask;  // the mask at the sequence's first position, or null
   index_t mask_ss;
-  index_t n0;        // causal: the incoming count[b], 0 without a state
-  bool total;        // global: n0 is every token's count (the whole sequence's), not the row's
+  index_t n0;        // causal: the incoming count, 0 without a state
+  bool total;        // global: n0 is every token's count (the whole sequence's), not its own
   bool has_m;
   acc_t<T> sig;      // sigmoid(m_h)
   acc_t<T> eps;
@@ -324,19 +419,34 @@ struct Sequence {
   __device__ bool real(index_t t) const { return mask == nullptr || mask[t * mask_ss]; }
 };
 
-// Sequence (b, h) of a call whose parameters P (ForwardParams or BackwardParams) hold q, k,
-// mask, count0, m and eps.
+// The mask at sequence `at`'s first position (its entries mask_stride[1] apart), or null.
+template <typename P>
+__device__ __forceinline__ const bool* mask_of(const P& p, const Span& at) {
+  return p.mask == nullptr ? nullptr
+                           : p.mask + at.row * p.mask_stride[0] + at.start * p.mask_stride[1];
+}
+
+// The count sequence `at` starts from: its row or slot of count0 (entries `stride` apart), 0
+// without one or where it starts from zero.
+__device__ __forceinline__ index_t incoming_count(const index_t* count0, index_t stride,
+                                                  const Span& at) {
+  return count0 != nullptr && at.from_state ? count0[at.slot * stride] : 0;
+}
+
+// Sequence `at`, head h, of a call whose parameters P (ForwardParams or BackwardParams) hold q,
+// k, mask, count0 (its rows strided by `count_stride`), m and eps.
 template <typename T, typename P>
-__device__ Sequence<T> sequence_of(const P& p, int dk, index_t b, index_t h) {
+__device__ Sequence<T> sequence_of(const P& p, int dk, const Span& at, index_t h,
+                                   index_t count_stride) {
   using A = acc_t<T>;
   Sequence<T> seq;
-  seq.q = rows_of(p.q, p.q_stride, b, h);
-  seq.k = rows_of(p.k, p.k_stride, b, h);
+  seq.q = rows_of(p.q, p.q_stride, at, h);
+  seq.k = rows_of(p.k, p.k_stride, at, h);
   seq.Dk = dk;
-  seq.S = p.S;
-  seq.mask = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride[0];
+  seq.S = at.length;
+  seq.mask = mask_of(p, at);
   seq.mask_ss = p.mask_stride[1];
-  seq.n0 = p.count0 == nullptr ? 0 : p.count0[b];
+  seq.n0 = incoming_count(p.count0, count_stride, at);
   seq.total = p.count0 != nullptr;
   seq.has_m = p.m != nullptr;
   seq.sig = p.m == nullptr ? A(0) : sigmoid(static_cast<const A*>(p.m)[h]);
@@ -421,7 +531,7 @@ struct Shared {
   static __device__ __forceinline__ A* red() { return at<A>(kRed); }  // block reductions
   // [0]: 1 / scale of the split state
   static __device__ __forceinline__ A* scalars() { return at<A>(kScalars); }
-  // [0]: running count, [1]: real tokens of the row, [8..]: reductions
+  // [0]: running count, [1]: real tokens of the sequence, [8..]: reductions
   static __device__ __forceinline__ index_t* ints() { return at<index_t>(kInts); }
 };
 
@@ -519,7 +629,8 @@ __device__ __forceinline__ void gemm(A* c, int ldc, const X* a, const typename S
 
 enum class Mode { kForward, kReverse, kGlobal };
 
-// One thread block of a sweep kernel: a (b, h) and the output columns [c0, c0 + cols) of Dout.
+// One thread block of a sweep kernel: a sequence (Span) and head, and the output columns
+// [c0, c0 + cols) of Dout.
 // Its tiles are W columns wide (a multiple of 16, known at compile time); the contraction runs
 // over the first Dq <= W of them, the others are zero.
 template <typename T, int W, int C, int SL>
@@ -555,15 +666,15 @@ struct Block {
         Dout(dout),
         cols(dout - col0 < SL ? dout - col0 : SL) {}
 
-  // Count the real tokens of the row (the bidirectional c_j, and where a reverse sweep starts)
-  // into sm.ints()[1].
+  // Count the real tokens of the sequence (the bidirectional c_j, and where a reverse sweep
+  // starts) into sm.ints()[1].
   __device__ __forceinline__ void begin() {
     const index_t n = real_before(seq.S);
     if (threadIdx.x == 0) sm.ints()[1] = n;
     __syncthreads();
   }
 
-  // The real tokens of the row before position t (every thread gets the number).
+  // The real tokens of the sequence before its position t (every thread gets the number).
   __device__ __forceinline__ index_t real_before(index_t t) {
     if (seq.mask == nullptr) return t;
     index_t n = 0;
@@ -723,24 +834,24 @@ struct Block {
                      cols);
   }
 
-  // The state slice from a (Dout x Dq) matrix, or from a (Dq x Dout) one read transposed; zero
-  // when there is none.
-  __device__ __forceinline__ void load_state(const A* state0, bool transposed) {
+  // The state slice from a Dout x Dq matrix (a (Dq x Dout) one read transposed is a view with
+  // its strides swapped); zero when there is none.
+  __device__ __forceinline__ void load_state(const StateView<const void>& state0) {
     for (int idx = int(threadIdx.x); idx < SL * W; idx += kThreads) {
       const int r = idx / W, c = idx % W;
       A x = 0;
-      if (state0 != nullptr && r < cols && c < Dq) {
-        x = transposed ? state0[index_t(c) * Dout + c0 + r] : state0[index_t(c0 + r) * Dq + c];
+      if (state0.ptr != nullptr && r < cols && c < Dq) {
+        x = state0.template get<A>(c0 + r, c);
       }
       sm.state()[r * Smem::kLdSt + c] = x;
     }
     __syncthreads();
   }
 
-  __device__ __forceinline__ void store_state(A* out) {
+  __device__ __forceinline__ void store_state(const StateView<void>& out) {
     for (int idx = int(threadIdx.x); idx < cols * Dq; idx += kThreads) {
       const int r = idx / Dq, c = idx % Dq;
-      out[index_t(c0 + r) * Dq + c] = sm.state()[r * Smem::kLdSt + c];
+      out.set(c0 + r, c, sm.state()[r * Smem::kLdSt + c]);
     }
   }
 
@@ -829,7 +940,7 @@ struct Block {
     return loaded ? tile : nullptr;
   }
 
-  // One sweep over the chunks [first, last) of the row (all of them without the sequence split;
+  // One sweep over the chunks [first, last) of the sequence (all of them without the split;
   // a segment with it). The epilogue is called by the whole block as epilogue(t0, rows) once
   // the chunk's Out tile (sm.out(), C x SL: rows < rows and columns < cols are meaningful) and
   // the row arrays of the prologue are ready; it must not write shared memory. The state starts
@@ -844,10 +955,11 @@ struct Block {
   template <typename Epilogue>
   __device__ __forceinline__ void run(Mode mode, index_t first, index_t last, index_t count,
                                       bool outputs, bool absorb_first, const Operand<T>& Q,
-                                      const Operand<T>& K, const Operand<T>& V, const A* state0,
-                                      bool transposed, A* state_out, bool need_q, bool need_k,
+                                      const Operand<T>& K, const Operand<T>& V,
+                                      const StateView<const void>& state0,
+                                      const StateView<void>& state_out, bool need_q, bool need_k,
                                       Epilogue&& epilogue) {
-    load_state(state0, transposed);
+    load_state(state0);
     if (threadIdx.x == 0) sm.ints()[0] = count;
     __syncthreads();
     const bool global = mode == Mode::kGlobal;
@@ -888,7 +1000,7 @@ struct Block {
         __syncthreads();
       }
     }
-    if (state_out != nullptr) store_state(state_out);
+    if (state_out.ptr != nullptr) store_state(state_out);
     __syncthreads();
   }
 
@@ -896,12 +1008,12 @@ struct Block {
   // state0 takes it as the whole sum (total=) and adds nothing to it.
   template <typename Epilogue>
   __device__ __forceinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
-                                      const Operand<T>& V, const A* state0, bool transposed,
-                                      A* state_out, bool need_q, bool need_k,
+                                      const Operand<T>& V, const StateView<const void>& state0,
+                                      const StateView<void>& state_out, bool need_q, bool need_k,
                                       Epilogue&& epilogue) {
     const index_t count = seq.n0 + (mode == Mode::kReverse ? sm.ints()[1] : 0);
-    run(mode, 0, (seq.S + C - 1) / C, count, true, state0 == nullptr, Q, K, V, state0,
-        transposed, state_out, need_q, need_k, epilogue);
+    run(mode, 0, (seq.S + C - 1) / C, count, true, state0.ptr == nullptr, Q, K, V, state0,
+        state_out, need_q, need_k, epilogue);
   }
 };
 

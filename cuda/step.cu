@@ -8,7 +8,10 @@
 // one element per access otherwise.
 // A padded row (mask false) is skipped, not multiplied by 0: its q, k and v are not read, its o
 // is +0, and its kv and count are not written, so they keep their bits (-0.0 + 0.0 would be
-// +0.0; docs/spec.md, "Bad input").
+// +0.0; docs/spec.md, "Bad input"). A pool's step (docs/spec.md, "A pool of states") finds row
+// b's state in the slot state_indices[b] names (Span), in place: a padding entry (-1) reads and
+// writes no slot and outputs +0, and a row whose has_initial is false first zeroes its slot's
+// rows (and count), masked or not, and steps from there.
 #include "common.cuh"
 
 #ifndef COSATTN_STEP_ROWS
@@ -91,8 +94,21 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   const index_t bh = index_t(blockIdx.x) / groups;
   const index_t h = bh % p.H, b = bh / p.H;
   T* o = p.o + b * p.o_stride[0] + h * p.o_stride[1];
+  const Span at = span_of(nullptr, 1, p.state_indices, p.has_initial, p.P, b);
+  St* kv = static_cast<St*>(p.kv) + (at.padding ? 0 : at.slot * p.kv_stride[0]) +
+           h * p.kv_stride[1];
+  const index_t sv = p.kv_stride[2], sd = p.kv_stride[3];
 
-  if (p.mask != nullptr && !p.mask[b * p.mask_stride]) {  // the whole block: before any barrier
+  if (!at.padding && !at.from_state) {  // a new request in a used slot: its rows start at zero
+    for (int i = warp_id(); i < kStepRows; i += kWarps) {
+      const index_t a = group * kStepRows + i;
+      if (a >= p.Dv) break;
+      for (index_t d = lane_id(); d < p.Dk; d += kWarp) kv[a * sv + d * sd] = St(0);
+    }
+    __syncthreads();  // the whole block takes this branch; update_row reads the zeros
+  }
+  const bool real = !at.padding && (p.mask == nullptr || p.mask[b * p.mask_stride]);
+  if (!real) {  // the whole block: before any further barrier
     for (int i = int(threadIdx.x); i < kStepRows; i += kThreads) {
       const index_t a = group * kStepRows + i;
       if (a < p.Dv) o[a * p.o_stride[2]] = Num<T>::store(acc_t<T>(0));
@@ -116,10 +132,9 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   const St inv_q = St(1) / max_(sqrt_(qq), eps);
   const St inv_k = St(1) / max_(sqrt_(kk), eps);
   const acc_t<T>* m = static_cast<const acc_t<T>*>(p.m);
-  const St w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(p.count[b] + 1));
+  const index_t before = incoming_count(p.count, p.count_stride, at);
+  const St w = m == nullptr ? St(1) : exp_(-St(sigmoid(m[h])) * log_count<St>(before + 1));
 
-  St* kv = static_cast<St*>(p.kv) + b * p.kv_stride[0] + h * p.kv_stride[1];
-  const index_t sv = p.kv_stride[2], sd = p.kv_stride[3];
   constexpr int N = Vec<St>::n;
   const bool packed = sd == 1 && p.Dk % N == 0 && sv % N == 0 &&
                       reinterpret_cast<unsigned long long>(kv) % 16 == 0;
@@ -137,11 +152,22 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   }
 }
 
-// count[b] += 1 where the token is real, after step_kernel; padded rows are not written.
+// count[b] (or the slot's) += 1 where the token is real, after step_kernel; padded rows are not
+// written, and padding entries have no count. A row that does not start from its slot sets it
+// to 1 or, masked, 0.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) step_count_kernel(const StepParams<T> p) {
   const index_t b = index_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (b < p.B && (p.mask == nullptr || p.mask[b * p.mask_stride])) p.count[b] += 1;
+  if (b >= p.B) return;
+  const Span at = span_of(nullptr, 1, p.state_indices, p.has_initial, p.P, b);
+  if (at.padding) return;
+  const bool real = p.mask == nullptr || p.mask[b * p.mask_stride];
+  index_t& count = p.count[at.slot * p.count_stride];
+  if (!at.from_state) {
+    count = real ? 1 : 0;
+  } else if (real) {
+    count += 1;
+  }
 }
 
 }  // namespace cosattn

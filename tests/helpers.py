@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
+import pytest
+from hypothesis import strategies as st
 
 from cosattn import reference
 
@@ -584,3 +588,102 @@ def check_pool_step(rng, slots: Slots, H, Dk, Dv, dtype, *, mask=False, junk=Non
         kept = slots.indices[(slots.indices >= 0) & ~real
                              & (True if slots.initial is None else slots.initial)]
         assert to_host(pool.kv)[kept].tobytes() == slots.kv[kept].tobytes()
+
+
+# --- Hypothesis strategies for packed calls and pools, shared by every backend's tests ---------
+
+INDEX_DTYPES = st.sampled_from([np.int32, np.int64])
+
+
+def accumulation(dtype) -> np.dtype:
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
+def pool_dtypes(dtype):
+    """The dtypes a pool for inputs of ``dtype`` may have: float32 or float64, float64 only for
+    float64 inputs (docs/spec.md, "Numbers")."""
+    return st.sampled_from(sorted({accumulation(dtype), np.dtype(np.float64)}, key=str))
+
+
+def packed_lengths(chunks, longest: int = 150):
+    """Sequence lengths around each of the backend's ``chunks`` (a chunk less one, one, one
+    more, two and a bit), empty and single tokens, or anything up to ``longest``: sequence
+    boundaries inside chunks and on their edges."""
+    around = {n for C in chunks for n in (C - 1, C, C + 1, 2 * C + 3)}
+    return st.one_of(st.sampled_from(sorted({0, 1, 2} | around)), st.integers(0, longest))
+
+
+@st.composite
+def packed_cases(draw, lengths, head_sizes, dtypes=DTYPES, max_sequences: int = 6):
+    """``(PackedCase, causal, layout)``: up to ``max_sequences`` sequences of ``lengths``,
+    ``(Dk, Dv)`` from ``head_sizes``, a dtype of ``dtypes``, padding inside the sequences that
+    holds junk, m, states and dstate."""
+    Dk, Dv = draw(head_sizes)
+    causal = draw(st.booleans())
+    mask = draw(st.booleans())
+    pc = make_packed_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))),
+                          draw(st.lists(lengths, min_size=1, max_size=max_sequences)),
+                          draw(st.integers(1, 3)), Dk, Dv, draw(st.sampled_from(dtypes)),
+                          mask=mask, m=draw(st.booleans()), state=causal and draw(st.booleans()),
+                          dstate=causal and draw(st.booleans()),
+                          index_dtype=draw(INDEX_DTYPES),
+                          junk=draw(st.sampled_from(JUNK)) if mask else None)
+    return pc, causal, draw(st.sampled_from(["bhsd", "bshd"]))
+
+
+@st.composite
+def prefills(draw, lengths, head_sizes, dtypes=DTYPES, max_sequences: int = 5):
+    """``(PackedCase, Slots, layout)`` for a pool's prefill: random slots of a pool of up to 4
+    spare slots, padding entries (-1) whose tokens hold junk, sequences that do not start from
+    their (reused) slot, padding inside the sequences."""
+    lengths = draw(st.lists(lengths, min_size=1, max_size=max_sequences))
+    N = len(lengths)
+    H, (Dk, Dv) = draw(st.integers(1, 3)), draw(head_sizes)
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    mask = draw(st.booleans())
+    index_dtype = draw(INDEX_DTYPES)
+    pc = make_packed_case(rng, lengths, H, Dk, Dv, dtype, mask=mask, m=draw(st.booleans()),
+                          index_dtype=index_dtype,
+                          junk=draw(st.sampled_from(JUNK)) if mask else None)
+    slots = make_slots(rng, N, N + draw(st.integers(0, 4)), H, Dk, Dv,
+                       draw(pool_dtypes(dtype)), padding=draw(st.booleans()),
+                       initial=draw(st.booleans()), index_dtype=index_dtype)
+    junk = draw(st.sampled_from(JUNK))
+    if junk is not None:  # the tokens of -1 entries hold anything
+        dead = np.repeat(slots.indices < 0, lengths)
+        with np.errstate(over="ignore"):
+            for name in ("q", "k", "v"):
+                getattr(pc, name)[:, :, dead] = junk
+                pc.f64[name][:, :, dead] = 0
+    return pc, slots, draw(st.sampled_from(["bhsd", "bshd"]))
+
+
+@st.composite
+def pool_steps(draw, head_sizes, dtypes=DTYPES, max_entries: int = 8):
+    """The arguments of :func:`check_pool_step` but the backend's: up to ``max_entries``
+    entries on random slots of a pool with up to 6 spare slots, padding entries, reused slots,
+    masked rows, junk in the rows that are not read."""
+    N, P = draw(st.integers(1, max_entries)), draw(st.integers(0, 6))
+    H, (Dk, Dv) = draw(st.integers(1, 3)), draw(head_sizes)
+    dtype = draw(st.sampled_from(dtypes))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    slots = make_slots(rng, N, N + P, H, Dk, Dv, draw(pool_dtypes(dtype)),
+                       padding=draw(st.booleans()), initial=draw(st.booleans()),
+                       index_dtype=draw(INDEX_DTYPES))
+    return dict(rng=rng, slots=slots, H=H, Dk=Dk, Dv=Dv, dtype=dtype,
+                mask=draw(st.booleans()), junk=draw(st.sampled_from(JUNK)))
+
+
+@contextlib.contextmanager
+def split_sequences(split: bool) -> Iterator[None]:
+    """The cupy backend with, when ``split``, a GPU of many SMs and segments of one chunk: every
+    forward with more than one chunk in its row cuts each sequence into segments
+    (forward_kernel, scan_kernel, forward_kernel: docs/design.md, "The sequence split")."""
+    from cosattn.backends import _cupy
+
+    with pytest.MonkeyPatch.context() as patch:
+        if split:
+            patch.setattr(_cupy, "_sm_count", lambda device: 10**6)
+            patch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
+        yield

@@ -42,9 +42,20 @@ from helpers import (
     check_absorb,
     check_backward,
     check_forward,
+    check_packed_backward,
+    check_packed_forward,
+    check_pool_step,
+    check_prefill,
     check_total,
     make_case,
+    make_packed_case,
+    make_slots,
+    packed_cases,
+    packed_lengths,
+    pool_steps,
+    prefills,
     reference_forward,
+    split_sequences,
 )
 
 HOST = Path(__file__).parent / "cuda_host"
@@ -59,7 +70,8 @@ INSTANCES = [(d, W) for d in DTYPES for W in (16, 64)] + [(F32, 128)]
 HEAD_SIZES = {16: [(16, 16), (1, 1), (5, 7), (16, 9)],
               64: [(64, 64), (33, 16), (48, 48), (20, 40)],
               128: [(128, 128), (65, 100)]}
-STEPS = [(F32, F32), (F16, F32), (BFLOAT16, F64), (F64, F64)]
+# Every step instance: a pool or state of float32 or float64 for any input but float64.
+STEPS = [(d, s) for d in DTYPES for s in (F32, F64) if not (d == F64 and s == F32)]
 
 
 def _instance_id(instance: tuple[np.dtype, int]) -> str:
@@ -564,3 +576,148 @@ def test_results_are_the_same_bits_from_run_to_run(cupy_on_host):
     again = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# --- packed sequences and pools of states ------------------------------------------------------
+
+# The head sizes of both widths built for every dtype, and sequence lengths around their chunks
+# (32 and 64 tokens): boundaries inside chunks, on their edges and across them.
+PACKED_HEADS = st.sampled_from(HEAD_SIZES[16] + HEAD_SIZES[64])
+PACKED_LENGTHS = packed_lengths(sorted({_cupy.tiles(d, W)[0] for d, W in INSTANCES}), 100)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=12)
+@given(data=st.data())
+def test_packed_calls_match_the_reference(dtype, data, cupy_on_host):
+    """forward and backward with cu_seqlens against the reference's unpack/pack definition:
+    empty and one-token sequences, junk in the padding inside them, states per sequence, and
+    the sequence split restarting at every sequence."""
+    pc, causal, layout = data.draw(packed_cases(PACKED_LENGTHS, PACKED_HEADS, (dtype,)),
+                                   label="packed")
+    split = data.draw(st.booleans(), label="split")
+    cupy_on_host.clear()
+    with split_sequences(split):
+        check_packed_forward(pc, causal=causal, layout=layout, backend="cupy")
+        check_packed_backward(pc, causal=causal, layout=layout, backend="cupy")
+    C, _ = _cupy.tiles(dtype, _cupy.width(pc.q.shape[3], pc.v.shape[3]))
+    if split and pc.cu_seqlens[-1] > C:
+        assert any("scan_kernel" in e for e, _, _ in cupy_on_host)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=12)
+@given(data=st.data())
+def test_prefill_matches_the_reference(dtype, data, cupy_on_host):
+    """A pool's prefill in place: random slots, -1 entries (junk in their tokens), reused slots
+    that hold NaN and start from zero, float32 or float64 pools; the other slots keep their
+    bits."""
+    pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,)),
+                                  label="prefill")
+    with split_sequences(data.draw(st.booleans(), label="split")):
+        check_prefill(pc, slots, layout=layout, backend="cupy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=15)
+@given(data=st.data())
+def test_pool_step_matches_the_reference(dtype, data, cupy_on_host):
+    check_pool_step(**data.draw(pool_steps(PACKED_HEADS, (dtype,)), label="step"),
+                    backend="cupy")
+
+
+@pytest.mark.parametrize("lengths", [[0], [0, 0, 0], [1], [64, 0, 1, 63, 129]],
+                         ids=lambda lengths: "L" + "_".join(map(str, lengths)))
+def test_empty_sequences_and_prompts(lengths, cupy_on_host):
+    """Sequences without tokens (T = 0 included) pass their state through; in a pool, an empty
+    prompt that does not start from its slot leaves a zero state there."""
+    rng = np.random.default_rng(len(lengths))
+    pc = make_packed_case(rng, lengths, 2, 5, 3, F32, mask=True, state=True, dstate=True)
+    for causal in (True, False):
+        check_packed_forward(pc, causal=causal, backend="cupy")
+        check_packed_backward(pc, causal=causal, backend="cupy")
+    slots = make_slots(rng, len(lengths), len(lengths) + 2, 2, 5, 3, F32, padding=False)
+    slots.initial[0] = False
+    check_prefill(pc, slots, backend="cupy")
+
+
+def test_no_sequences_at_all(cupy_on_host):
+    x = np.zeros((1, 2, 0, 4), np.float32)
+    o, state = cosattn.forward(x, x, x, cu_seqlens=np.zeros(1, np.int64), return_state=True,
+                               backend="cupy")
+    assert o.shape == (1, 2, 0, 4) and state.kv.shape == (0, 2, 4, 4)
+    *grads, dm = cosattn.backward(x, x, x, x, np.zeros(2), cu_seqlens=np.zeros(1, np.int32),
+                                  backend="cupy")
+    assert [g.shape for g in grads] == [(1, 2, 0, 4)] * 3
+    np.testing.assert_array_equal(dm, 0)
+
+
+def test_packed_launches_one_block_per_sequence_and_reads_the_pool_in_place(cupy_on_host):
+    """N sequences launch N * H * slices blocks (the lengths stay on the device), then
+    count_kernel per sequence; a prefill's kernels get the pool's own arrays, no copies."""
+    pc = make_packed_case(np.random.default_rng(9), [20, 0, 7], 3, 16, 16, F16, mask=True)
+    cosattn.forward(pc.q, pc.k, pc.v, pc.m, mask=pc.mask, cu_seqlens=pc.cu_seqlens,
+                    return_state=True, backend="cupy")
+    _, SL = _cupy.tiles(F16, 16)
+    spec = _cupy.forward_spec(F16, 16)
+    assert [(e, grid) for e, grid, _ in cupy_on_host] == [
+        (spec.expressions[0], 3 * 3 * (16 // SL)), (spec.expressions[2], 3)]
+    pool = cosattn.StatePool.zeros(5, 3, 16, 16)
+    kv, count = pool.kv, pool.count
+    seen = []
+    original = _cupy._forward_params
+
+    def spy(call, *args, **kwargs):
+        seen.append((call.kv0, kwargs["kv_out"], kwargs["count_out"]))
+        return original(call, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_cupy, "_forward_params", spy)
+        pool.prefill(pc.q, pc.k, pc.v, pc.m, mask=pc.mask, cu_seqlens=pc.cu_seqlens,
+                     state_indices=np.array([4, -1, 0]), backend="cupy")
+    assert seen and all(a is kv and b is kv and c is count for a, b, c in seen)
+    assert pool.kv is kv and pool.count is count
+    np.testing.assert_array_equal(count, [int(pc.mask[0, 20:].sum()), 0, 0, 0,
+                                          int(pc.mask[0, :20].sum())])
+
+
+def test_a_failed_pool_call_changes_nothing(cupy_on_host):
+    """Bad slots, a bad out= and bad offsets are refused before any launch, the pool bit for
+    bit as it was."""
+    rng = np.random.default_rng(10)
+    pc = make_packed_case(rng, [3, 0, 7], 2, 4, 4, F32)
+    slots = make_slots(rng, 3, 4, 2, 4, 4, F32)
+    pool = cosattn.StatePool(slots.kv.copy(), slots.count.copy())
+    before = pool.kv.tobytes(), pool.count.tobytes()
+    token = np.ones((2, 2, 4), np.float32)
+    failures = [
+        (lambda: pool.prefill(pc.q, pc.k, pc.v, cu_seqlens=pc.cu_seqlens,
+                              state_indices=np.array([0, 4, 1]), backend="cupy"),
+         ValueError, r"state_indices must lie in -1..P-1"),
+        (lambda: pool.prefill(pc.q, pc.k, pc.v, cu_seqlens=np.array([0, 7, 5, 10]),
+                              state_indices=np.array([0, 1, 2]), backend="cupy"),
+         ValueError, "cu_seqlens must not decrease"),
+        (lambda: pool.step(token, token, token, state_indices=np.array([2, 2]), backend="cupy"),
+         ValueError, "names slot 2 more than once"),
+        (lambda: pool.step(token, token, token, state_indices=np.array([1, -1]),
+                           out=np.empty((2, 2, 4), np.float64), backend="cupy"),
+         TypeError, "out must have the dtype of v_t"),
+    ]
+    for call, error, pattern in failures:
+        with pytest.raises(error, match=pattern):
+            call()
+        assert (pool.kv.tobytes(), pool.count.tobytes()) == before
+    assert not cupy_on_host
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_gpu_smoke_checks_pass(dtype, cupy_on_host):
+    """benchmarks/gpu_smoke.py, what compute-sanitizer runs on a GPU (packed sequences and a
+    pool included), passes on the emulated kernels."""
+    from benchmarks import _harness, gpu_smoke
+
+    Dk, Dv = gpu_smoke.HEADS[1]
+    errors = gpu_smoke.check(np, "cupy", dtype, Dk, Dv)
+    assert any(name.startswith("prefill") for name in errors)
+    bad = {n: e for n, e in errors.items() if not e <= _harness.SPEC_TOL[dtype]}
+    assert not bad

@@ -41,12 +41,21 @@ from helpers import (
     check_absorb,
     check_backward,
     check_forward,
+    check_packed_backward,
+    check_packed_forward,
+    check_pool_step,
+    check_prefill,
     check_total,
     dm_scale,
     failing_steps,
     make_case,
+    packed_cases,
+    packed_lengths,
+    pool_steps,
+    prefills,
     reference_backward,
     reference_forward,
+    split_sequences,
 )
 
 pytestmark = pytest.mark.gpu
@@ -198,6 +207,73 @@ def test_absorb_and_total_match_the_reference(dtype, data):
     if not problem.causal:
         cut = data.draw(st.integers(0, problem.S), label="cut")
         check_total(case, cut, layout=problem.layout, **ON_DEVICE)
+
+
+# --- packed sequences and pools of states ------------------------------------------------------
+
+# Head sizes of every band, and lengths around the chunks (16, 32 and 64 tokens) and up to 200;
+# few draws each, so that the module stays within the time benchmarks/gpu_check.sh gives it.
+PACKED_HEADS = st.sampled_from([pair for band in ("D16", "D32", "D64", "D128", "D256")
+                                for pair in BANDS[band]])
+PACKED_LENGTHS = packed_lengths((16, 32, 64), 200)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_packed_calls_match_the_reference(dtype, data):
+    """forward and backward with cu_seqlens against the reference's unpack/pack definition:
+    empty and one-token sequences, junk in the padding inside them, states per sequence, and
+    the sequence split restarting at every sequence."""
+    pc, causal, layout = data.draw(packed_cases(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 6),
+                                   label="packed")
+    with split_sequences(data.draw(st.booleans(), label="split")):
+        check_packed_forward(pc, causal=causal, layout=layout, **ON_DEVICE)
+        check_packed_backward(pc, causal=causal, layout=layout, **ON_DEVICE)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_prefill_matches_the_reference(dtype, data):
+    """A pool's prefill in place on the device: random slots, -1 entries with junk in their
+    tokens, reused slots that hold NaN and start from zero, float32 and float64 pools."""
+    pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 6),
+                                  label="prefill")
+    with split_sequences(data.draw(st.booleans(), label="split")):
+        check_prefill(pc, slots, layout=layout, **ON_DEVICE)
+
+
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@settings(max_examples=10)
+@given(data=st.data())
+def test_pool_step_matches_the_reference(dtype, data):
+    check_pool_step(**data.draw(pool_steps(PACKED_HEADS, (dtype,), 16), label="step"),
+                    **ON_DEVICE)
+
+
+def test_unchecked_device_offsets_and_slots_stay_inside_the_arrays():
+    """Bad cu_seqlens and slots on device arrays: a ValueError with validate=True; without it,
+    unspecified results, but the kernels stay inside their arrays (compute-sanitizer's memcheck
+    of the GPU check would see an access outside them), and the -1 and out-of-pool entries
+    output +0."""
+    x = cupy.ones((1, 1, 6, 4), np.float32)
+    bad = cupy.asarray([0, 9, 2, 6])
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        cosattn.forward(x, x, x, cu_seqlens=bad, backend="cupy", validate=True)
+    cosattn.forward(x, x, x, cu_seqlens=bad, return_state=True, backend="cupy")
+    cosattn.backward(x, x, x, x, cu_seqlens=cupy.asarray([3, -5, 60]), backend="cupy")
+    pool = cosattn.StatePool.zeros(2, 1, 4, 4, like=x)
+    slots = cupy.asarray([5, 1, -7])
+    with pytest.raises(ValueError, match=r"state_indices must lie in -1\.\.P-1"):
+        pool.prefill(x, x, x, cu_seqlens=cupy.asarray([0, 2, 4, 6]), state_indices=slots,
+                     backend="cupy", validate=True)
+    pool.prefill(x, x, x, cu_seqlens=cupy.asarray([0, 2, 4, 6]), state_indices=slots,
+                 backend="cupy")
+    t = cupy.ones((3, 1, 4), np.float32)
+    o = pool.step(t, t, t, state_indices=slots, backend="cupy")
+    assert cupy.asnumpy(o)[[0, 2]].tolist() == np.zeros((2, 1, 4)).tolist()
+    cupy.cuda.get_current_stream().synchronize()
 
 
 def _bits(x) -> bytes:

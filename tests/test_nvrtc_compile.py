@@ -86,7 +86,7 @@ def test_instance_list_covers_every_dtype_and_width():
     """The deliberate list: 4 dtypes x (5 widths + one wide) per sweep kernel, and the
     recurrent step for every input dtype and allowed state dtype."""
     forward = _expressions("forward.cu")
-    assert len(forward) == 4 * 6 + 4  # and scan_kernel per dtype
+    assert len(forward) == 4 * 6 + 2 * 4  # and scan_kernel and count_kernel per dtype
     for ctype in ("__half", "__nv_bfloat16", "float", "double"):
         for W in (*_cupy.WIDTHS, _cupy.WIDE_EXAMPLE):
             assert any(e.startswith(f"cosattn::forward_kernel<{ctype}, {W},") for e in forward)

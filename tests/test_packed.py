@@ -18,8 +18,6 @@ from cosattn._device import CPU
 from cosattn.backends import _cupy, _numpy
 
 from helpers import (
-    DTYPES,
-    JUNK,
     assert_close,
     check_packed_backward,
     check_packed_forward,
@@ -27,51 +25,31 @@ from helpers import (
     check_prefill,
     make_case,
     make_packed_case,
-    make_slots,
+    packed_cases,
+    packed_lengths,
+    pool_steps,
+    prefills,
 )
 
 # The numpy backend's chunk sizes (_numpy.chunk_size) for the dtypes and head sizes drawn here.
 CHUNKS = sorted({_numpy.chunk_size(np.dtype(acc), D) for acc in (np.float32, np.float64)
                  for D in (16, 64)})
-# Sequence lengths around each chunk size: empty, single tokens, a chunk less one, one, one
-# more, two.
-LENGTHS = st.one_of(st.sampled_from(sorted({n for C in CHUNKS for n in (
-    0, 1, 2, C - 1, C, C + 1, 2 * C + 3)})), st.integers(0, 150))
+LENGTHS = packed_lengths(CHUNKS)
 HEADS = st.sampled_from([1, 3, 16, 48])
-INDEX_DTYPES = st.sampled_from([np.int32, np.int64])
-
-
-def accumulation(dtype):
-    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+HEAD_SIZES = HEADS.flatmap(lambda Dk: st.tuples(st.just(Dk), st.one_of(st.just(Dk), HEADS)))
 
 
 def lengths_id(lengths) -> str:
     return "L" + "_".join(map(str, lengths))
 
 
-@st.composite
-def packed_cases(draw):
-    lengths = draw(st.lists(LENGTHS, min_size=1, max_size=6))
-    Dk = draw(HEADS)
-    Dv = draw(st.one_of(st.just(Dk), HEADS))
-    causal = draw(st.booleans())
-    mask = draw(st.booleans())
-    pc = make_packed_case(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), lengths,
-                          draw(st.integers(1, 3)), Dk, Dv, draw(st.sampled_from(DTYPES)),
-                          mask=mask, m=draw(st.booleans()), state=causal and draw(st.booleans()),
-                          dstate=causal and draw(st.booleans()),
-                          index_dtype=draw(INDEX_DTYPES),
-                          junk=draw(st.sampled_from(JUNK)) if mask else None)
-    return pc, causal, draw(st.sampled_from(["bhsd", "bshd"]))
-
-
-@given(packed_cases())
+@given(packed_cases(LENGTHS, HEAD_SIZES))
 def test_packed_forward_matches_reference(drawn):
     pc, causal, layout = drawn
     check_packed_forward(pc, causal=causal, layout=layout, backend="numpy")
 
 
-@given(packed_cases())
+@given(packed_cases(LENGTHS, HEAD_SIZES))
 def test_packed_backward_matches_reference(drawn):
     pc, causal, layout = drawn
     check_packed_backward(pc, causal=causal, layout=layout, backend="numpy")
@@ -167,49 +145,15 @@ def test_reference_packed_equals_calls_one_sequence_at_a_time():
 
 # --- pools ------------------------------------------------------------------------------------
 
-@st.composite
-def prefills(draw):
-    lengths = draw(st.lists(LENGTHS, min_size=1, max_size=5))
-    N = len(lengths)
-    H, Dk, Dv = draw(st.integers(1, 3)), draw(st.sampled_from([1, 4, 16])), draw(
-        st.sampled_from([3, 16]))
-    dtype = draw(st.sampled_from(DTYPES))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    mask = draw(st.booleans())
-    index_dtype = draw(INDEX_DTYPES)
-    pc = make_packed_case(rng, lengths, H, Dk, Dv, dtype, mask=mask, m=draw(st.booleans()),
-                          index_dtype=index_dtype,
-                          junk=draw(st.sampled_from(JUNK)) if mask else None)
-    slots = make_slots(rng, N, N + draw(st.integers(0, 4)), H, Dk, Dv, accumulation(dtype),
-                       padding=draw(st.booleans()), initial=draw(st.booleans()),
-                       index_dtype=index_dtype)
-    junk = draw(st.sampled_from(JUNK))
-    if junk is not None:  # the tokens of -1 entries hold anything
-        dead = np.repeat(slots.indices < 0, lengths)
-        with np.errstate(over="ignore"):
-            for name in ("q", "k", "v"):
-                getattr(pc, name)[:, :, dead] = junk
-                pc.f64[name][:, :, dead] = 0
-    return pc, slots, draw(st.sampled_from(["bhsd", "bshd"]))
-
-
-@given(prefills())
+@given(prefills(LENGTHS, st.tuples(st.sampled_from([1, 4, 16]), st.sampled_from([3, 16]))))
 def test_prefill_matches_reference(drawn):
     pc, slots, layout = drawn
     check_prefill(pc, slots, layout=layout, backend="numpy")
 
 
-@given(st.data())
-def test_pool_step_matches_reference(data):
-    N, P = data.draw(st.integers(1, 8)), data.draw(st.integers(0, 6))
-    H, Dk, Dv = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 5, 16])), 4
-    dtype = data.draw(st.sampled_from(DTYPES))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    slots = make_slots(rng, N, N + P, H, Dk, Dv, accumulation(dtype),
-                       padding=data.draw(st.booleans()), initial=data.draw(st.booleans()),
-                       index_dtype=data.draw(INDEX_DTYPES))
-    check_pool_step(rng, slots, H, Dk, Dv, dtype, mask=data.draw(st.booleans()),
-                    junk=data.draw(st.sampled_from(JUNK)), backend="numpy")
+@given(pool_steps(st.tuples(st.sampled_from([1, 5, 16]), st.just(4))))
+def test_pool_step_matches_reference(drawn):
+    check_pool_step(**drawn, backend="numpy")
 
 
 def test_prefill_then_steps_equal_one_forward_per_request():
@@ -461,10 +405,13 @@ def test_a_pool_of_read_only_arrays_is_refused():
         cosattn.StatePool(np.zeros((2, 1, 4, 4), np.float32), np.array([0, -1]))
 
 
-def test_the_cupy_backend_refuses_packed_and_pool_calls(monkeypatch):
-    """Before any launch, as validation: a RuntimeError that names the numba backend."""
+def test_a_backend_without_varlen_refuses_packed_and_pool_calls(monkeypatch):
+    """A backend that declares VARLEN = False (none does today; the cupy backend stands in for
+    one) is refused before any launch, as validation: a RuntimeError that names the numba
+    backend, and the pool unchanged."""
     monkeypatch.setattr(_cupy, "unavailable", lambda: None)
     monkeypatch.setattr(_cupy, "DEVICE", "cpu")  # take the CPU arrays of this test
+    monkeypatch.setattr(_cupy, "VARLEN", False)
     x, cu = _packed()
     pattern = r"the cupy backend does not take cu_seqlens/state pools yet.*backend='numba'"
     with pytest.raises(RuntimeError, match=pattern):

@@ -17,7 +17,9 @@ of ``cuda/common.cuh``), filled here in one place each (:func:`_forward_params`,
 dtype (:data:`PARAMS`): CuPy passes it to the kernel by value.
 
 Kernels run on the caller's stream (``Problem.stream``), temporaries are allocated on it, and
-nothing synchronises with the host after a module is built.
+nothing synchronises with the host after a module is built: packed sequences (``cu_seqlens``)
+and a pool's slots (``state_indices``) are read by the kernels on the device, and a pool is
+read and written in place.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from .._dtypes import INPUT_DTYPES, STATE_DTYPES
 from . import ceil_div
 
 DEVICE = "cuda"
-# Packed sequences and pools of states wait for the rebuilt kernels: such a call is refused by
-# the validation (a RuntimeError pointing to the numba backend) before it reaches this module.
-VARLEN = False
+# Packed sequences (cu_seqlens) and pools of states (state_indices): the kernels read the
+# offsets and slots on the device (common.cuh, Span).
+VARLEN = True
 INSTALL_HINT = "pip install cosattn[cuda13]"
 MIN_CAPABILITY = 80  # wmma on bfloat16 tiles needs sm_80
 
@@ -152,8 +154,10 @@ def _sweep(names: tuple[str, ...], dtype: Any, W: int) -> tuple[tuple[str, ...],
 
 def forward_spec(dtype: Any, W: int) -> ModuleSpec:
     sweeps, shared = _sweep(("forward_kernel",), dtype, W)
-    return ModuleSpec("forward.cu", (*sweeps, f"cosattn::scan_kernel<{_ctype(dtype)}>"),
-                      (*shared, "0"))
+    ctype = _ctype(dtype)
+    return ModuleSpec("forward.cu", (*sweeps, f"cosattn::scan_kernel<{ctype}>",
+                                     f"cosattn::count_kernel<{ctype}>"),
+                      (*shared, "0", "cosattn::kCountShared"))
 
 
 def backward_spec(dtype: Any, W: int) -> ModuleSpec:
@@ -380,13 +384,15 @@ class ForwardPlan:
     segment_chunks: int
 
 
-def forward_plan(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
+def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
                  sms: int = SMS, *, output: bool = True, total: bool = False) -> ForwardPlan:
-    """A block per (b, h, slice of SL columns of Dv, segment). When B * H * slices blocks would
-    leave ``sms`` SMs with fewer than BLOCKS_PER_SM blocks each, the sequence is split into
-    segments of at least MIN_SEGMENT_CHUNKS chunks, enough of them to give every SM that many
-    (forward.cu): forward_kernel forming the segments' states (``states_only``) and scan_kernel
-    run first.
+    """A block per (sequence, h, slice of SL columns of Dv, segment), for N sequences of at
+    most S tokens (N batch rows of S, or the N sequences of a packed row of S). When
+    N * H * slices blocks would leave ``sms`` SMs with fewer than BLOCKS_PER_SM blocks each,
+    each sequence is split into segments of at least MIN_SEGMENT_CHUNKS chunks, enough of them
+    to give every SM that many (forward.cu): forward_kernel forming the segments' states
+    (``states_only``) and scan_kernel run first. Packed, the lengths stay on the device, so
+    every sequence gets the segments of S; those past its end are empty.
 
     ``output`` False: the state alone (o null, cosattn.absorb); split, it is the first two
     launches (scan_kernel writes kv_out), else forward_kernel alone. ``total`` (bidirectional,
@@ -394,33 +400,40 @@ def forward_plan(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
     neither the segments' states nor the scan."""
     W = width(Dk, Dv)
     spec = forward_spec(dtype, W)
-    main, scan = spec.expressions
+    main, scan, _ = spec.expressions
     C, SL = tiles(dtype, W)
-    rows = B * H * ceil_div(Dv, SL)
+    rows = N * H * ceil_div(Dv, SL)
     chunks = ceil_div(S, C)
     wanted = ceil_div(BLOCKS_PER_SM * sms, max(rows, 1))
     segments = max(1, min(wanted, chunks // MIN_SEGMENT_CHUNKS))
-    segment_chunks = ceil_div(chunks, segments)
-    segments = ceil_div(chunks, segment_chunks)
+    segment_chunks = max(1, ceil_div(chunks, segments))  # S = 0: one empty segment
+    segments = max(1, ceil_div(chunks, segment_chunks))
     launches = [Launch(spec, main, rows * segments)]
     if segments > 1 and not (total and output):
         states = [Launch(spec, main, rows * segments, states_only=True),
-                  Launch(spec, scan, ceil_div(B * H * Dv * Dk, THREADS))]
+                  Launch(spec, scan, ceil_div(N * H * Dv * Dk, THREADS))]
         launches = [*states, *launches] if output else states
     return ForwardPlan(launches, segments, segment_chunks)
 
 
-def backward_launches(dtype: Any, B: int, H: int, S: int, Dk: int, Dv: int,
+def count_launch(dtype: Any, N: int, Dk: int, Dv: int) -> Launch:
+    """count_kernel, a block per sequence: the outgoing counts, after the sweeps (forward.cu),
+    from the module the sweeps of ``(Dk, Dv)`` come from."""
+    spec = forward_spec(dtype, width(Dk, Dv))
+    return Launch(spec, spec.expressions[2], N)
+
+
+def backward_launches(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
                       with_m: bool) -> list[Launch]:
-    """The backward's launches (see backward.cu): values_kernel per (b, h, slice of Dv),
-    queries_keys_kernel per (b, h, slice of Dk), and dm_kernel over the heads when ``m`` is
-    given."""
+    """The backward's launches (see backward.cu) for N sequences (batch rows, or the sequences
+    of a packed row): values_kernel per (sequence, h, slice of Dv), queries_keys_kernel per
+    (sequence, h, slice of Dk), and dm_kernel over the heads when ``m`` is given."""
     W = width(Dk, Dv)
     spec = backward_spec(dtype, W)
     values, queries_keys, dm = spec.expressions
     _, SL = tiles(dtype, W)
-    launches = [Launch(spec, values, B * H * ceil_div(Dv, SL)),
-                Launch(spec, queries_keys, B * H * ceil_div(Dk, SL))]
+    launches = [Launch(spec, values, N * H * ceil_div(Dv, SL)),
+                Launch(spec, queries_keys, N * H * ceil_div(Dk, SL))]
     if with_m:
         launches.append(Launch(spec, dm, ceil_div(H, THREADS)))
     return launches
@@ -453,20 +466,25 @@ def _strided(n: int, *names: str) -> tuple[tuple[str, int], ...]:
 # tests compare offsets and sizes with the C++ layout).
 PARAMS = {
     "ForwardParams": _struct(
-        ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out", "segment_states"),
-        ("B", "H", "S", "Dk", "Dv", "segments", "segment_chunks", "states_only", "passes"),
-        (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride"), ("mask_stride", 2)),
+        ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out", "count_out",
+         "segment_states", "cu_seqlens", "state_indices", "has_initial"),
+        ("B", "H", "S", "Dk", "Dv", "N", "P", "segments", "segment_chunks", "states_only",
+         "passes", "state_wide", "count_stride"),
+        (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride", "kv0_stride",
+                   "kv_out_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
     "BackwardParams": _struct(
         ("q", "k", "v", "dout", "dq", "dk", "dv", "m", "mask", "kv0", "count0", "dkv", "dkv0",
-         "dq_part", "dk_part", "dm_part", "dm"), ("B", "H", "S", "Dk", "Dv", "nsv", "passes"),
+         "dq_part", "dk_part", "dm_part", "dm", "cu_seqlens"),
+        ("B", "H", "S", "Dk", "Dv", "N", "nsv", "passes"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "do_stride", "dq_stride",
                    "dk_stride", "dv_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
     "StepParams": _struct(
-        ("q", "k", "v", "o", "kv", "count", "m", "mask"), ("B", "H", "Dk", "Dv"),
+        ("q", "k", "v", "o", "kv", "count", "m", "mask", "state_indices", "has_initial"),
+        ("B", "H", "Dk", "Dv", "P"),
         (*_strided(3, "q_stride", "k_stride", "v_stride", "o_stride"), ("kv_stride", 4)),
-        (("mask_stride", np.int64), ("eps", np.float64))),
+        (("mask_stride", np.int64), ("count_stride", np.int64), ("eps", np.float64))),
 }
 
 
@@ -500,33 +518,38 @@ def _strides(x: Any, n: int) -> tuple[int, ...]:
     return tuple(s // size for s in x.strides)
 
 
-def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, kv0: Any,
-                    count0: Any, kv_out: Any, segment_states: Any) -> np.void:
+def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, count_stride: int,
+                    **arrays: Any) -> np.void:
     """``o`` None (the state alone, cosattn.absorb): o is null and k stands in for the q the
     kernel does not read. Bidirectional, ``kv0`` and ``count0`` are the whole sequence's sum and
-    count (total=)."""
+    count (total=). ``arrays``: count0, kv_out, count_out, segment_states, cu_seqlens,
+    state_indices, has_initial (None where absent); kv0 is the call's own, read in place."""
     p = call.p
     q = call.k if call.q is None else call.q
     return _params("ForwardParams", q=_ptr(q), k=_ptr(call.k), v=_ptr(call.v),
-                   o=_ptr(call.o), m=_ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(kv0),
-                   count0=_ptr(count0), kv_out=_ptr(kv_out),
-                   segment_states=_ptr(segment_states), B=p.B, H=p.H, S=p.S, Dk=p.Dk,
-                   Dv=p.Dv, segments=plan.segments, segment_chunks=plan.segment_chunks,
-                   states_only=int(states_only), passes=PASSES[_variant.get()],
-                   q_stride=_strides(q, 4), k_stride=_strides(call.k, 4),
-                   v_stride=_strides(call.v, 4), o_stride=_strides(call.o, 4),
+                   o=_ptr(call.o), m=_ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(call.kv0),
+                   **{name: _ptr(x) for name, x in arrays.items()},
+                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, N=call.N,
+                   P=call.kv0.shape[0] if call.pooled else call.N, segments=plan.segments,
+                   segment_chunks=plan.segment_chunks, states_only=int(states_only),
+                   passes=PASSES[_variant.get()], state_wide=int(p.state_dtype == np.float64),
+                   count_stride=count_stride, q_stride=_strides(q, 4),
+                   k_stride=_strides(call.k, 4), v_stride=_strides(call.v, 4),
+                   o_stride=_strides(call.o, 4), kv0_stride=_strides(call.kv0, 4),
+                   kv_out_stride=_strides(arrays["kv_out"], 4),
                    mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
 
 
 def _backward_params(call: BackwardCall, nsv: int, **temporaries: Any) -> np.void:
     """``temporaries``: kv0, count0, dkv (contiguous copies), dkv0, dq_part, dk_part, dm_part,
-    dm (None where absent)."""
+    dm, cu_seqlens (None where absent)."""
     p = call.p
     return _params("BackwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
                    dout=_ptr(call.do), dq=_ptr(call.dq), dk=_ptr(call.dk), dv=_ptr(call.dv),
                    m=_ptr(call.m), mask=_ptr(call.mask),
                    **{name: _ptr(x) for name, x in temporaries.items()},
-                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, nsv=nsv, passes=PASSES[_variant.get()],
+                   B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, N=call.N, nsv=nsv,
+                   passes=PASSES[_variant.get()],
                    q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), do_stride=_strides(call.do, 4),
                    dq_stride=_strides(call.dq, 4), dk_stride=_strides(call.dk, 4),
@@ -534,15 +557,18 @@ def _backward_params(call: BackwardCall, nsv: int, **temporaries: Any) -> np.voi
                    eps=p.eps, causal=int(p.causal))
 
 
-def _step_params(call: StepCall) -> np.void:
+def _step_params(call: StepCall, state_indices: Any, has_initial: Any) -> np.void:
+    """``state_indices``, ``has_initial``: the call's, contiguous (None where absent)."""
     p = call.p
     return _params("StepParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
                    o=_ptr(call.o), kv=_ptr(call.kv), count=_ptr(call.count), m=_ptr(call.m),
-                   mask=_ptr(call.mask), B=p.B, H=p.H, Dk=p.Dk, Dv=p.Dv,
-                   q_stride=_strides(call.q, 3), k_stride=_strides(call.k, 3),
-                   v_stride=_strides(call.v, 3), o_stride=_strides(call.o, 3),
-                   kv_stride=_strides(call.kv, 4), mask_stride=_strides(call.mask, 1)[0],
-                   eps=p.eps)
+                   mask=_ptr(call.mask), state_indices=_ptr(state_indices),
+                   has_initial=_ptr(has_initial), B=p.B, H=p.H, Dk=p.Dk, Dv=p.Dv,
+                   P=call.kv.shape[0], q_stride=_strides(call.q, 3),
+                   k_stride=_strides(call.k, 3), v_stride=_strides(call.v, 3),
+                   o_stride=_strides(call.o, 3), kv_stride=_strides(call.kv, 4),
+                   mask_stride=_strides(call.mask, 1)[0],
+                   count_stride=_strides(call.count, 1)[0], eps=p.eps)
 
 
 def _contiguous(xp: Any, x: Any, dtype: Any) -> Any:
@@ -552,46 +578,62 @@ def _contiguous(xp: Any, x: Any, dtype: Any) -> Any:
 # ------------------------------------------------------------------------------- backend
 
 
+def _sequences(xp: Any, call: ForwardCall | StepCall | BackwardCall) -> dict[str, Any]:
+    """The arrays that name sequences and slots, contiguous on the device (None where absent):
+    the kernels index them directly."""
+    wanted = {"cu_seqlens": np.int64, "state_indices": np.int64, "has_initial": np.bool_}
+    return {name: _contiguous(xp, getattr(call, name, None), dtype)
+            for name, dtype in wanted.items()}
+
+
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
     """With ``call.o`` None the same kernel forms the state alone (q is not read: k stands in
-    for it)."""
-    p, kv0, mask = call.p, call.kv0, call.mask
+    for it). A pool's prefill reads and writes the pool's slots in place: the outgoing states
+    go where the incoming ones came from."""
+    p, kv0 = call.p, call.kv0
     xp = namespace(p.device)
+    N = call.N
     with _stream(p):
-        count = None
-        if call.want_state:
-            count = (xp.full(p.B, p.S, dtype=np.int64) if mask is None
-                     else mask.sum(axis=1, dtype=np.int64))
-            if p.causal and call.count0 is not None:
-                count += call.count0
-        if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
+        kv_out, count_out = kv0, call.count0
+        count_stride = _strides(count_out, 1)[0] if call.pooled else 1
+        if not call.pooled:
+            kv_out = count_out = None
+            if call.want_state:
+                kv_out = xp.empty((N, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
+                count_out = xp.empty(N, dtype=np.int64)
+        plan = forward_plan(p.dtype, N, p.H, p.S, p.Dk, p.Dv, _sm_count(p.device.index),
+                            output=call.o is not None, total=not p.causal and kv0 is not None)
+        # Without tokens or heads there is nothing to sweep, except in a pool, whose sweeps also
+        # zero the slots of sequences that do not start from them.
+        sweeps = p.H * p.Dk * p.Dv > 0 and (p.S > 0 or call.pooled)
+        launches = list(plan.launches) if sweeps else []
+        if not sweeps:
             if call.o is not None:
                 call.o[...] = 0
-            if not call.want_state:
-                return None
-            kv = xp.zeros((p.B, p.H, p.Dv, p.Dk), p.state_dtype) if kv0 is None else kv0.copy()
-            return kv, count
-        kv_out = xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc) if call.want_state else None
-        plan = forward_plan(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv, _sm_count(p.device.index),
-                            output=call.o is not None,
-                            total=not p.causal and kv0 is not None)
+            if kv_out is not None and not call.pooled:
+                kv_out[...] = 0 if kv0 is None else kv0
+        if count_out is not None:
+            launches.append(count_launch(p.dtype, N, p.Dk, p.Dv))
         segment_states = None
-        if plan.segments > 1:
-            segment_states = xp.empty((p.B, p.H, plan.segments, p.Dv, p.Dk), dtype=p.acc)
-        arrays = (_contiguous(xp, kv0, p.acc), _contiguous(xp, call.count0, np.int64), kv_out,
-                  segment_states)
-        for launch in plan.launches:
-            _launch(launch, _forward_params(call, plan, launch.states_only, *arrays), p)
-        if not call.want_state:
+        if plan.segments > 1 and sweeps:
+            segment_states = xp.empty((N, p.H, plan.segments, p.Dv, p.Dk), dtype=p.acc)
+        count0 = call.count0 if call.pooled else _contiguous(xp, call.count0, np.int64)
+        arrays = dict(count0=count0, kv_out=kv_out, count_out=count_out,
+                      segment_states=segment_states, **_sequences(xp, call))
+        for launch in launches:
+            _launch(launch, _forward_params(call, plan, launch.states_only, count_stride,
+                                            **arrays), p)
+        if call.pooled or not call.want_state:
             return None
-        return kv_out.astype(p.state_dtype, copy=False), count
+        return kv_out, count_out
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, m = call.p, call.kv0, call.m
     xp = namespace(p.device)
+    N = call.N
     with _stream(p):
-        if p.S == 0 or p.B * p.H * p.Dk * p.Dv == 0:
+        if p.S == 0 or N * p.H * p.Dk * p.Dv == 0:
             call.dq[...] = 0
             call.dk[...] = 0
             call.dv[...] = 0
@@ -609,24 +651,27 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
         dm_part = dm = None
         if m is not None:
-            dm_part = xp.empty((p.B, p.H, nsv), dtype=p.acc)
+            dm_part = xp.empty((N, p.H, nsv), dtype=p.acc)
             dm = xp.empty(p.H, dtype=p.acc)
         # dkv0 for an incoming state only (causal); bidirectional, kv0 is total=
         dkv0 = (None if kv0 is None or not p.causal
-                else xp.empty((p.B, p.H, p.Dv, p.Dk), dtype=p.acc))
+                else xp.empty((N, p.H, p.Dv, p.Dk), dtype=p.acc))
         params = _backward_params(
             call, nsv, kv0=_contiguous(xp, kv0, p.acc),
             count0=_contiguous(xp, call.count0, np.int64),
             dkv=_contiguous(xp, call.dkv, p.acc), dkv0=dkv0, dq_part=dq_part, dk_part=dk_part,
-            dm_part=dm_part, dm=dm)
-        for launch in backward_launches(p.dtype, p.B, p.H, p.S, p.Dk, p.Dv, m is not None):
+            dm_part=dm_part, dm=dm, cu_seqlens=_sequences(xp, call)["cu_seqlens"])
+        for launch in backward_launches(p.dtype, N, p.H, p.S, p.Dk, p.Dv, m is not None):
             _launch(launch, params, p)
         return dm, None if dkv0 is None else dkv0.astype(kv0.dtype, copy=False)
 
 
 def step(call: StepCall) -> None:
+    """A pool's step updates the named slots of the pool in place."""
     p = call.p
-    params = _step_params(call)
+    xp = namespace(p.device)
     with _stream(p):
+        sequences = _sequences(xp, call)
+        params = _step_params(call, sequences["state_indices"], sequences["has_initial"])
         for launch in step_launches(p.dtype, call.kv.dtype, p.B, p.H, p.Dv):
             _launch(launch, params, p)

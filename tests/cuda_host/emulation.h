@@ -55,9 +55,13 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
-// The read-only data cache load and the streaming store: plain accesses on the host.
+// The read-only data cache load and the streaming load and store: plain accesses on the host.
 template <typename T>
 inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
   return *p;
 }
 template <typename T>
