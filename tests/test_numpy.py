@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import cosattn
 from cosattn._call import Problem
 from cosattn._device import CPU
-from cosattn.backends import _numpy
+from cosattn.backends import _cpu_kernels, _numpy
 
 from helpers import (
     DTYPES,
@@ -288,3 +288,43 @@ def test_absorb_continues_a_state():
     assert_close(whole.kv, forward_state.kv, np.float64, "kv")
     np.testing.assert_array_equal(whole.count, forward_state.count)
     np.testing.assert_array_equal(state.kv, case.kv0)  # the incoming state is not modified
+
+
+def _float_bits_near_halves() -> np.ndarray:
+    """float32 bit patterns that exercise float32 -> float16 rounding: every half's value, the
+    midpoints between neighbouring halves (ties) and the floats just either side of them, the
+    overflow and underflow thresholds, NaNs with payloads in every position, and random bits."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(np.unique(halves[np.isfinite(halves)].astype(np.float64)))
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32).view(np.uint32)  # exact
+    values = halves.astype(np.float32).view(np.uint32)
+    edges = np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x33000000, 0x32FFFFFF, 0x33000001,
+                      0x387FFFFF, 0x38800000, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7F802000,
+                      0x7FFFFFFF, 0x00000001], dtype=np.uint32)
+    random = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+    bits = np.concatenate([values, mids, mids - 1, mids + 1, edges, random.astype(np.uint32)])
+    return np.concatenate([bits, bits | np.uint32(0x80000000)])
+
+
+def test_float16_casts_equal_numpys_bit_for_bit():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(1, 1, -1, 1)
+    floats = np.empty(halves.shape, np.uint32)
+    _cpu_kernels.half_to_float(halves, floats)
+    assert np.array_equal(floats, halves.view(np.float16).astype(np.float32).view(np.uint32))
+    bits = _float_bits_near_halves().reshape(1, 1, -1, 1)
+    out = np.empty(bits.shape, np.uint16)
+    _cpu_kernels.float_to_half(bits, out)
+    with np.errstate(over="ignore"):
+        expected = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    assert np.array_equal(out, expected)
+
+
+def test_float16_casts_take_any_strides():
+    x = np.random.default_rng(1).standard_normal((2, 5, 3, 4)).astype(np.float16)
+    strided = x.transpose(0, 2, 1, 3)
+    out = np.empty(strided.shape, np.float32)
+    _cpu_kernels.half_to_float(strided.view(np.uint16), out.view(np.uint32))
+    assert np.array_equal(out, strided.astype(np.float32))
+    target = np.empty((2, 5, 3, 4), np.float16).transpose(0, 2, 1, 3)
+    _cpu_kernels.float_to_half(out.view(np.uint32), target.view(np.uint16))
+    assert np.array_equal(target, strided)

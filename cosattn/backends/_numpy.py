@@ -155,8 +155,24 @@ class _Normalised:
 
 
 def _readable(x: Any, acc: np.dtype) -> Any:
-    """``x`` as the CPU kernels read it: float32/float64 as it is (any strides), 16-bit cast."""
-    return x if x.dtype == acc else x.astype(acc)
+    """``x`` (B, H, S, D) as the CPU kernels read it: float32/float64 as it is (any strides),
+    16-bit cast (float16 by :func:`._cpu_kernels.half_to_float`)."""
+    if x.dtype == acc:
+        return x
+    if x.dtype == np.float16:
+        out = np.empty(x.shape, np.float32)
+        _cpu_kernels.half_to_float(x.view(np.uint16), out.view(np.uint32))
+        return out
+    return x.astype(acc)
+
+
+def _cast_into(out: Any, x: Any) -> None:
+    """``out[...] = x`` for (B, H, S, D) arrays, float32 into float16 by
+    :func:`._cpu_kernels.float_to_half`."""
+    if out.dtype == np.float16 and x.dtype == np.float32:
+        _cpu_kernels.float_to_half(x.view(np.uint32), out.view(np.uint16))
+    else:
+        out[...] = x
 
 
 def _no_mask(mask: Any) -> Any:
@@ -176,7 +192,7 @@ def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
     else:
         rows = buf[:, :, : out.shape[2]]
         kernel(*head, rows, pieces)
-        out[...] = rows
+        _cast_into(out, rows)
 
 
 def _real_tokens(p: Problem, mask: Any) -> Any:
