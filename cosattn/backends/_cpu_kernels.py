@@ -187,18 +187,22 @@ def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, out_t: np.ndarray,
-              inv: np.ndarray, pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``x_p / max(|x_p|, eps)`` for each token at caller position p into the chunked work
-    buffers at its work position, and ``inv[.., q] = 1 / max(|x_p|, eps)`` at work position q
-    (1/eps and zeros where padded, as for a zero row); the work positions past a piece's tokens
-    are zeroed. ``out`` takes the rows (B, H, N, C, D), ``out_t`` the rows of each chunk
-    transposed (B, H, N, D, C); either may be empty (then it is not written)."""
+def rows_in(x: np.ndarray, mask: np.ndarray, eps: float, w: np.ndarray, out: np.ndarray,
+            out_t: np.ndarray, inv: np.ndarray,
+            pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """The prologue: each token's row of ``x`` from caller position p into the chunked work
+    buffers at its work position q, zero where padded and past a piece's tokens. ``out`` takes
+    the rows (B, H, N, C, D), ``out_t`` the rows of each chunk transposed (B, H, N, D, C);
+    either may be empty (then it is not written).
+
+    With ``inv`` (B, H, n) not empty, the row is normalised: ``x_p / max(|x_p|, eps)``, and
+    ``inv[.., q] = 1 / max(|x_p|, eps)`` (1/eps where padded, as for a zero row). Otherwise it
+    is scaled by ``w[.., p]`` (``w`` (B, H, S) at the caller's positions; empty for 1)."""
     B, H = x.shape[:2]
     D = x.shape[3]
     C = max(out.shape[3], out_t.shape[4])
-    tile = np.empty((C, D), inv.dtype)  # the rows of a chunk when ``out`` is empty
-    norm = np.empty(1, inv.dtype)  # the norm in the outputs' dtype, so the division is too
+    tile = np.empty((C, D), x.dtype)  # the rows of a chunk when ``out`` is empty
+    norm = np.empty(1, x.dtype)  # the norm in the outputs' dtype, so the division is too
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
@@ -210,41 +214,17 @@ def unit_rows(x: np.ndarray, mask: np.ndarray, eps: float, out: np.ndarray, out_
                         p, q = src + s, dst + s
                         if s >= length or (mask.size and not mask[b, p]):
                             rows[r] = 0.0
-                            if s < length:
+                            if s < length and inv.size:
                                 inv[b, h, q] = 1.0 / eps
-                            continue
-                        sq = 0.0
-                        for d in range(D):
-                            sq += x[b, h, p, d] * x[b, h, p, d]
-                        norm[0] = max(math.sqrt(sq), eps)
-                        n = norm[0]
-                        for d in range(D):
-                            rows[r, d] = x[b, h, p, d] / n
-                        inv[b, h, q] = 1.0 / n
-                    _transpose(rows, out_t, b, h, chunk)
-
-
-@numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def scaled_rows(x: np.ndarray, mask: np.ndarray, w: np.ndarray, out: np.ndarray,
-                out_t: np.ndarray, pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``w[.., p] x_p`` (``w`` (B, H, S) at the caller's positions, or (0, 0, 0) for 1) into
-    ``out`` and ``out_t`` as :func:`unit_rows` writes them, zero where padded and past a
-    piece's tokens."""
-    B, H = x.shape[:2]
-    D = x.shape[3]
-    C = max(out.shape[3], out_t.shape[4])
-    tile = np.empty((C, D), x.dtype)  # the rows of a chunk when ``out`` is empty
-    for b in range(B):
-        for h in range(H):
-            for src, dst, length, span in pieces:
-                for s0 in range(0, span, C):
-                    chunk = (dst + s0) // C
-                    rows = _rows(out, tile, b, h, chunk)
-                    for r in range(C):
-                        s = s0 + r
-                        p = src + s
-                        if s >= length or (mask.size and not mask[b, p]):
-                            rows[r] = 0.0
+                        elif inv.size:
+                            sq = 0.0
+                            for d in range(D):
+                                sq += x[b, h, p, d] * x[b, h, p, d]
+                            norm[0] = max(math.sqrt(sq), eps)
+                            n = norm[0]
+                            for d in range(D):
+                                rows[r, d] = x[b, h, p, d] / n
+                            inv[b, h, q] = 1.0 / n
                         elif w.size:
                             scale = w[b, h, p]
                             for d in range(D):

@@ -261,40 +261,43 @@ def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
     """The inputs of the chunked products; with ``transposed``, kt and vt_t too (copies or
     views, :func:`_copies_transposed`), and without ``k_rows`` no k^ by rows where it is not
     needed for them."""
-    p, mask, pieces, C = call.p, _no_mask(call.mask), layout.pieces(call.p.S), layout.chunk
-    none = np.empty((0,) * 5, p.acc)  # no destination (reshaped to 3-D: no weights)
+    p, mask, C = call.p, _no_mask(call.mask), layout.chunk
     copies = transposed and _copies_transposed(p.acc)
     kh = _chunked(p, layout, C, p.Dk) if k_rows or not copies else None
     kt = _chunked(p, layout, p.Dk, C) if copies else None
     vt = _chunked(p, layout, C, p.Dv)
     vt_t = _chunked(p, layout, p.Dv, C) if copies else None
     k_inv = np.empty((p.B, p.H, layout.n), p.acc)
-    _cpu_kernels.unit_rows(_readable(call.k, p.acc), mask, p.eps, none if kh is None else kh,
-                           none if kt is None else kt, k_inv, pieces)
+    _rows_in(call.k, p, layout, mask, out=kh, out_t=kt, inv=k_inv)
     if transposed and not copies:
         kt = _transposed(kh)
     qh = q_inv = None
     if call.q is not None:
         qh = _chunked(p, layout, C, p.Dk)
         q_inv = np.empty((p.B, p.H, layout.n), p.acc)
-        _cpu_kernels.unit_rows(_readable(call.q, p.acc), mask, p.eps, qh, none, q_inv, pieces)
+        _rows_in(call.q, p, layout, mask, out=qh, inv=q_inv)
     if call.packed:
         c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
     else:
         c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    _cpu_kernels.scaled_rows(_readable(call.v, p.acc), mask,
-                             none.reshape(0, 0, 0) if w is None else w, vt,
-                             none if vt_t is None else vt_t, pieces)
+    _rows_in(call.v, p, layout, mask, out=vt, out_t=vt_t, w=w)
     if transposed and not copies:
         vt_t = _transposed(vt)
     return _Normalised(qh, kh if k_rows else None, kt, vt, vt_t, q_inv, k_inv, c, w)
 
 
-def _scaled(x: Any, layout: _Layout, acc: np.dtype, mask: Any, out: Any) -> None:
-    """``x`` (B, H, S, D) into the chunked work buffer ``out``, zero where no real token sits."""
-    _cpu_kernels.scaled_rows(_readable(x, acc), mask, np.empty((0,) * 3, acc), out,
-                             np.empty((0,) * 5, acc), layout.pieces(x.shape[2]))
+def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, *, out: Any = None,
+             out_t: Any = None, inv: Any = None, w: Any = None) -> None:
+    """The prologue pass (:func:`._cpu_kernels.rows_in`) of one input (B, H, S, D) into the
+    chunked work buffers ``out`` and ``out_t`` (by rows and transposed; None: not written):
+    normalised when ``inv`` is given, else scaled by ``w`` (None: 1)."""
+    none = np.empty((0,) * 5, p.acc)
+    _cpu_kernels.rows_in(_readable(x, p.acc), mask, p.eps,
+                         none.reshape(0, 0, 0) if w is None else w,
+                         none if out is None else out, none if out_t is None else out_t,
+                         none.reshape(0, 0, 0) if inv is None else inv,
+                         layout.pieces(x.shape[2]))
 
 
 def _chunks(x: Any, C: int) -> Any:
@@ -608,7 +611,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # product is done.
         x = _normalised_inputs(call, layout, transposed=True)
         dof = _chunked(p, layout, C, p.Dv)
-        _scaled(call.do, layout, p.acc, mask, dof)
+        _rows_in(call.do, p, layout, mask, out=dof)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
         dvt = scores.swapaxes(-1, -2) @ dof
@@ -637,7 +640,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         x = _normalised_inputs(call, layout)
         dof = _chunked(p, layout, C, p.Dv)
-        _scaled(call.do, layout, p.acc, mask, dof)
+        _rows_in(call.do, p, layout, mask, out=dof)
         qh, kh, vt, do = (_unchunk(a) for a in (x.qh, x.kh, x.vt, dof))
         dqh, dkh, dvt = (_chunked(p, layout, C, D) for D in (p.Dk, p.Dk, p.Dv))
         for i in range(len(layout.segments)):
