@@ -9,28 +9,36 @@ function                                 inputs -> outputs
 ``CausalAttention``                      q, k, v, m, mask, kv0, count0 -> o, kv, count
 ``BidirectionalAttention``               q, k, v, m, mask -> o
 ``RecurrentStep``                        q, k, v, m, mask, kv, count -> o, kv_next, count_next
+``PoolStep``                             q, k, v, m, mask, state_indices, has_initial_state,
+                                         kv, count -> o, kv_next, count_next
 =======================================  ================================================
 
 Shapes follow docs/spec.md: q, k (B, H, S, Dk), v (B, H, S, Dv), m (H,), mask (B, S) bool, state
 ``kv`` (B, H, Dv, Dk) float32 and ``count`` (B,) int64; the step takes one token, q, k (B, H, Dk)
-and v (B, H, Dv), and a mask (B,). Without a stabiliser (``with_m=False``) the functions are
-named ``...NoStabiliser`` and have no ``m`` input. Attributes: ``eps`` (float, default 1e-12)
-everywhere, ``chunk`` (int, default 64) for ``CausalAttention``.
+and v (B, H, Dv), and a mask (B,). ``PoolStep`` is that step on a pool of states (docs/spec.md,
+"A pool of states"): entry b steps slot ``state_indices[b]`` ((B,) int32 or int64, -1 for a
+padding entry, which reads and writes no slot) of the pool ``kv`` (P, H, Dv, Dk), ``count``
+(P,), from zero where ``has_initial_state`` (B,) bool is False; ONNX values cannot be written
+in place, so it returns the new pool, in which the slots no entry names keep their bits. Without
+a stabiliser (``with_m=False``) the functions are named ``...NoStabiliser`` and have no ``m``
+input. Attributes: ``eps`` (float, default 1e-12) everywhere, ``chunk`` (int, default 64) for
+``CausalAttention``.
 
 q, k, v may be float16 or float32: they are cast to float32 inside, every sum is float32, the
 state is float32, and ``o`` is cast back to the dtype of ``q``. The causal form walks the
 sequence in chunks of ``chunk`` tokens with a ``Scan`` that carries ``kv``: it pads S to whole
 chunks inside the graph and never holds more than one chunk x chunk block of the S x S score
-matrix. B and S are dynamic in every graph.
+matrix. B and S (and P, unless fixed) are dynamic in every graph.
 
 Padding holds anything (docs/spec.md, "Bad input"): q, k, v at masked positions are selected
 away with ``Where``, never multiplied by 0, so NaN or Inf there reaches no result; ``o`` is +0
 at masked positions, and a masked row of the step leaves ``kv`` and ``count`` bit for bit as
 they were.
 
-:func:`attention_model` and :func:`step_model` wrap the functions into ready-to-run models;
-:func:`attention_function` and :func:`step_function` give the functions themselves to exporters
-that call them as nodes (domain :data:`DOMAIN`) in a larger graph.
+:func:`attention_model`, :func:`step_model` and :func:`pool_step_model` wrap the functions into
+ready-to-run models; :func:`attention_function`, :func:`step_function` and
+:func:`pool_step_function` give the functions themselves to exporters that call them as nodes
+(domain :data:`DOMAIN`) in a larger graph.
 
 Example
 -------
@@ -65,6 +73,8 @@ __all__ = [
     "attention_function",
     "attention_model",
     "opset_imports",
+    "pool_step_function",
+    "pool_step_model",
     "step_function",
     "step_model",
 ]
@@ -75,6 +85,7 @@ IR_VERSION = 10
 DEFAULT_CHUNK = 64
 DEFAULT_EPS = 1e-12
 _ELEM_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+_INDEX_TYPES = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
 
 
 def opset_imports() -> list[onnx.OperatorSetIdProto]:
@@ -111,6 +122,25 @@ class _Nodes:
         """Append a call of ``function`` (a node in its domain); return the output names."""
         self.nodes.append(helper.make_node(function.name, list(inputs), list(outs),
                                            domain=function.domain, **attrs))
+        return list(outs)
+
+    def inline(self, function: onnx.FunctionProto, *inputs: str, outs: Sequence[str],
+               prefix: str) -> list[str]:
+        """Append the nodes of ``function`` as a call would run them; return ``outs``.
+
+        The function's formal inputs and outputs become ``inputs`` and ``outs``, and its inner
+        values get ``prefix`` so they cannot clash with this graph's. Attribute references stay
+        as they are: the enclosing function must declare the same attributes. Only for functions
+        without subgraphs (the values inside a subgraph would keep their names).
+        """
+        names = dict(zip(function.input, inputs, strict=True))
+        names.update(zip(function.output, outs, strict=True))
+        for node in function.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            for values in (copy.input, copy.output):
+                values[:] = [names.get(n, prefix + n) if n else n for n in values]
+            self.nodes.append(copy)
         return list(outs)
 
     def const(self, name: str, value: Any, dtype: Any = np.int64) -> str:
@@ -358,6 +388,78 @@ def step_function(*, with_m: bool = True) -> onnx.FunctionProto:
                                 doc_string=doc)
 
 
+def pool_step_function(*, with_m: bool = True) -> onnx.FunctionProto:
+    """One recurrent step on a pool of states (docs/spec.md, "A pool of states"), a function in
+    the ``cosattn`` domain: what ``StatePool.step`` does, with the pool in and the new pool out.
+
+    Parameters
+    ----------
+    with_m : bool
+        With the stabiliser input ``m`` (H,) (``PoolStep``) or without
+        (``PoolStepNoStabiliser``, ``w = 1``).
+
+    Returns
+    -------
+    onnx.FunctionProto
+        Inputs ``q``, ``k`` (B, H, Dk), ``v`` (B, H, Dv) in float16 or float32, ``m`` (H,),
+        ``mask`` (B,) bool, ``state_indices`` (B,) int32 or int64 (an entry's slot, -1 for a
+        padding entry), ``has_initial_state`` (B,) bool (False: the entry starts from a zero
+        state, not from its slot), the pool ``kv`` (P, H, Dv, Dk) float32 and ``count`` (P,)
+        int64; outputs ``o`` (B, H, Dv) in the dtype of q (+0 for padding entries and masked
+        rows) and the new pool ``kv_next``, ``count_next``. Attribute ``eps``.
+
+    Notes
+    -----
+    Entry b steps slot ``state_indices[b]`` as ``RecurrentStep`` (inlined, not copied) steps a
+    state, and the outgoing state replaces the slot. Padding entries, and indices outside
+    0 .. P-1, read and write no slot; slots no entry names keep their bits, and so does the
+    slot of a masked entry that starts from it (one that starts from zero gets the zero state,
+    as ``StatePool.step`` gives it). No two entries may name the same slot: ``ScatterND``
+    leaves the order of duplicate writes undefined.
+    """
+    g = _Nodes()
+    slots = g.op("Cast", "state_indices", out="slots", to=TensorProto.INT64)
+    # An entry is live when it names a slot of the pool: -1 marks padding, and an index outside
+    # the pool (a bad value nobody checked) is treated as padding, so nothing below reads or
+    # writes outside the pool.
+    pool_size = g.op("Shape", "kv", out="pool_size", start=0, end=1)
+    live = g.op("And", g.op("GreaterOrEqual", slots, g.const("zero_i64", 0), out="slot_not_neg"),
+                g.op("Less", slots, pool_size, out="slot_in_pool"), out="live")
+    # Step the live entries only, compacted to L rows: the -1 entries then cannot collide with
+    # a live entry's slot in the ScatterND writes, and they cost nothing.
+    entries = g.op("Transpose", g.op("NonZero", live, out="live_nonzero"), out="entries",
+                   perm=[1, 0])  # (L, 1) positions in the batch
+    live_slots = g.op("GatherND", g.op("Unsqueeze", slots, _axes(g, 1), out="slots_b1"), entries,
+                      out="live_slots")  # (L, 1) slots in the pool
+    q, k, v, mask, initial = (g.op("GatherND", name, entries, out=f"{name}_live")
+                              for name in ("q", "k", "v", "mask", "has_initial_state"))
+    # A new request in a reused slot starts from zero: the slot's junk (NaN, say) is selected
+    # away with Where, never multiplied by 0.
+    kv_slot = g.op("GatherND", "kv", live_slots, out="kv_slot")
+    kv_start = g.op("Where", g.op("Unsqueeze", initial, _axes(g, 1, 2, 3), out="initial_b111"),
+                    kv_slot, g.const("zero_f32", 0.0, np.float32), out="kv_start")
+    count_start = g.op("Where", initial, g.op("GatherND", "count", live_slots, out="count_slot"),
+                       g.const("zero_i64", 0), out="count_start")
+    step = step_function(with_m=with_m)
+    o_live, kv_live, count_live = g.inline(
+        step, q, k, v, *(["m"] if with_m else []), mask, kv_start, count_start,
+        outs=["o_live", "kv_live_next", "count_live_next"], prefix="step_")
+    zeros = g.op("ConstantOfShape", g.op("Shape", "v", out="shape_o"), out="zeros_o_f32",
+                 value=helper.make_tensor("", TensorProto.FLOAT, [1], [0.0]))
+    g.op("ScatterND", g.op("CastLike", zeros, "q", out="zeros_o"), entries, o_live, out="o")
+    g.op("ScatterND", "kv", live_slots, kv_live, out="kv_next")
+    g.op("ScatterND", "count", live_slots, count_live, out="count_next")
+    inputs = (["q", "k", "v"] + (["m"] if with_m else [])
+              + ["mask", "state_indices", "has_initial_state", "kv", "count"])
+    outputs = ["o", "kv_next", "count_next"]
+    doc = (f"Cottention step on a pool ({', '.join(inputs)}) -> ({', '.join(outputs)}); "
+           "see cosattn.onnx")
+    return helper.make_function(DOMAIN, _function_name("PoolStep", with_m), inputs, outputs,
+                                g.nodes, [helper.make_opsetid("", OPSET)],
+                                attribute_protos=[helper.make_attribute("eps", DEFAULT_EPS)],
+                                doc_string=doc)
+
+
 def _value(name: str, elem: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, list(shape))
 
@@ -525,3 +627,62 @@ def step_model(*, H: int, Dk: int, Dv: int, dtype: str = "float32", m: Any = Non
     g.call(function, *args, outs=["o", "kv_next", "count_next"], eps=float(eps))
     return _model(g, "cosattn_recurrent_step", inputs, outputs, inits, function,
                   f"Cottention recurrent step, H={H} Dk={Dk} Dv={Dv}, {dtype}; see cosattn.onnx")
+
+
+
+def pool_step_model(*, H: int, Dk: int, Dv: int, P: int | None = None, dtype: str = "float32",
+                    m: Any = None, m_input: bool = False, mask: bool = False,
+                    index_dtype: str = "int64", eps: float = DEFAULT_EPS) -> onnx.ModelProto:
+    """A model running one step on a pool of states (``StatePool.step``) with dynamic B.
+
+    Parameters
+    ----------
+    H, Dk, Dv, dtype, m, m_input, eps
+        As in :func:`attention_model`.
+    P : int, optional
+        Slots in the pool, fixed in the graph; dynamic (``"P"``) when None.
+    mask : bool
+        Take a ``mask`` (B,) bool input (False: the token of that entry is padding).
+    index_dtype : {"int64", "int32"}
+        Dtype of the ``state_indices`` input.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Inputs ``q`` (B, H, Dk), ``k`` (B, H, Dk), ``v`` (B, H, Dv), then ``m`` and ``mask``
+        when asked for, then ``state_indices`` (B,) (-1 for a padding entry),
+        ``has_initial_state`` (B,) bool and the pool ``kv`` (P, H, Dv, Dk) float32 and
+        ``count`` (P,) int64; outputs ``o`` (B, H, Dv) and the new pool ``kv_next``,
+        ``count_next`` (see :func:`pool_step_function`). Start from a zero pool; feed
+        ``kv_next``/``count_next`` back as ``kv``/``count``.
+    """
+    elem = _check_options(H, Dk, Dv, dtype, m, m_input, eps)
+    if P is not None and (not isinstance(P, int) or P < 0):
+        raise ValueError(f"P must be a non-negative integer or None, got {P!r}")
+    if index_dtype not in _INDEX_TYPES:
+        raise TypeError(f"index_dtype must be one of {sorted(_INDEX_TYPES)}, got {index_dtype!r}")
+    pool = "P" if P is None else P
+    g = _Nodes()
+    inputs = [_value("q", elem, ["B", H, Dk]), _value("k", elem, ["B", H, Dk]),
+              _value("v", elem, ["B", H, Dv])]
+    inits: list[onnx.TensorProto] = []
+    args = ["q", "k", "v", *_stabiliser(H, m, m_input, inputs, inits), "mask", "state_indices",
+            "has_initial_state", "kv", "count"]
+    if mask:
+        inputs.append(_value("mask", TensorProto.BOOL, ["B"]))
+    else:
+        batch = g.op("Shape", "q", out="shape_B", start=0, end=1)
+        g.op("ConstantOfShape", batch, out="mask",
+             value=helper.make_tensor("", TensorProto.BOOL, [1], [True]))
+    inputs += [_value("state_indices", _INDEX_TYPES[index_dtype], ["B"]),
+               _value("has_initial_state", TensorProto.BOOL, ["B"]),
+               _value("kv", TensorProto.FLOAT, [pool, H, Dv, Dk]),
+               _value("count", TensorProto.INT64, [pool])]
+    outputs = [_value("o", elem, ["B", H, Dv]),
+               _value("kv_next", TensorProto.FLOAT, [pool, H, Dv, Dk]),
+               _value("count_next", TensorProto.INT64, [pool])]
+    function = pool_step_function(with_m=m_input or m is not None)
+    g.call(function, *args, outs=["o", "kv_next", "count_next"], eps=float(eps))
+    return _model(g, "cosattn_pool_step", inputs, outputs, inits, function,
+                  f"Cottention step on a pool of states, H={H} Dk={Dk} Dv={Dv} P={pool}, "
+                  f"{dtype}; see cosattn.onnx")

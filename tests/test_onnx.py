@@ -10,16 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cosattn import reference
 
 from helpers import (
     JUNK,
     MASK_KINDS,
     Case,
+    Slots,
     assert_close,
     assert_padding_zero,
     assert_same_bits,
     case_id,
+    check_pool,
     make_case,
+    pool_steps,
     reference_forward,
 )
 
@@ -53,6 +60,12 @@ def _attention(H, Dk, Dv, causal, dtype, mask, state, m_input=True) -> ort.Infer
 def _step(H, Dk, Dv, dtype, mask) -> ort.InferenceSession:
     return _session(cosattn_onnx.step_model(H=H, Dk=Dk, Dv=Dv, dtype=dtype, m_input=True,
                                             mask=mask))
+
+
+@cache
+def _pool_step(H, Dk, Dv, dtype, mask, with_m, index_dtype) -> ort.InferenceSession:
+    return _session(cosattn_onnx.pool_step_model(H=H, Dk=Dk, Dv=Dv, dtype=dtype, m_input=with_m,
+                                                 mask=mask, index_dtype=index_dtype))
 
 
 def _run_attention(case: Case, *, causal: bool, state: bool, lo: int = 0, hi: int | None = None,
@@ -218,6 +231,103 @@ def test_step_graph_padding_holds_anything(mask, junk):
     np.testing.assert_array_equal(got[2], count_ref)
 
 
+def _run_pool_step(sess, slots: Slots, q, k, v, m, real) -> list[np.ndarray]:
+    feed = {"q": q, "k": k, "v": v, "m": m, "mask": real, "state_indices": slots.indices,
+            "has_initial_state": (np.ones(len(slots.indices), bool) if slots.initial is None
+                                  else slots.initial),
+            "kv": slots.kv, "count": slots.count}
+    return sess.run(None, {i.name: feed[i.name] for i in sess.get_inputs()})
+
+
+@given(data=pool_steps(st.sampled_from([(4, 4), (5, 3)]),
+                       dtypes=(np.dtype(np.float32), np.dtype(np.float16))),
+       with_m=st.booleans())
+def test_pool_step_matches_reference(data, with_m):
+    """The pool step model against reference.pool_step: random distinct slots, -1 entries,
+    reused slots holding NaN where has_initial_state is False, masked rows, junk in the rows
+    nobody reads. o is +0 for -1 entries and masked rows; slots not named, and the slots of
+    masked rows that start from them, keep their bits."""
+    rng, H, Dk, Dv, dtype = (data[n] for n in ("rng", "H", "Dk", "Dv", "dtype"))
+    # the graph's pool is float32 (pool_steps may draw float64 pools, for float64 backends)
+    slots = dataclasses.replace(data["slots"], kv=data["slots"].kv.astype(np.float32))
+    N = len(slots.indices)
+    q, k, v = (rng.standard_normal((N, H, D)).astype(dtype) for D in (Dk, Dk, Dv))
+    m = rng.uniform(-2, 2, size=H).astype(np.float32) if with_m else None
+    real = rng.random(N) < 0.7 if data["mask"] else None
+    f64 = [x.astype(np.float64) for x in (q, k, v)]
+    padded = (slots.indices < 0) if real is None else (slots.indices < 0) | ~real
+    if data["junk"] is not None:
+        with np.errstate(over="ignore"):
+            for x, x64 in zip((q, k, v), f64, strict=True):
+                x[padded] = data["junk"]
+                x64[padded] = 0
+    ref_o, ref_kv, ref_count = reference.pool_step(
+        slots.kv.astype(np.float64), slots.count, *f64, None if m is None else m.astype(float),
+        state_indices=slots.indices, has_initial_state=slots.initial, mask=real)
+    sess = _pool_step(H, Dk, Dv, np.dtype(dtype).name, real is not None, with_m,
+                      slots.indices.dtype.name)
+    o, kv, count = _run_pool_step(sess, slots, q, k, v, m, real)
+    assert o.dtype == dtype and o.shape == (N, H, Dv)
+    assert kv.dtype == np.float32 and count.dtype == np.int64
+    assert_close(o, ref_o, dtype, "o")
+    assert_padding_zero(o[:, :, None], ~padded[:, None], "o")  # one token per entry
+    after = dataclasses.replace(slots, kv=kv, count=count)  # check_pool reads .kv and .count
+    check_pool(after, slots, ref_kv, ref_count, np.float32, np.asarray)
+    if real is not None:
+        kept = slots.indices[(slots.indices >= 0) & ~real
+                             & (True if slots.initial is None else slots.initial)]
+        assert_same_bits(kv[kept], slots.kv[kept], "kv of masked rows")
+        assert_same_bits(count[kept], slots.count[kept], "count of masked rows")
+
+
+def test_pool_step_indices_outside_the_pool_are_padding():
+    """Unchecked bad slots (below -1, P and beyond) read and write nothing, like -1; a fixed P
+    in the graph; an empty batch; no entry live."""
+    H, Dk, Dv, P = 2, 3, 4, 5
+    rng = np.random.default_rng(12)
+    model = cosattn_onnx.pool_step_model(H=H, Dk=Dk, Dv=Dv, P=P, m=np.zeros(H, np.float32),
+                                         index_dtype="int32")
+    (pool,) = [i for i in model.graph.input if i.name == "kv"]
+    assert [d.dim_value for d in pool.type.tensor_type.shape.dim] == [P, H, Dv, Dk]
+    sess = _session(model)
+    kv = rng.standard_normal((P, H, Dv, Dk)).astype(np.float32)
+    kv[..., 0] = -0.0
+    count = rng.integers(0, 9, size=P)
+    for indices in ([P, -7, 2 * P, -1], [], [1, P, 3]):
+        B = len(indices)
+        slots = Slots(kv, count, np.array(indices, np.int32), rng.random(B) < 0.5)
+        q, k = (rng.standard_normal((B, H, Dk)).astype(np.float32) for _ in range(2))
+        v = rng.standard_normal((B, H, Dv)).astype(np.float32)
+        o, kv_next, count_next = _run_pool_step(sess, slots, q, k, v, None, None)
+        live = (slots.indices >= 0) & (slots.indices < P)
+        assert_padding_zero(o[:, :, None], live[:, None], "o")
+        untouched = np.setdiff1d(np.arange(P), slots.indices[live])
+        assert_same_bits(kv_next[untouched], kv[untouched], "kv")
+        assert_same_bits(count_next[untouched], count[untouched], "count")
+        ref_o, ref_kv, ref_count = reference.pool_step(
+            kv.astype(np.float64), count, q.astype(np.float64), k.astype(np.float64),
+            v.astype(np.float64), np.zeros(H), state_indices=np.where(live, slots.indices, -1),
+            has_initial_state=slots.initial)
+        assert_close(o, ref_o, np.float32, "o")
+        assert_close(kv_next, ref_kv, np.float32, "kv")
+        np.testing.assert_array_equal(count_next, ref_count)
+
+
+def test_pool_step_function_is_self_contained():
+    """PoolStep inlines RecurrentStep: one function of standard operators, none of its own
+    domain, so exporters add just this function."""
+    for with_m in (True, False):
+        function = cosattn_onnx.pool_step_function(with_m=with_m)
+        assert function.name == "PoolStep" + ("" if with_m else "NoStabiliser")
+        assert {n.domain for n in function.node} == {""}
+        step_ops = [n.op_type for n in cosattn_onnx.step_function(with_m=with_m).node]
+        ops = [n.op_type for n in function.node]
+        n = len(step_ops)
+        assert sum(ops[i:i + n] == step_ops for i in range(len(ops))) == 1  # inlined once
+        model = cosattn_onnx.pool_step_model(H=1, Dk=2, Dv=2, m_input=with_m)
+        assert [f.name for f in model.functions] == [function.name]
+
+
 def test_dynamic_batch_and_length():
     """One model, several (B, S): the graph's B and S are symbolic."""
     model = cosattn_onnx.attention_model(H=2, Dk=4, Dv=3, m_input=True, chunk=CHUNK)
@@ -232,7 +342,8 @@ def test_dynamic_batch_and_length():
 
 def test_models_declare_opset_and_ir_version():
     for model in (cosattn_onnx.attention_model(H=1, Dk=2, Dv=2),
-                  cosattn_onnx.step_model(H=1, Dk=2, Dv=2)):
+                  cosattn_onnx.step_model(H=1, Dk=2, Dv=2),
+                  cosattn_onnx.pool_step_model(H=1, Dk=2, Dv=2)):
         assert model.ir_version == cosattn_onnx.IR_VERSION
         opsets = {o.domain: o.version for o in model.opset_import}
         assert opsets == {"": cosattn_onnx.OPSET, cosattn_onnx.DOMAIN: 1}
@@ -274,6 +385,17 @@ def test_chunk_size_does_not_change_the_result():
 def test_bad_options_are_refused(options, error):
     with pytest.raises(error):
         cosattn_onnx.attention_model(**{"H": 2, "Dk": 4, "Dv": 4, **options})
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"P": -1}, ValueError),
+    ({"P": 2.0}, ValueError),
+    ({"index_dtype": "float32"}, TypeError),
+    ({"dtype": "bfloat16"}, TypeError),
+])
+def test_bad_pool_options_are_refused(options, error):
+    with pytest.raises(error):
+        cosattn_onnx.pool_step_model(**{"H": 2, "Dk": 4, "Dv": 4, **options})
 
 
 def test_importing_cosattn_does_not_import_onnx():
