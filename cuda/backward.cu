@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
               Operand<T>{first ? vrows : drows, dvn, first ? Scale::kValue : Scale::kNone},
               first ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
                     : (dkv == nullptr ? nullptr : dkv + state_offset),
-              false, first || dkv0 == nullptr ? nullptr : dkv0 + state_offset, true, true,
+              false, first || dkv0 == nullptr ? nullptr : dkv0 + state_offset, false, false,
               [&](index_t t0, int rows) {
                 if (first) {
                   delta_q(t0, rows);
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
               Operand<T>{third ? seq.k : seq.q, dkn, third ? Scale::kKey : Scale::kQuery},
               third ? (kv0 == nullptr ? nullptr : kv0 + state_offset)
                     : (dkv == nullptr ? nullptr : dkv + state_offset),
-              true, nullptr, true, true, [&](index_t t0, int rows) {
+              true, nullptr, third, !third, [&](index_t t0, int rows) {
                 normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
                           third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,

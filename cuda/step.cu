@@ -5,7 +5,8 @@
 // of the first has read it. Neither kernel allocates or synchronises with the host: a decode
 // loop of them can be captured in a CUDA graph. The state is read and written once per step,
 // 16 bytes per access where its rows are contiguous and aligned (the usual contiguous state),
-// one element per access otherwise.
+// one element per access otherwise; the lanes of a warp move consecutive pieces of a row
+// (coalesced), and a lane has the loads of kInFlight rows in flight before it updates them.
 // A padded row (mask false) is skipped, not multiplied by 0: its q, k and v are not read, its o
 // is +0, and its kv and count are not written, so they keep their bits (-0.0 + 0.0 would be
 // +0.0; docs/spec.md, "Bad input").
@@ -18,9 +19,18 @@
 namespace cosattn {
 
 constexpr int kStepRows = COSATTN_STEP_ROWS;  // rows of kv per block: _cupy.STEP_ROWS
-// Resident blocks per SM step_kernel is compiled for (at most 80 registers a thread): the step
-// moves the state once and needs many warps in flight to cover its memory latency.
-constexpr int kStepBlocks = 6;
+// Resident blocks per SM step_kernel is compiled for (at most 64 registers a thread): the step
+// moves the state once and needs many loads in flight to cover its memory latency. 8 blocks (32
+// warps, each lane with kInFlight 16-byte loads in flight) is the most this loop reaches without
+// spilling: at 10 or 12 (48, 40 registers) ptxas spills the q and k addresses.
+constexpr int kStepBlocks = 8;
+// Rows of kv per warp (rows warp_id() + kWarps r of the block's): the lane's entries of q̂ and k̂
+// are read once for all of them.
+constexpr int kWarpRows = kStepRows / kWarps;
+static_assert(kStepRows % kWarps == 0, "every warp updates the same number of rows");
+// Rows whose loads a lane issues before it updates them (all of them would take more registers
+// than kStepBlocks leaves).
+constexpr int kInFlight = kWarpRows % 2 == 0 ? 2 : 1;
 
 // Entries of a state row moved by one 16-byte access, and the access.
 template <typename St>
@@ -48,33 +58,53 @@ struct Vec<double> {
   }
 };
 
-// kv row a of (b, h) += va k̂, and the lane's share of (kv row) · q̂. d runs over the lane's
-// entries, N at a time; N > 1 moves them as one Vec<St>.
+// The warp's rows of kv, the first at row0 and the others `stride` apart (nrows of them, the
+// same in every lane): row += va_r k̂, and the lane's share of row · q̂ into sum_r. The lane
+// takes N entries of a row at a time, the 32 lanes of a warp consecutive ones (a row moves in
+// coalesced pieces of 32 N entries); N > 1 moves them as one Vec<St> (16 bytes).
 template <typename T, typename St, int N>
-__device__ __forceinline__ St update_row(St* row, index_t sd, const T* q, index_t q_sd,
-                                         const T* k, index_t k_sd, index_t Dk, St va,
-                                         St inv_q, St inv_k) {
-  St sum = 0;
-  for (index_t d0 = index_t(lane_id()) * N; d0 < Dk; d0 += index_t(kWarp) * N) {
-    St x[N];
-    if constexpr (N > 1) {
-      Vec<St>::load(row + d0, x);
-    } else {
-      x[0] = row[d0 * sd];
-    }
+__device__ __forceinline__ void update_rows(St* row0, index_t stride, index_t sd, int nrows,
+                                            const T* q, index_t q_sd, const T* k, index_t k_sd,
+                                            int Dk, const St (&va)[kWarpRows], St inv_q,
+                                            St inv_k, St (&sum)[kWarpRows]) {
+#pragma unroll 1
+  for (int d0 = lane_id() * N; d0 < Dk; d0 += kWarp * N) {
+    St qh[N], kh[N];
     for (int i = 0; i < N; ++i) {
-      const St kh = St(Num<T>::load(k[(d0 + i) * k_sd])) * inv_k;
-      const St qh = St(Num<T>::load(q[(d0 + i) * q_sd])) * inv_q;
-      x[i] += va * kh;
-      sum += x[i] * qh;
+      kh[i] = St(Num<T>::load(__ldg(k + (d0 + i) * k_sd))) * inv_k;
+      qh[i] = St(Num<T>::load(__ldg(q + (d0 + i) * q_sd))) * inv_q;
     }
-    if constexpr (N > 1) {
-      Vec<St>::store(row + d0, x);
-    } else {
-      row[d0 * sd] = x[0];
+#pragma unroll
+    for (int r0 = 0; r0 < kWarpRows; r0 += kInFlight) {
+      St x[kInFlight][N];
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const int r = r0 + j;
+        if (r < nrows) {
+          if constexpr (N > 1) {
+            Vec<St>::load(row0 + r * stride + d0, x[j]);
+          } else {
+            x[j][0] = row0[r * stride + d0 * sd];
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const int r = r0 + j;
+        if (r < nrows) {
+          for (int i = 0; i < N; ++i) {
+            x[j][i] += va[r] * kh[i];
+            sum[r] += x[j][i] * qh[i];
+          }
+          if constexpr (N > 1) {
+            Vec<St>::store(row0 + r * stride + d0, x[j]);
+          } else {
+            row0[r * stride + d0 * sd] = x[j][0];
+          }
+        }
+      }
     }
   }
-  return sum;
 }
 
 // The dynamic shared memory of a step block: the block reductions.
@@ -104,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   const T* k = p.k + b * p.k_stride[0] + h * p.k_stride[1];
   const index_t q_sd = p.q_stride[2], k_sd = p.k_stride[2];
   St qq = 0, kk = 0;
+#pragma unroll 1  // one pass for Dk <= kThreads; unrolled, it takes the most registers
   for (index_t d = threadIdx.x; d < p.Dk; d += kThreads) {
     const St x = St(Num<T>::load(q[d * q_sd]));
     const St y = St(Num<T>::load(k[d * k_sd]));
@@ -124,16 +155,30 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
   const bool packed = sd == 1 && p.Dk % N == 0 && sv % N == 0 &&
                       reinterpret_cast<unsigned long long>(kv) % 16 == 0;
   const T* v = p.v + b * p.v_stride[0] + h * p.v_stride[1];
-  for (int i = warp_id(); i < kStepRows; i += kWarps) {
-    const index_t a = group * kStepRows + i;
-    if (a >= p.Dv) break;
-    const St va = w * St(Num<T>::load(v[a * p.v_stride[2]]));
-    St* row = kv + a * sv;
-    const St sum = warp_sum(packed ? update_row<T, St, N>(row, sd, q, q_sd, k, k_sd, p.Dk, va,
-                                                          inv_q, inv_k)
-                                   : update_row<T, St, 1>(row, sd, q, q_sd, k, k_sd, p.Dk, va,
-                                                          inv_q, inv_k));
-    if (lane_id() == 0) o[a * p.o_stride[2]] = Num<T>::store(acc_t<T>(sum));
+  const index_t a0 = group * kStepRows + warp_id();  // the warp's first row
+  const index_t left = a0 >= p.Dv ? 0 : (p.Dv - a0 + kWarps - 1) / kWarps;
+  const int nrows = left < kWarpRows ? int(left) : kWarpRows;  // the warp's rows below Dv
+  St va[kWarpRows], sum[kWarpRows];
+#pragma unroll
+  for (int r = 0; r < kWarpRows; ++r) {
+    va[r] = r < nrows ? w * St(Num<T>::load(__ldg(v + (a0 + r * kWarps) * p.v_stride[2]))) : St(0);
+    sum[r] = 0;
+  }
+  St* row0 = kv + a0 * sv;
+  const int dk = int(p.Dk);
+  if (packed) {
+    update_rows<T, St, N>(row0, kWarps * sv, sd, nrows, q, q_sd, k, k_sd, dk, va, inv_q, inv_k,
+                          sum);
+  } else {
+    update_rows<T, St, 1>(row0, kWarps * sv, sd, nrows, q, q_sd, k, k_sd, dk, va, inv_q, inv_k,
+                          sum);
+  }
+#pragma unroll
+  for (int r = 0; r < kWarpRows; ++r) {
+    if (r < nrows) {
+      const St total = warp_sum(sum[r]);
+      if (lane_id() == 0) o[(a0 + r * kWarps) * p.o_stride[2]] = Num<T>::store(acc_t<T>(total));
+    }
   }
 }
 

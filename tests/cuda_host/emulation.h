@@ -1,7 +1,7 @@
 // Host emulation of the CUDA features the cosattn kernels use, so that tests can run the kernels
 // of cuda/ on a machine without a GPU (tests/test_cuda_emulated.py). Force-included (g++ -include)
-// before the kernel sources; cuda_fp16.h, cuda_bf16.h and mma.h of this folder stand in for
-// NVIDIA's.
+// before the kernel sources; cuda_fp16.h, cuda_bf16.h, cuda_pipeline_primitives.h and mma.h of
+// this folder stand in for NVIDIA's.
 //
 // A block runs as one fiber per thread on the calling thread. A fiber runs until it
 // reaches __syncthreads or a warp-level synchronisation (__syncwarp, a shuffle), then the next
