@@ -5,9 +5,14 @@
 // positions (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
 //
 // Padding holds anything (docs/spec.md, "Bad input"): NaN, Inf or uninitialised memory at a
-// padded position of q, k, v or do reaches no result. Padded rows are never read: their norms
-// are not taken, their tile rows are selected to zero (before any 16-bit split), and the
-// epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+// padded position of q, k, v or do reaches no result. Padded rows are copied into shared memory
+// with the rest of a tile, but never read into a result: their norms are not taken, their tile
+// rows are selected to zero when the tile is settled (before any product or 16-bit split), and
+// the epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+//
+// These kernels have never run on a GPU: they are checked by the host emulation of
+// tests/cuda_host (which makes each asynchronous copy only when its thread waits for it) and by
+// their NVRTC machine code for sm_80 and sm_90 (tests/test_nvrtc_compile.py).
 //
 // Every kernel is made of *sweeps* of the chunked algorithm (docs/design.md). A sweep has three
 // operands, Q and K (C x Dq tiles: the contraction runs over Dq) and V (a C x SL tile: this
@@ -24,9 +29,17 @@
 // sweep with other roles (see backward.cu). One thread block owns one (b, h, slice), keeps its
 // state slice in shared memory and hands each chunk's Out tile to an epilogue.
 //
-// Per chunk the prologue reads the mask (a running count carried by the block gives c_j), the
-// stabiliser w_j and the row norms of q and k (of the real rows); the tile loads apply them, so
-// q, k and v are never normalised or copied outside the kernel. Products of half and bfloat16
+// The chunks stream through shared memory (Block::walk): the block's operand tiles are double
+// buffered, and chunk n + 1's raw rows are in flight, by asynchronous copies (cp.async through
+// cuda_pipeline_primitives.h: 16-byte LDGSTS for contiguous, 16-byte aligned 16-bit rows, one
+// element per copy for float and double at any stride; synchronous element loads for strided or
+// unaligned 16-bit rows), while chunk n is computed. Per chunk warp 0 then reads the mask (a
+// running count carried by the block gives c_j and the stabiliser w_j), the block waits for
+// the chunk's copies (one barrier), takes the row norms of q and k of the real rows from the
+// tile that holds them (from global memory only where none does), and settles the tiles in
+// place: scaled, split, and every entry of a padded row or outside the copied rows and columns
+// selected to +0 (one barrier; a warp settles the rows whose norms it took). q, k and v are
+// never normalised or copied outside the kernel. Products of half and bfloat16
 // tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
 // into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
 // The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,

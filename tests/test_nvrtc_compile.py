@@ -173,6 +173,19 @@ def test_tiles_and_states_move_in_16_byte_accesses(sm90, family):
             assert any(op.startswith("STG") and ".128" in op for op in k["opcodes"]), e
 
 
+@pytest.mark.parametrize("family", SWEEPS)
+def test_sweep_tiles_stream_through_asynchronous_copies(sm90, family):
+    """The sweeps fetch their tiles by cp.async (LDGSTS) into shared stages, commit each chunk's
+    copies as a group (LDGDEPBAR) and wait for them (DEPBAR); 16-bit tiles 16 bytes a copy
+    (common.cuh, Block::fetch and Block::walk)."""
+    for e, k in _family(sm90, family).items():
+        ops = k["opcodes"]
+        assert _counts(tuple(ops))["async copies (LDGSTS)"] > 0, e
+        assert "LDGDEPBAR" in ops and any(op.startswith("DEPBAR") for op in ops), e
+        if e.split("<")[1].split(",")[0] in SIXTEEN_BIT:
+            assert any(op.startswith("LDGSTS") and ".128" in op for op in ops), e
+
+
 def _occupancy(k: dict) -> dict:
     return cuda_resources.occupancy(k["registers"], k["shared"], k["dynamic_shared"],
                                     _cupy.THREADS)
@@ -185,6 +198,13 @@ def test_16_bit_D128_sweeps_keep_two_blocks_and_eight_warps_per_sm(sm90, family)
                    if e.startswith(f"cosattn::{family}<{ctype}, 128,"))
         occupancy = _occupancy(k)
         assert occupancy["blocks_per_sm"] >= 2 and occupancy["warps_per_sm"] >= 8, (e, occupancy)
+
+
+def test_the_step_keeps_eight_blocks_per_sm(sm90):
+    """The step moves its state once: compiled for 8 resident blocks (32 warps) per SM, with no
+    spills (test_no_local_memory_in_the_main_kernels)."""
+    for e, k in _family(sm90, "step_kernel").items():
+        assert _occupancy(k)["blocks_per_sm"] >= 8, (e, _occupancy(k))
 
 
 def test_a_long_sequence_of_few_heads_fills_the_gpu():
