@@ -6,7 +6,8 @@
 // loop of them can be captured in a CUDA graph. The state is read and written once per step,
 // 16 bytes per access where its rows are contiguous and aligned (the usual contiguous state),
 // one element per access otherwise; the lanes of a warp move consecutive pieces of a row
-// (coalesced), and a lane has the loads of kInFlight rows in flight before it updates them.
+// (coalesced), and a lane has the loads of kInFlight rows in flight before it updates them. The
+// block stages q̂ and k̂ in shared memory, kStepPiece columns at a time, for all its rows.
 // A padded row (mask false) is skipped, not multiplied by 0: its q, k and v are not read, its o
 // is +0, and its kv and count are not written, so they keep their bits (-0.0 + 0.0 would be
 // +0.0; docs/spec.md, "Bad input").
@@ -19,18 +20,20 @@
 namespace cosattn {
 
 constexpr int kStepRows = COSATTN_STEP_ROWS;  // rows of kv per block: _cupy.STEP_ROWS
-// Resident blocks per SM step_kernel is compiled for (at most 64 registers a thread): the step
-// moves the state once and needs many loads in flight to cover its memory latency. 8 blocks (32
-// warps, each lane with kInFlight 16-byte loads in flight) is the most this loop reaches without
-// spilling: at 10 or 12 (48, 40 registers) ptxas spills the q and k addresses.
-constexpr int kStepBlocks = 8;
+// Resident blocks per SM step_kernel is compiled for: the step moves the state once and needs
+// many loads in flight to cover its memory latency. 10 blocks (40 warps, at most 48 registers)
+// for a float state, 8 (32 warps, 64 registers) for a double one: the most each reaches without
+// spilling (at 12 blocks, 40 registers, both spill; a double state at 10 too).
+template <typename St>
+constexpr int kStepBlocks = sizeof(St) == 4 ? 10 : 8;
 // Rows of kv per warp (rows warp_id() + kWarps r of the block's): the lane's entries of q̂ and k̂
 // are read once for all of them.
 constexpr int kWarpRows = kStepRows / kWarps;
 static_assert(kStepRows % kWarps == 0, "every warp updates the same number of rows");
-// Rows whose loads a lane issues before it updates them (all of them would take more registers
-// than kStepBlocks leaves).
-constexpr int kInFlight = kWarpRows % 2 == 0 ? 2 : 1;
+// Rows whose loads a lane issues before it updates them: two of a float state; one of a double
+// state, whose two rows in flight would spill within kStepBlocks' registers.
+template <typename St>
+constexpr int kInFlight = sizeof(St) == 4 && kWarpRows % 2 == 0 ? 2 : 1;
 
 // Entries of a state row moved by one 16-byte access, and the access.
 template <typename St>
@@ -59,26 +62,29 @@ struct Vec<double> {
 };
 
 // The warp's rows of kv, the first at row0 and the others `stride` apart (nrows of them, the
-// same in every lane): row += va_r k̂, and the lane's share of row · q̂ into sum_r. The lane
-// takes N entries of a row at a time, the 32 lanes of a warp consecutive ones (a row moves in
-// coalesced pieces of 32 N entries); N > 1 moves them as one Vec<St> (16 bytes).
-template <typename T, typename St, int N>
+// same in every lane), over `width` columns: row += va_r k̂, and the lane's share of row · q̂
+// into sum_r, with q̂ and k̂ of those columns in shared memory (qs, ks). The lane takes N
+// entries of a row at a time, the 32 lanes of a warp consecutive ones (a row moves in coalesced
+// pieces of 32 N entries); N > 1 moves them as one Vec<St> (16 bytes).
+template <typename St, int N>
 __device__ __forceinline__ void update_rows(St* row0, index_t stride, index_t sd, int nrows,
-                                            const T* q, index_t q_sd, const T* k, index_t k_sd,
-                                            int Dk, const St (&va)[kWarpRows], St inv_q,
-                                            St inv_k, St (&sum)[kWarpRows]) {
+                                            const St* qs, const St* ks, int width,
+                                            const St (&va)[kWarpRows], St (&sum)[kWarpRows]) {
 #pragma unroll 1
-  for (int d0 = lane_id() * N; d0 < Dk; d0 += kWarp * N) {
+  for (int d0 = lane_id() * N; d0 < width; d0 += kWarp * N) {
     St qh[N], kh[N];
-    for (int i = 0; i < N; ++i) {
-      kh[i] = St(Num<T>::load(__ldg(k + (d0 + i) * k_sd))) * inv_k;
-      qh[i] = St(Num<T>::load(__ldg(q + (d0 + i) * q_sd))) * inv_q;
+    if constexpr (N > 1) {
+      Vec<St>::load(qs + d0, qh);
+      Vec<St>::load(ks + d0, kh);
+    } else {
+      qh[0] = qs[d0];
+      kh[0] = ks[d0];
     }
 #pragma unroll
-    for (int r0 = 0; r0 < kWarpRows; r0 += kInFlight) {
-      St x[kInFlight][N];
+    for (int r0 = 0; r0 < kWarpRows; r0 += kInFlight<St>) {
+      St x[kInFlight<St>][N];
 #pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
+      for (int j = 0; j < kInFlight<St>; ++j) {
         const int r = r0 + j;
         if (r < nrows) {
           if constexpr (N > 1) {
@@ -89,7 +95,7 @@ __device__ __forceinline__ void update_rows(St* row0, index_t stride, index_t sd
         }
       }
 #pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
+      for (int j = 0; j < kInFlight<St>; ++j) {
         const int r = r0 + j;
         if (r < nrows) {
           for (int i = 0; i < N; ++i) {
@@ -107,14 +113,24 @@ __device__ __forceinline__ void update_rows(St* row0, index_t stride, index_t sd
   }
 }
 
-// The dynamic shared memory of a step block: the block reductions.
+// Columns of q̂ and k̂ a step block stages in shared memory at a time.
+constexpr int kStepPiece = 256;
+
+// The dynamic shared memory of a step block: the block reductions, then a piece of q̂ and of k̂
+// (16-byte aligned).
 template <typename St>
-constexpr size_t kStepShared = kWarps * sizeof(St);
+struct StepShared {
+  static constexpr size_t kQ = (kWarps * sizeof(St) + 15) / 16 * 16;
+  static constexpr size_t kK = kQ + kStepPiece * sizeof(St);
+  static constexpr size_t kBytes = kK + kStepPiece * sizeof(St);
+};
+template <typename St>
+constexpr size_t kStepShared = StepShared<St>::kBytes;
 
 // St: the state's type (the arithmetic is done in it). Grid: B * H * ceil(Dv / kStepRows)
 // blocks of kThreads threads with kStepShared<St> bytes of dynamic shared memory.
 template <typename T, typename St>
-__global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepParams<T> p) {
+__global__ void __launch_bounds__(kThreads, kStepBlocks<St>) step_kernel(const StepParams<T> p) {
   St* scratch = reinterpret_cast<St*>(dynamic_shared());
   const index_t groups = (p.Dv + kStepRows - 1) / kStepRows;
   const index_t group = index_t(blockIdx.x) % groups;
@@ -165,13 +181,24 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks) step_kernel(const StepP
     sum[r] = 0;
   }
   St* row0 = kv + a0 * sv;
+  St* qs = reinterpret_cast<St*>(dynamic_shared() + StepShared<St>::kQ);
+  St* ks = reinterpret_cast<St*>(dynamic_shared() + StepShared<St>::kK);
   const int dk = int(p.Dk);
-  if (packed) {
-    update_rows<T, St, N>(row0, kWarps * sv, sd, nrows, q, q_sd, k, k_sd, dk, va, inv_q, inv_k,
-                          sum);
-  } else {
-    update_rows<T, St, 1>(row0, kWarps * sv, sd, nrows, q, q_sd, k, k_sd, dk, va, inv_q, inv_k,
-                          sum);
+#pragma unroll 1
+  for (int p0 = 0; p0 < dk; p0 += kStepPiece) {
+    const int width = dk - p0 < kStepPiece ? dk - p0 : kStepPiece;
+    __syncthreads();  // the previous piece is used up
+#pragma unroll 1
+    for (int d = int(threadIdx.x); d < width; d += kThreads) {
+      qs[d] = St(Num<T>::load(__ldg(q + (p0 + d) * q_sd))) * inv_q;
+      ks[d] = St(Num<T>::load(__ldg(k + (p0 + d) * k_sd))) * inv_k;
+    }
+    __syncthreads();
+    if (packed) {
+      update_rows<St, N>(row0 + p0, kWarps * sv, sd, nrows, qs, ks, width, va, sum);
+    } else {
+      update_rows<St, 1>(row0 + p0 * sd, kWarps * sv, sd, nrows, qs, ks, width, va, sum);
+    }
   }
 #pragma unroll
   for (int r = 0; r < kWarpRows; ++r) {

@@ -201,10 +201,11 @@ def test_16_bit_D128_sweeps_keep_two_blocks_and_eight_warps_per_sm(sm90, family)
 
 
 def test_the_step_keeps_eight_blocks_per_sm(sm90):
-    """The step moves its state once: compiled for 8 resident blocks (32 warps) per SM, with no
-    spills (test_no_local_memory_in_the_main_kernels)."""
+    """The step moves its state once: compiled for 10 resident blocks per SM with a float32
+    state and 8 with a float64 one, with no spills (test_no_local_memory_in_the_main_kernels)."""
     for e, k in _family(sm90, "step_kernel").items():
-        assert _occupancy(k)["blocks_per_sm"] >= 8, (e, _occupancy(k))
+        wanted = 10 if e.endswith(", float>") else 8
+        assert _occupancy(k)["blocks_per_sm"] >= wanted, (e, _occupancy(k))
 
 
 def test_a_long_sequence_of_few_heads_fills_the_gpu():
