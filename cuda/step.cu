@@ -35,7 +35,9 @@ static_assert(kStepRows % kWarps == 0, "every warp updates the same number of ro
 template <typename St>
 constexpr int kInFlight = sizeof(St) == 4 && kWarpRows % 2 == 0 ? 2 : 1;
 
-// Entries of a state row moved by one 16-byte access, and the access.
+// Entries of a state row moved by one 16-byte access, and the access. The store is __stwb (an
+// ordinary write-back store) so that it stays one 128-bit store: written as a float4 assignment,
+// the optimiser splits it into four.
 template <typename St>
 struct Vec;
 template <>
@@ -46,7 +48,7 @@ struct Vec<float> {
     x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
   }
   static __device__ __forceinline__ void store(float* p, const float (&x)[4]) {
-    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+    __stwb(reinterpret_cast<float4*>(p), make_float4(x[0], x[1], x[2], x[3]));
   }
 };
 template <>
@@ -57,7 +59,7 @@ struct Vec<double> {
     x[0] = v.x, x[1] = v.y;
   }
   static __device__ __forceinline__ void store(double* p, const double (&x)[2]) {
-    *reinterpret_cast<double2*>(p) = make_double2(x[0], x[1]);
+    __stwb(reinterpret_cast<double2*>(p), make_double2(x[0], x[1]));
   }
 };
 

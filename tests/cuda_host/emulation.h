@@ -55,13 +55,18 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
-// The read-only data cache load and the streaming store: plain accesses on the host.
+// The read-only data cache load and the streaming and write-back stores: plain accesses on the
+// host.
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
 template <typename T>
 inline void __stcs(T* p, T value) {
+  *p = value;
+}
+template <typename T>
+inline void __stwb(T* p, T value) {
   *p = value;
 }
 
