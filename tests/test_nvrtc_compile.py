@@ -123,10 +123,10 @@ def _counts(opcodes: tuple[str, ...]) -> dict[str, int]:
 
 
 SIXTEEN_BIT = ("__half", "__nv_bfloat16")
-GENERIC_16_BIT = ("wmma's fragment loads of fp32 accumulators and of bfloat16 tiles go through "
-                  "generic addresses (LD.E: 48-312 per 16-bit sweep instance); float and double "
-                  "sweeps reach shared memory as shared. Needs mma.sync/ldmatrix on shared "
-                  "addresses")
+GENERIC_16_BIT = ("wmma's fragment loads of bfloat16 tiles (the __mma_bf16_m16n16k16_ld_a/b "
+                  "builtins) go through generic addresses (LD.E: 160-208 per bfloat16 sweep "
+                  "instance); float16, float and double sweeps reach shared memory as shared. "
+                  "Needs mma.sync/ldmatrix on shared addresses")
 
 
 def _kinds(family: str) -> list[str]:
