@@ -182,13 +182,18 @@ def sass(cubin: bytes) -> dict[str, list[str]]:
 
 
 # What each counted class of instructions is (by opcode and modifiers).
+def _ldg(op: str) -> bool:
+    """A global load (LDG), not an asynchronous copy (LDGSTS) or its commit (LDGDEPBAR)."""
+    return op == "LDG" or op.startswith("LDG.")
+
+
 CLASSES = {
     "local loads (LDL)": lambda op: op.startswith("LDL"),
     "local stores (STL)": lambda op: op.startswith("STL"),
     "generic loads (LD)": lambda op: op == "LD" or op.startswith("LD.E"),
     "generic stores (ST)": lambda op: op == "ST" or op.startswith("ST.E"),
-    "global loads 128-bit (LDG.128)": lambda op: op.startswith("LDG") and ".128" in op,
-    "global loads narrower (LDG)": lambda op: op.startswith("LDG") and ".128" not in op,
+    "global loads 128-bit (LDG.128)": lambda op: _ldg(op) and ".128" in op,
+    "global loads narrower (LDG)": lambda op: _ldg(op) and ".128" not in op,
     "async copies (LDGSTS)": lambda op: op.startswith("LDGSTS"),
     "global stores (STG)": lambda op: op.startswith("STG"),
     "shared loads (LDS)": lambda op: op.startswith("LDS") and not op.startswith("LDSM"),

@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
               Operand<T>{first ? seq.k : seq.q, dk, first ? Scale::kKey : Scale::kQuery},
               Operand<T>{first ? vrows : drows, dvn, first ? Scale::kValue : Scale::kNone},
               state_of(first ? p.kv0 : p.dkv, state_stride, wide, n, h),
-              first ? StateView<void>{} : state_of(p.dkv0, state_stride, wide, n, h), true, true,
+              first ? StateView<void>{} : state_of(p.dkv0, state_stride, wide, n, h), false,
+              false,
               [&](index_t t0, int rows) {
                 if (first) {
                   delta_q(t0, rows);
@@ -201,8 +202,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
               Operand<T>{third ? drows : vrows, dvn, third ? Scale::kNone : Scale::kValue},
               Operand<T>{third ? vrows : drows, dvn, third ? Scale::kValue : Scale::kNone},
               Operand<T>{third ? seq.k : seq.q, dkn, third ? Scale::kKey : Scale::kQuery},
-              state_of(third ? p.kv0 : p.dkv, transposed, wide, n, h), StateView<void>{}, true,
-              true, [&](index_t t0, int rows) {
+              state_of(third ? p.kv0 : p.dkv, transposed, wide, n, h), StateView<void>{}, third,
+              !third, [&](index_t t0, int rows) {
                 normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
                           third ? sm.qinv() : sm.kinv(), third ? sm.qbig() : sm.kbig(), t0,

@@ -5,9 +5,14 @@
 // positions (q̂'_i = real_i q̂_i, k̂'_j = real_j k̂_j).
 //
 // Padding holds anything (docs/spec.md, "Bad input"): NaN, Inf or uninitialised memory at a
-// padded position of q, k, v or do reaches no result. Padded rows are never read: their norms
-// are not taken, their tile rows are selected to zero (before any 16-bit split), and the
-// epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+// padded position of q, k, v or do reaches no result. Padded rows are copied into shared memory
+// with the rest of a tile, but never read into a result: their norms are not taken, their tile
+// rows are selected to zero when the tile is settled (before any product or 16-bit split), and
+// the epilogues write +0 there. Nothing is multiplied by real (NaN * 0 is NaN, 0 * -1 is -0).
+//
+// These kernels have never run on a GPU: they are checked by the host emulation of
+// tests/cuda_host (which makes each asynchronous copy only when its thread waits for it) and by
+// their NVRTC machine code for sm_80 and sm_90 (tests/test_nvrtc_compile.py).
 //
 // Every kernel is made of *sweeps* of the chunked algorithm (docs/design.md). A sweep has three
 // operands, Q and K (C x Dq tiles: the contraction runs over Dq) and V (a C x SL tile: this
@@ -24,9 +29,17 @@
 // sweep with other roles (see backward.cu). One thread block owns one (b, h, slice), keeps its
 // state slice in shared memory and hands each chunk's Out tile to an epilogue.
 //
-// Per chunk the prologue reads the mask (a running count carried by the block gives c_j), the
-// stabiliser w_j and the row norms of q and k (of the real rows); the tile loads apply them, so
-// q, k and v are never normalised or copied outside the kernel. Products of half and bfloat16
+// The chunks stream through shared memory (Block::walk): the block's operand tiles are double
+// buffered, and chunk n + 1's raw rows are in flight, by asynchronous copies (cp.async through
+// cuda_pipeline_primitives.h: 16-byte LDGSTS for contiguous, 16-byte aligned 16-bit rows, one
+// element per copy for float and double at any stride; synchronous element loads for strided or
+// unaligned 16-bit rows), while chunk n is computed. Per chunk warp 0 then reads the mask (a
+// running count carried by the block gives c_j and the stabiliser w_j), the block waits for
+// the chunk's copies (one barrier), takes the row norms of q and k of the real rows from the
+// tile that holds them (from global memory only where none does), and settles the tiles in
+// place: scaled, split, and every entry of a padded row or outside the copied rows and columns
+// selected to +0 (one barrier; a warp settles the rows whose norms it took). q, k and v are
+// never normalised or copied outside the kernel. Products of half and bfloat16
 // tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
 // into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
 // The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
@@ -50,6 +63,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
 namespace cosattn {
@@ -460,12 +474,18 @@ __device__ Sequence<T> sequence_of(const P& p, int dk, const Span& at, index_t h
 // piece starting on 128 bytes. kBytes is the total a launch must give: the cupy backend reads it
 // back from the built module (the table cosattn_layout, see _cupy.module_text) instead of
 // computing it again.
+//
+// The operand tiles come first, in kStages stages of (Q, K, V): a stage receives one chunk's raw
+// rows by asynchronous copies while the block computes on the other stage, and is then settled
+// in place into the tiles the products read (Block::fetch, Block::settle). Two stages where
+// they fit beside the rest with two blocks per sm_90 SM, one otherwise (float64 at W >= 256).
 template <typename T, int W, int C, int SL>
 struct Shared {
   using A = acc_t<T>;
   static constexpr bool kMma = Num<T>::mma;
   // Row padding against bank conflicts: wmma needs leading dimensions that are multiples of
-  // 16 bytes, the FMA loops prefer odd ones.
+  // 16 bytes (which also keeps every 16-bit tile row 16-byte aligned for the asynchronous
+  // copies), the FMA loops prefer odd ones.
   static constexpr int kPadT = kMma ? 8 : 1;
   static constexpr int kPadA = kMma ? 4 : 1;
   static constexpr int kLdX = W + kPadT;   // q and k tiles and the 16-bit state parts
@@ -480,13 +500,27 @@ struct Shared {
   static constexpr size_t kTileV = piece(size_t(C) * kLdV * sizeof(T));
   static constexpr size_t kTileP = kMma ? piece(size_t(C) * kLdP * sizeof(T)) : 0;
   static constexpr size_t kStateX = kMma ? piece(size_t(SL) * kLdX * sizeof(T)) : 0;
+  static constexpr size_t kStage = 2 * kTileX + kTileV;  // one stage: Q, K, V
   static constexpr size_t kQ = 0;
   static constexpr size_t kK = kQ + kTileX;
   static constexpr size_t kV = kK + kTileX;
-  static constexpr size_t kScores = kV + kTileV;
-  static constexpr size_t kOut = kScores + piece(size_t(C) * kLdS * sizeof(A));
-  static constexpr size_t kState = kOut + piece(size_t(C) * kLdO * sizeof(A));
-  static constexpr size_t kP = kState + piece(size_t(SL) * kLdSt * sizeof(A));
+  // The other pieces: their sizes, then their offsets after the stages.
+  static constexpr size_t kScoresBytes = piece(size_t(C) * kLdS * sizeof(A));
+  static constexpr size_t kOutBytes = piece(size_t(C) * kLdO * sizeof(A));
+  static constexpr size_t kStateBytes = piece(size_t(SL) * kLdSt * sizeof(A));
+  static constexpr size_t kLowBytes = kMma ? 2 * kTileX + kTileV : 0;  // q_lo, k_lo, v_lo
+  static constexpr size_t kRowBytes = piece(size_t(9) * C * sizeof(A));
+  static constexpr size_t kRedBytes = piece(32 * sizeof(A));
+  static constexpr size_t kIntBytes = piece(40 * sizeof(index_t) + 8 * sizeof(A));  // and scalars
+  static constexpr size_t kRest = kScoresBytes + kOutBytes + kStateBytes + 2 * kTileP +
+                                  2 * kStateX + kLowBytes + kRowBytes + kRedBytes + kIntBytes;
+  // Two blocks per sm_90 SM: 228 KiB, less the 1 KiB the system reserves per block.
+  static constexpr size_t kTwoBlocks = 228 * 1024 / 2 - 1024;
+  static constexpr int kStages = 2 * kStage + kRest <= kTwoBlocks ? 2 : 1;
+  static constexpr size_t kScores = kStages * kStage;
+  static constexpr size_t kOut = kScores + kScoresBytes;
+  static constexpr size_t kState = kOut + kOutBytes;
+  static constexpr size_t kP = kState + kStateBytes;
   static constexpr size_t kStateHi = kP + kTileP;
   static constexpr size_t kStateLo = kStateHi + kStateX;
   static constexpr size_t kQLo = kStateLo + kStateX;
@@ -494,21 +528,24 @@ struct Shared {
   static constexpr size_t kVLo = kKLo + (kMma ? kTileX : 0);
   static constexpr size_t kPLo = kVLo + (kMma ? kTileV : 0);
   static constexpr size_t kRows = kPLo + kTileP;
-  static constexpr size_t kRed = kRows + piece(size_t(9) * C * sizeof(A));
-  static constexpr size_t kScalars = kRed + piece(32 * sizeof(A));
-  static constexpr size_t kInts = kScalars + piece(8 * sizeof(A));
-  static constexpr size_t kBytes = kInts + piece(40 * sizeof(index_t));
+  static constexpr size_t kRed = kRows + kRowBytes;
+  static constexpr size_t kInts = kRed + kRedBytes;
+  static constexpr size_t kScalars = kInts + 40 * sizeof(index_t);
+  static constexpr size_t kBytes = kInts + kIntBytes;
+  static_assert(kBytes == kStages * kStage + kRest, "the pieces are the stages and the rest");
 
   // The pieces: addresses known at compile time, relative to the block's shared memory (no
-  // pointer is kept in a register); the 16-bit pieces are null for float and double. The row arrays hold, per row of the chunk: real_r, w_r,
-  // ln max(1, c_r), 1 / max(|q_r|, eps), 1 / max(|k_r|, eps), [|q_r| > eps], [|k_r| > eps],
+  // pointer is kept in a register; a stage's tiles add the stage times kStage); the 16-bit
+  // pieces are null for float and double. The row arrays hold, per row of the chunk: real_r,
+  // w_r, ln max(1, c_r), 1 / max(|q_r|, eps), 1 / max(|k_r|, eps), [|q_r| > eps], [|k_r| > eps],
   // max(|q_r|, eps), max(|k_r|, eps).
   template <typename X>
   static __device__ __forceinline__ X* at(size_t offset);
 
-  static __device__ __forceinline__ T* q() { return at<T>(kQ); }
-  static __device__ __forceinline__ T* k() { return at<T>(kK); }
-  static __device__ __forceinline__ T* v() { return at<T>(kV); }
+  // The Q, K and V tiles of stage s.
+  static __device__ __forceinline__ T* q(int s) { return at<T>(kQ + s * kStage); }
+  static __device__ __forceinline__ T* k(int s) { return at<T>(kK + s * kStage); }
+  static __device__ __forceinline__ T* v(int s) { return at<T>(kV + s * kStage); }
   static __device__ __forceinline__ T* p() { return kMma ? at<T>(kP) : nullptr; }
   static __device__ __forceinline__ T* state_hi() { return kMma ? at<T>(kStateHi) : nullptr; }
   static __device__ __forceinline__ T* state_lo() { return kMma ? at<T>(kStateLo) : nullptr; }
@@ -655,7 +692,8 @@ struct Block {
   bool split, raw;
   const A* fq = nullptr;
   const A* fk = nullptr;
-  bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are loaded
+  bool q_low = false, k_low = false, v_low = false;  // the tiles' low parts are settled
+  int stage = 0;  // the stage whose tiles the products read
 
   __device__ Block(const Sequence<T>& sequence, int dq, int col0, int dout, bool three_pass)
       : seq(sequence),
@@ -724,18 +762,27 @@ struct Block {
   }
 
   // max(|x_r|, eps), its reciprocal and [|x_r| > eps] for the rows of the chunk, one warp per
-  // row. Tiles are multiplied by the reciprocal; the normalisation backward divides by the
-  // first, as docs/spec.md writes it (so that a row of one entry is exactly ±1 there and its
-  // gradient exactly 0). Padded rows are not read (their norm could be NaN or Inf): they get
-  // eps, 1 / eps and 0, never used.
-  __device__ __forceinline__ void norms(const Rows<const T>& x, index_t t0, int rows, A* den,
-                                        A* inv, A* big) {
+  // row (rows warp_id() + kWarps i, as settle() takes them), from the raw rows of x in a stage
+  // tile (tile, its rows kLdX apart) or, where no tile holds them, from global memory (x). Tiles
+  // are multiplied by the reciprocal; the normalisation backward divides by the first, as
+  // docs/spec.md writes it (so that a row of one entry is exactly ±1 there and its gradient
+  // exactly 0). Padded rows are not read (their norm could be NaN or Inf): they get eps, 1 / eps
+  // and 0, never used. Call after counts() and a barrier.
+  __device__ __forceinline__ void norms(const T* tile, const Rows<const T>& x, index_t t0,
+                                        int rows, A* den, A* inv, A* big) {
     for (int r = warp_id(); r < C; r += kWarps) {
       A sum = 0;
-      if (r < rows && seq.real(t0 + r)) {
-        for (int d = lane_id(); d < seq.Dk; d += kWarp) {
-          const A e = Num<T>::load(x(t0 + r, d));
-          sum += e * e;
+      if (r < rows && sm.real()[r] != A(0)) {
+        if (tile != nullptr) {
+          for (int d = lane_id(); d < seq.Dk; d += kWarp) {
+            const A e = Num<T>::load(tile[r * Smem::kLdX + d]);
+            sum += e * e;
+          }
+        } else {
+          for (int d = lane_id(); d < seq.Dk; d += kWarp) {
+            const A e = Num<T>::load(x(t0 + r, d));
+            sum += e * e;
+          }
         }
       }
       sum = warp_sum(sum);
@@ -748,47 +795,69 @@ struct Block {
     }
   }
 
-  __device__ __forceinline__ void prologue(Mode mode, index_t t0, int rows, bool need_q,
-                                           bool need_k) {
-    if (warp_id() == 0) counts(mode, t0, rows);
-    if (need_q) norms(seq.q, t0, rows, sm.qden(), sm.qinv(), sm.qbig());
-    if (need_k) norms(seq.k, t0, rows, sm.kden(), sm.kinv(), sm.kbig());
-    __syncthreads();
-  }
+  // Elements of T one copy into a stage moves: 16 bytes for 16-bit tiles (their rows are
+  // 16-byte aligned in shared memory), one element for float and double (their rows have an odd
+  // length, against bank conflicts in the FMA loops).
+  static constexpr int kVec = kMma ? 16 / int(sizeof(T)) : 1;
 
-  // Elements of T in one 16-byte access.
-  static constexpr int kVec = 16 / int(sizeof(T));
-
-  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, times the factors per
-  // row f1 and f2 (none where null), into a C x Width tile; zero outside them and on padded rows,
-  // which are not read. With a low tile, the rounding error of the scaled values goes there.
-  // N elements are read per access: 16 bytes (kVec) when the rows are contiguous and aligned.
-  template <int N, int Width>
-  __device__ __forceinline__ void tile(const Rows<const T>& x, const A* f1, const A* f2, T* dst,
-                                       T* low, int ld, index_t t0, int rows, int col0,
-                                       int ncols) {
-    static_assert(Width % N == 0, "whole accesses per row");
-    constexpr int kPer = Width / N;
-    for (int idx = int(threadIdx.x); idx < C * kPer; idx += kThreads) {
-      const int r = idx / kPer, c = idx % kPer * N;
-      const bool read = r < rows && c < ncols && sm.real()[r] != A(0);
-      T e[N];
-      if (read) {
-        if constexpr (N > 1) {
-          const uint4 bits = __ldg(reinterpret_cast<const uint4*>(x.at(t0 + r, col0 + c)));
-          memcpy(e, &bits, sizeof(bits));
-        } else {
-          e[0] = x(t0 + r, col0 + c);
+  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, as they are, into a
+  // C x Width stage tile (ld apart); its other entries keep what they hold, and settle()
+  // selects them away. Asynchronous copies (cp.async: LDGSTS, in the group the caller commits)
+  // of kVec elements where the rows allow them: for 16-bit tiles contiguous rows, 16-byte
+  // aligned, of whole 16-byte pieces; for float and double any strides. Otherwise (strided or
+  // unaligned 16-bit rows) synchronous loads element by element.
+  template <int Width>
+  __device__ __forceinline__ void fetch(const Operand<T>& op, T* dst, int ld, index_t t0,
+                                        int rows, int col0, int ncols) {
+    static_assert(Width % kVec == 0, "whole copies per row");
+    const Rows<const T>& x = op.x;
+    const auto address = reinterpret_cast<unsigned long long>(x.ptr);
+    const bool async = kMma ? x.sd == 1 && x.ss % kVec == 0 && col0 % kVec == 0 &&
+                                  ncols % kVec == 0 && address % 16 == 0
+                            : address % sizeof(T) == 0;
+    if (async) {
+      constexpr int kPer = Width / kVec;
+      for (int idx = int(threadIdx.x); idx < C * kPer; idx += kThreads) {
+        const int r = idx / kPer, c = idx % kPer * kVec;
+        if (r < rows && c < ncols) {
+          __pipeline_memcpy_async(dst + r * ld + c, x.at(t0 + r, col0 + c), kVec * sizeof(T));
         }
       }
-      const A f = read ? (f1 == nullptr ? A(1) : f1[r]) * (f2 == nullptr ? A(1) : f2[r]) : A(1);
-      for (int i = 0; i < N; ++i) {
-        const A value = read ? Num<T>::load(e[i]) * f : A(0);
-        const T hi = Num<T>::store(value);
-        dst[r * ld + c + i] = hi;
-        if (low != nullptr) low[r * ld + c + i] = Num<T>::store(value - Num<T>::load(hi));
+    } else {
+      for (int idx = int(threadIdx.x); idx < C * Width; idx += kThreads) {
+        const int r = idx / Width, c = idx % Width;
+        if (r < rows && c < ncols) dst[r * ld + c] = x(t0 + r, col0 + c);
       }
     }
+  }
+
+  // A stage tile, fetched, settled in place for the products: entry (r, c) becomes T(x_rc f1_r
+  // f2_r) (a factor null is 1) on the real rows r < rows and columns c < ncols, +0 elsewhere:
+  // padded rows and entries fetch() did not copy hold anything and are selected away, never
+  // multiplied. With low (and a factor), the rounding error of the scaled value goes there.
+  // Each warp takes the rows whose norms it took (norms()), so a __syncwarp separates the two.
+  // Returns whether it wrote a low part.
+  template <int Width>
+  __device__ __forceinline__ bool settle(T* tile, T* low, const A* f1, const A* f2, int ld,
+                                         int rows, int ncols) {
+    static_assert(C % kWarps == 0, "every warp takes the same number of rows");
+    constexpr int kPer = Width / kVec;
+    if (f1 == nullptr && f2 == nullptr) low = nullptr;
+    for (int j = lane_id(); j < C / kWarps * kPer; j += kWarp) {
+      const int r = warp_id() + j / kPer * kWarps, c = j % kPer * kVec;
+      const bool real = r < rows && sm.real()[r] != A(0);
+      const A f = real ? (f1 == nullptr ? A(1) : f1[r]) * (f2 == nullptr ? A(1) : f2[r]) : A(1);
+      T e[kVec], hi[kVec], lo[kVec];
+      memcpy(e, tile + r * ld + c, sizeof(e));
+      for (int i = 0; i < kVec; ++i) {
+        const A value = real && c + i < ncols ? Num<T>::load(e[i]) * f : A(0);
+        hi[i] = Num<T>::store(value);
+        lo[i] = Num<T>::store(value - Num<T>::load(hi[i]));
+      }
+      memcpy(tile + r * ld + c, hi, sizeof(hi));
+      if (low != nullptr) memcpy(low + r * ld + c, lo, sizeof(lo));
+    }
+    return low != nullptr;
   }
 
   // The row factor an operand's scale stands for (null for none).
@@ -798,40 +867,21 @@ struct Block {
            : scale == Scale::kValue ? sm.w() : nullptr;
   }
 
-  // An operand's tile (see tile), 16 bytes per access where strides and alignment allow. Returns
-  // whether it wrote a low part (only scaled tiles have one).
-  template <int Width>
-  __device__ __forceinline__ bool load(const Operand<T>& op, const A* f1, const A* f2, T* dst,
-                                       T* low, int ld, index_t t0, int rows, int col0,
-                                       int ncols) {
-    T* low_part = f1 == nullptr && f2 == nullptr ? nullptr : low;
-    const bool packed = op.x.sd == 1 && op.x.ss % kVec == 0 && col0 % kVec == 0 &&
-                        ncols % kVec == 0 &&
-                        reinterpret_cast<unsigned long long>(op.x.ptr) % 16 == 0;
-    if (packed) {
-      tile<kVec, Width>(op.x, f1, f2, dst, low_part, ld, t0, rows, col0, ncols);
-    } else {
-      tile<1, Width>(op.x, f1, f2, dst, low_part, ld, t0, rows, col0, ncols);
-    }
-    return low_part != nullptr;
-  }
-
   // Q and K: scaled (three passes: with low parts), or raw (one pass: factors kept for later).
-  __device__ __forceinline__ void load_q(const Operand<T>& op, index_t t0, int rows) {
+  __device__ __forceinline__ void settle_q(const Operand<T>& op, int rows) {
     fq = raw ? factor(op.scale) : nullptr;
-    q_low = load<W>(op, raw ? nullptr : factor(op.scale), nullptr, sm.q(),
-                    split ? sm.q_lo() : nullptr, Smem::kLdX, t0, rows, 0, Dq);
+    q_low = settle<W>(sm.q(stage), split ? sm.q_lo() : nullptr,
+                      raw ? nullptr : factor(op.scale), nullptr, Smem::kLdX, rows, Dq);
   }
-  __device__ __forceinline__ void load_k(const Operand<T>& op, index_t t0, int rows) {
+  __device__ __forceinline__ void settle_k(const Operand<T>& op, int rows) {
     fk = raw ? factor(op.scale) : nullptr;
-    k_low = load<W>(op, raw ? nullptr : factor(op.scale), nullptr, sm.k(),
-                    split ? sm.k_lo() : nullptr, Smem::kLdX, t0, rows, 0, Dq);
+    k_low = settle<W>(sm.k(stage), split ? sm.k_lo() : nullptr,
+                      raw ? nullptr : factor(op.scale), nullptr, Smem::kLdX, rows, Dq);
   }
   // V scaled by its factor, and by K's when K is raw (K's factor is per row of V: Σ_j v_j k̂_jᵀ
-  // = Σ_j (v_j f_j) k_jᵀ). Call after load_k.
-  __device__ __forceinline__ void load_v(const Operand<T>& op, index_t t0, int rows) {
-    v_low = load<SL>(op, factor(op.scale), fk, sm.v(), sm.v_lo(), Smem::kLdV, t0, rows, c0,
-                     cols);
+  // = Σ_j (v_j f_j) k_jᵀ). Call after settle_k.
+  __device__ __forceinline__ void settle_v(const Operand<T>& op, int rows) {
+    v_low = settle<SL>(sm.v(stage), sm.v_lo(), factor(op.scale), fk, Smem::kLdV, rows, cols);
   }
 
   // The state slice from a Dout x Dq matrix (a (Dq x Dout) one read transposed is a view with
@@ -883,11 +933,11 @@ struct Block {
   // Out = Q Stateᵀ; with raw tiles, each row then times its factor fq.
   __device__ __forceinline__ void inter() {
     if constexpr (kMma) {
-      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX,
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(stage), low(q_low, sm.q_lo()), Smem::kLdX,
                         sm.state_hi(), sm.state_lo(), Smem::kLdX, C, SL, W, sm.scalars()[0],
                         false);
     } else {
-      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(), nullptr, Smem::kLdX, sm.state(), nullptr,
+      gemm<false, true>(sm.out(), Smem::kLdO, sm.q(stage), nullptr, Smem::kLdX, sm.state(), nullptr,
                         Smem::kLdSt, C, SL, W, A(1), false);
     }
     __syncthreads();
@@ -904,7 +954,7 @@ struct Block {
   // with raw tiles the scores are multiplied by fq per row before they are rounded (K's factor
   // is in V).
   __device__ __forceinline__ void intra(Mode mode) {
-    gemm<false, true>(sm.scores(), Smem::kLdS, sm.q(), low(q_low, sm.q_lo()), Smem::kLdX, sm.k(),
+    gemm<false, true>(sm.scores(), Smem::kLdS, sm.q(stage), low(q_low, sm.q_lo()), Smem::kLdX, sm.k(stage),
                       low(k_low, sm.k_lo()), Smem::kLdX, C, C, W, A(1), false);
     __syncthreads();
     for (int idx = int(threadIdx.x); idx < C * C; idx += kThreads) {
@@ -921,10 +971,10 @@ struct Block {
     }
     __syncthreads();
     if constexpr (kMma) {
-      gemm<false, false>(sm.out(), Smem::kLdO, sm.p(), sm.p_lo(), Smem::kLdP, sm.v(),
+      gemm<false, false>(sm.out(), Smem::kLdO, sm.p(), sm.p_lo(), Smem::kLdP, sm.v(stage),
                          low(v_low, sm.v_lo()), Smem::kLdV, C, SL, C, A(1), true);
     } else {
-      gemm<false, false>(sm.out(), Smem::kLdO, sm.scores(), nullptr, Smem::kLdS, sm.v(), nullptr,
+      gemm<false, false>(sm.out(), Smem::kLdO, sm.scores(), nullptr, Smem::kLdS, sm.v(stage), nullptr,
                          Smem::kLdV, C, SL, C, A(1), true);
     }
     __syncthreads();
@@ -932,12 +982,81 @@ struct Block {
 
   // State += Vᵀ K for the chunk in the tiles.
   __device__ __forceinline__ void absorb() {
-    gemm<true, false>(sm.state(), Smem::kLdSt, sm.v(), low(v_low, sm.v_lo()), Smem::kLdV, sm.k(),
+    gemm<true, false>(sm.state(), Smem::kLdSt, sm.v(stage), low(v_low, sm.v_lo()), Smem::kLdV, sm.k(stage),
                       low(k_low, sm.k_lo()), Smem::kLdX, SL, W, C, A(1), true);
   }
 
   static __device__ __forceinline__ const T* low(bool loaded, const T* tile) {
     return loaded ? tile : nullptr;
+  }
+
+  // The chunks [first, last) in the order of the mode, through the stages: chunk n's tiles (Q
+  // with with_q, K and V with with_kv) are fetched while chunk n - 1 is computed (with two
+  // stages; with one, at the start of chunk n), then per chunk: counts (warp 0), the wait for
+  // the chunk's copies, one barrier, the row norms the tiles and the epilogue need (need_q,
+  // need_k; from the Q or K tile when it holds q or k, else from global memory), the tiles
+  // settled, one barrier, and body(t0, rows), which must end with a barrier (the next fetch
+  // writes the other stage, the next counts the row arrays).
+  template <typename Body>
+  __device__ __forceinline__ void walk(Mode mode, index_t first, index_t last, bool with_q,
+                                       bool with_kv, const Operand<T>& Q, const Operand<T>& K,
+                                       const Operand<T>& V, bool need_q, bool need_k,
+                                       Body&& body) {
+    constexpr int kStages = Smem::kStages;
+    const index_t chunks = last - first;
+    auto start = [&](index_t it) { return (mode == Mode::kReverse ? last - 1 - it : first + it) * C; };
+    auto length = [&](index_t t0) { return int(seq.S - t0 < C ? seq.S - t0 : C); };
+    auto fetch_chunk = [&](index_t it, int s) {
+      const index_t t0 = start(it);
+      const int rows = length(t0);
+      if (with_q) fetch<W>(Q, sm.q(s), Smem::kLdX, t0, rows, 0, Dq);
+      if (with_kv) {
+        fetch<W>(K, sm.k(s), Smem::kLdX, t0, rows, 0, Dq);
+        fetch<SL>(V, sm.v(s), Smem::kLdV, t0, rows, c0, cols);
+      }
+      __pipeline_commit();
+    };
+    // Where the norms of q and k come from: a stage tile holding them, or global memory.
+    const bool q_in_q = with_q && Q.scale == Scale::kQuery;
+    const bool k_in_q = with_q && Q.scale == Scale::kKey;
+    const bool q_in_k = with_kv && K.scale == Scale::kQuery;
+    const bool k_in_k = with_kv && K.scale == Scale::kKey;
+    auto uses = [&](Scale scale) {
+      return (with_q && Q.scale == scale) || (with_kv && (K.scale == scale || V.scale == scale));
+    };
+    const bool norms_q = need_q || uses(Scale::kQuery), norms_k = need_k || uses(Scale::kKey);
+    if (kStages == 2 && chunks > 0) fetch_chunk(0, 0);
+    for (index_t it = 0; it < chunks; ++it) {
+      stage = kStages == 2 ? int(it % 2) : 0;
+      const bool ahead = kStages == 2 && it + 1 < chunks;
+      if (ahead) fetch_chunk(it + 1, stage ^ 1);
+      if (kStages == 1) fetch_chunk(it, 0);
+      const index_t t0 = start(it);
+      const int rows = length(t0);
+      if (warp_id() == 0) counts(mode, t0, rows);
+      if (ahead) {
+        __pipeline_wait_prior(1);
+      } else {
+        __pipeline_wait_prior(0);
+      }
+      __syncthreads();
+      if (norms_q) {
+        norms(q_in_q ? sm.q(stage) : q_in_k ? sm.k(stage) : nullptr, seq.q, t0, rows, sm.qden(),
+              sm.qinv(), sm.qbig());
+      }
+      if (norms_k) {
+        norms(k_in_q ? sm.q(stage) : k_in_k ? sm.k(stage) : nullptr, seq.k, t0, rows, sm.kden(),
+              sm.kinv(), sm.kbig());
+      }
+      __syncwarp();
+      if (with_q) settle_q(Q, rows);
+      if (with_kv) {
+        settle_k(K, rows);
+        settle_v(V, rows);
+      }
+      __syncthreads();
+      body(t0, rows);
+    }
   }
 
   // One sweep over the chunks [first, last) of the sequence (all of them without the split;
@@ -950,8 +1069,8 @@ struct Block {
   // cosattn.absorb): kForward as the causal sweep counts, kGlobal with the bidirectional counts.
   // kGlobal with absorb_first adds Σ_n V_nᵀ K_n over the chunks to state0 (or zero), then (with
   // outputs) applies it; without absorb_first, state0 is already the whole sum (a segment's
-  // incoming state, or total=). need_q and
-  // need_k say which row norms the operands' scales use.
+  // incoming state, or total=). need_q and need_k say which row norms the epilogue uses (those
+  // the operands' scales use are taken anyway).
   template <typename Epilogue>
   __device__ __forceinline__ void run(Mode mode, index_t first, index_t last, index_t count,
                                       bool outputs, bool absorb_first, const Operand<T>& Q,
@@ -964,41 +1083,28 @@ struct Block {
     __syncthreads();
     const bool global = mode == Mode::kGlobal;
     if (global && absorb_first) {  // State = Σ_n V_nᵀ K_n first
-      for (index_t n = first; n < last; ++n) {
-        const index_t t0 = n * C;
-        const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
-        prologue(mode, t0, rows, need_q, need_k);
-        load_k(K, t0, rows);
-        load_v(V, t0, rows);
-        __syncthreads();
+      walk(mode, first, last, false, true, Q, K, V, false, false, [&](index_t, int) {
         absorb();
         __syncthreads();
-      }
+      });
     }
     if (outputs) split_state();
-    for (index_t it = 0; it < last - first && (outputs || !global); ++it) {
-      const index_t n = mode == Mode::kReverse ? last - 1 - it : first + it;
-      const index_t t0 = n * C;
-      const int rows = int(seq.S - t0 < C ? seq.S - t0 : C);
-      prologue(mode, t0, rows, need_q, need_k);
-      if (outputs) load_q(Q, t0, rows);
-      if (!global) {
-        load_k(K, t0, rows);
-        load_v(V, t0, rows);
-      }
-      __syncthreads();
-      if (outputs) {
-        inter();
-        if (!global) intra(mode);
-        epilogue(t0, rows);
-      }
-      if (!global) {
-        absorb();
-        __syncthreads();
-        if (outputs) split_state();
-      } else {
-        __syncthreads();
-      }
+    if (outputs || !global) {
+      walk(mode, first, last, outputs, !global, Q, K, V, outputs && need_q, outputs && need_k,
+           [&](index_t t0, int rows) {
+             if (outputs) {
+               inter();
+               if (!global) intra(mode);
+               epilogue(t0, rows);
+             }
+             if (!global) {
+               absorb();
+               __syncthreads();
+               if (outputs) split_state();
+             } else {
+               __syncthreads();
+             }
+           });
     }
     if (state_out.ptr != nullptr) store_state(state_out);
     __syncthreads();

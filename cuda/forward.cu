@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forw
   // segment's incoming state (the scan's) or total=.
   const bool absorb_first = states || (!split && !given_total);
   block.run(p.causal ? Mode::kForward : Mode::kGlobal, at.first, at.last, count, outputs,
-            absorb_first, Q, K, V, state0, state_out, outputs, true, write);
+            absorb_first, Q, K, V, state0, state_out, false, false, write);
 }
 
 // The sequence split, second launch: one thread per entry of a (sequence, h) state, in a fixed

@@ -536,6 +536,24 @@ def test_step_matches_the_forward(cupy_on_host):
         np.testing.assert_array_equal(state.count, count_ref)
 
 
+@pytest.mark.parametrize("Dk", [300, 301])
+def test_steps_with_q_and_k_wider_than_a_staged_piece(Dk, cupy_on_host):
+    """Dk past the step block's piece of q̂ and k̂ in shared memory (kStepPiece = 256 columns):
+    two pieces, the state rows moved 16 bytes at a time (Dk = 300) or one entry at a time
+    (Dk = 301)."""
+    rng = np.random.default_rng(13)
+    for dtype, state_dtype in ((F32, F32), (BFLOAT16, F64)):
+        c = make_case(rng, 1, 2, 3, Dk, 20, dtype, mask="inner")
+        state = cosattn.RecurrentState.zeros(1, 2, Dk, 20, dtype=state_dtype)
+        outs = [state.step(c.q[:, :, t], c.k[:, :, t], c.v[:, :, t], c.m, mask=c.mask[:, t],
+                           backend="cupy") for t in range(3)]
+        o_ref, kv_ref, count_ref = reference_forward(c)
+        what = f"step Dk {Dk} {dtype} {state_dtype}"
+        assert_close(np.stack(outs, axis=2), o_ref, dtype, f"o: {what}")
+        assert_close(state.kv, kv_ref, dtype, f"kv: {what}")
+        np.testing.assert_array_equal(state.count, count_ref)
+
+
 @pytest.mark.parametrize(("dtype", "state_dtype"), STEPS,
                          ids=[f"{d}-state-{s}" for d, s in STEPS])
 def test_masked_steps_leave_the_state_bit_for_bit(dtype, state_dtype, cupy_on_host):

@@ -123,10 +123,10 @@ def _counts(opcodes: tuple[str, ...]) -> dict[str, int]:
 
 
 SIXTEEN_BIT = ("__half", "__nv_bfloat16")
-GENERIC_16_BIT = ("wmma's fragment loads of fp32 accumulators and of bfloat16 tiles go through "
-                  "generic addresses (LD.E: 48-312 per 16-bit sweep instance); float and double "
-                  "sweeps reach shared memory as shared. Needs mma.sync/ldmatrix on shared "
-                  "addresses")
+GENERIC_16_BIT = ("wmma's fragment loads of bfloat16 tiles (the __mma_bf16_m16n16k16_ld_a/b "
+                  "builtins) go through generic addresses (LD.E: 160-208 per bfloat16 sweep "
+                  "instance); float16, float and double sweeps reach shared memory as shared. "
+                  "Needs mma.sync/ldmatrix on shared addresses")
 
 
 def _kinds(family: str) -> list[str]:
@@ -173,6 +173,19 @@ def test_tiles_and_states_move_in_16_byte_accesses(sm90, family):
             assert any(op.startswith("STG") and ".128" in op for op in k["opcodes"]), e
 
 
+@pytest.mark.parametrize("family", SWEEPS)
+def test_sweep_tiles_stream_through_asynchronous_copies(sm90, family):
+    """The sweeps fetch their tiles by cp.async (LDGSTS) into shared stages, commit each chunk's
+    copies as a group (LDGDEPBAR) and wait for them (DEPBAR); 16-bit tiles 16 bytes a copy
+    (common.cuh, Block::fetch and Block::walk)."""
+    for e, k in _family(sm90, family).items():
+        ops = k["opcodes"]
+        assert _counts(tuple(ops))["async copies (LDGSTS)"] > 0, e
+        assert "LDGDEPBAR" in ops and any(op.startswith("DEPBAR") for op in ops), e
+        if e.split("<")[1].split(",")[0] in SIXTEEN_BIT:
+            assert any(op.startswith("LDGSTS") and ".128" in op for op in ops), e
+
+
 def _occupancy(k: dict) -> dict:
     return cuda_resources.occupancy(k["registers"], k["shared"], k["dynamic_shared"],
                                     _cupy.THREADS)
@@ -185,6 +198,14 @@ def test_16_bit_D128_sweeps_keep_two_blocks_and_eight_warps_per_sm(sm90, family)
                    if e.startswith(f"cosattn::{family}<{ctype}, 128,"))
         occupancy = _occupancy(k)
         assert occupancy["blocks_per_sm"] >= 2 and occupancy["warps_per_sm"] >= 8, (e, occupancy)
+
+
+def test_the_step_keeps_eight_blocks_per_sm(sm90):
+    """The step moves its state once: compiled for 10 resident blocks per SM with a float32
+    state and 8 with a float64 one, with no spills (test_no_local_memory_in_the_main_kernels)."""
+    for e, k in _family(sm90, "step_kernel").items():
+        wanted = 10 if e.endswith(", float>") else 8
+        assert _occupancy(k)["blocks_per_sm"] >= wanted, (e, _occupancy(k))
 
 
 def test_a_long_sequence_of_few_heads_fills_the_gpu():

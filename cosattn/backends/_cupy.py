@@ -51,7 +51,7 @@ MIN_CAPABILITY = 80  # wmma on bfloat16 tiles needs sm_80
 
 HEADER = "common.cuh"
 SOURCES = ("forward.cu", "backward.cu", "step.cu")
-HEADERS_NEEDED = ("cuda_fp16.h", "cuda_bf16.h", "mma.h")
+HEADERS_NEEDED = ("cuda_fp16.h", "cuda_bf16.h", "cuda_pipeline_primitives.h", "mma.h")
 OPTIONS = ("--std=c++17",)  # plus the -D of DEFINES and -I for the CUDA headers (include_dirs)
 LAYOUT_TABLE = "cosattn_layout"  # the per-module table of dynamic shared memory (module_text)
 
@@ -214,7 +214,7 @@ def module_text(spec: ModuleSpec) -> str:
 
 @functools.cache
 def include_dirs() -> tuple[str, ...] | None:
-    """Folders holding cuda_fp16.h, cuda_bf16.h and mma.h, or None when they are missing.
+    """Folders holding the CUDA headers of HEADERS_NEEDED, or None when one is missing.
 
     They come from NVIDIA's wheels (``nvidia-cuda-nvrtc``, ``nvidia-cuda-crt``: the folder
     ``nvidia/cu13/include`` of site-packages), a conda environment or a CUDA toolkit, as found

@@ -1,7 +1,7 @@
 // Host emulation of the CUDA features the cosattn kernels use, so that tests can run the kernels
 // of cuda/ on a machine without a GPU (tests/test_cuda_emulated.py). Force-included (g++ -include)
-// before the kernel sources; cuda_fp16.h, cuda_bf16.h and mma.h of this folder stand in for
-// NVIDIA's.
+// before the kernel sources; cuda_fp16.h, cuda_bf16.h, cuda_pipeline_primitives.h and mma.h of
+// this folder stand in for NVIDIA's.
 //
 // A block runs as one fiber per thread on the calling thread. A fiber runs until it
 // reaches __syncthreads or a warp-level synchronisation (__syncwarp, a shuffle), then the next
@@ -55,7 +55,8 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
-// The read-only data cache load and the streaming load and store: plain accesses on the host.
+// The read-only data cache load, the streaming load and the streaming and write-back stores:
+// plain accesses on the host.
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
@@ -66,6 +67,10 @@ inline T __ldcs(const T* p) {
 }
 template <typename T>
 inline void __stcs(T* p, T value) {
+  *p = value;
+}
+template <typename T>
+inline void __stwb(T* p, T value) {
   *p = value;
 }
 

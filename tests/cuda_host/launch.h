@@ -1,12 +1,14 @@
 // Running an emulated kernel (see emulation.h): the arguments arrive as cuLaunchKernel's
 // void** kernelParams; each block runs as `block` fibers, the blocks one after another. Writes
 // past the dynamic shared memory the launch asked for are caught (and, under AddressSanitizer,
-// reads too).
+// reads too), as are asynchronous copies a block never waited for.
 #pragma once
 
 #include <sys/mman.h>
 #include <string>
 #include <unistd.h>
+
+#include "cuda_pipeline_primitives.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -136,7 +138,9 @@ void run(void (*kernel)(P...), unsigned grid, unsigned threads, std::size_t shar
       f.wait = Wait::kRunnable;
       state.parity[t] = 0;
     }
+    pipeline_fault();
     schedule(state);
+    if (const char* fault = pipeline_fault()) throw std::runtime_error(fault);
     EMU_UNPOISON(memory, kSharedCapacity);
     for (std::size_t i = shared; i < kSharedCapacity; ++i) {
       if (memory[i] != 0xff) {
