@@ -179,10 +179,10 @@ def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
                chunk: int) -> None:  # pragma: no cover (compiled)
     """Copy the rows (C, D) of one chunk, transposed, into ``out_t`` (B, H, N, D, C) when it is
     not empty."""
-    if out_t.size:
+    if out_t.size:  # written row by row: contiguous stores, gathered loads (from cache)
         target = out_t[b, h, chunk]
-        for r in range(rows.shape[0]):
-            for d in range(rows.shape[1]):
+        for d in range(rows.shape[1]):
+            for r in range(rows.shape[0]):
                 target[d, r] = rows[r, d]
 
 
@@ -261,10 +261,10 @@ def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, carry: np.
                             t = term[x, y]
                             term[x, y] = acc[x, y]
                             acc[x, y] += t
-                    if out_t.size:
+                    if out_t.size:  # written row by row: contiguous stores, gathered loads
                         target = out_t[b, h, n]
-                        for x in range(X):
-                            for y in range(Y):
+                        for y in range(Y):
+                            for x in range(X):
                                 target[y, x] = term[x, y]
                 carry[r, h] = acc
 

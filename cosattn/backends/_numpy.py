@@ -287,6 +287,18 @@ def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
     return _Normalised(qh, kh if k_rows else None, kt, vt, vt_t, q_inv, k_inv, c, w)
 
 
+def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
+    """``x`` (B, H, S, D) as a chunked work buffer (B, H, N, C, D): a view of it when nothing
+    is to be moved, selected or cast (no packing, no mask, whole chunks, the accumulation
+    dtype: splitting the S axis needs no copy, whatever the strides), else a copy."""
+    p = call.p
+    if not call.packed and call.mask is None and layout.n == p.S and x.dtype == p.acc:
+        return x.reshape(p.B, p.H, p.S // layout.chunk, layout.chunk, x.shape[3])
+    out = _chunked(p, layout, layout.chunk, x.shape[3])
+    _rows_in(x, p, layout, _no_mask(call.mask), out=out)
+    return out
+
+
 def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, *, out: Any = None,
              out_t: Any = None, inv: Any = None, w: Any = None) -> None:
     """The prologue pass (:func:`._cpu_kernels.rows_in`) of one input (B, H, S, D) into the
@@ -610,8 +622,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # The order keeps the live buffers few: each operand goes as soon as its last
         # product is done.
         x = _normalised_inputs(call, layout, transposed=True)
-        dof = _chunked(p, layout, C, p.Dv)
-        _rows_in(call.do, p, layout, mask, out=dof)
+        dof = _as_work(call, call.do, layout)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
         dvt = scores.swapaxes(-1, -2) @ dof
@@ -639,8 +650,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         dkv0 = carry
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         x = _normalised_inputs(call, layout)
-        dof = _chunked(p, layout, C, p.Dv)
-        _rows_in(call.do, p, layout, mask, out=dof)
+        dof = _as_work(call, call.do, layout)
         qh, kh, vt, do = (_unchunk(a) for a in (x.qh, x.kh, x.vt, dof))
         dqh, dkh, dvt = (_chunked(p, layout, C, D) for D in (p.Dk, p.Dk, p.Dv))
         for i in range(len(layout.segments)):
