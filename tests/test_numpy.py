@@ -239,6 +239,20 @@ def test_num_threads_leaves_the_blas_setting_as_it_was(monkeypatch):
     assert [lib["num_threads"] for lib in _numpy._blas().info()] == before
 
 
+def test_parts_run_with_one_blas_thread_each(monkeypatch):
+    """Unset COSATTN_NUM_THREADS: a call cut into parts runs each with one BLAS thread (one
+    BLAS pool per worker would oversubscribe the cores); results do not change."""
+    monkeypatch.delenv(_numpy.THREADS_ENV_VAR, raising=False)
+    monkeypatch.setattr(_numpy.os, "cpu_count", lambda: 2)
+    case = make_case(np.random.default_rng(5), 1, 8, 1024, 16, 16, np.float32)
+    expected = reference_forward(case)[0]
+    seen = _threads_seen(monkeypatch, "_forward_part")
+    o = cosattn.forward(case.q, case.k, case.v, case.m)
+    assert_close(o, expected, np.float32)
+    assert len(seen) >= 2
+    assert all(blas == [1] * len(blas) for _, blas in seen)
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_num_threads_must_be_a_positive_integer(value, monkeypatch):
     monkeypatch.setenv(_numpy.THREADS_ENV_VAR, value)

@@ -535,9 +535,12 @@ def _run(call: ForwardCall | BackwardCall,
     when there are several; returns each block's ``(rows, heads)`` (``(sequences, heads)``)
     with its result, in a fixed order.
 
-    With ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, each with
-    one BLAS thread, or, when it is not cut, the calling thread with at most n BLAS threads.
-    Unset, there is one worker per core and the BLAS library keeps its own setting.
+    Parts run with one BLAS thread each: a BLAS thread pool per worker would put more threads
+    than cores on the products, and OpenBLAS's threads spin while they wait (a float64 D128
+    call measured 2-3 times slower, and 50 times slower while other work held a core). With
+    ``COSATTN_NUM_THREADS=n`` a call uses at most n threads: n parts at a time, or, when it is
+    not cut, the calling thread with at most n BLAS threads. Unset, there is one worker per
+    core, and a call that is not cut leaves the BLAS library's setting as it is.
     """
     threads = num_threads()
     workers = threads or os.cpu_count() or 1
@@ -546,7 +549,7 @@ def _run(call: ForwardCall | BackwardCall,
         with _blas_threads(threads):
             return [(blocks[0], part(call))]
     pool = _workers_pool(workers)
-    with _blas_threads(None if threads is None else 1):
+    with _blas_threads(1):
         futures = [pool.submit(part, call.block(*b)) for b in blocks]
         return [(b, f.result()) for b, f in zip(blocks, futures, strict=True)]
 
