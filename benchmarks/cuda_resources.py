@@ -271,7 +271,8 @@ def measure(workers: int = 2) -> dict[str, Any]:
     bf16 = np.dtype(ml_dtypes.bfloat16)
     targets = {name: [{"kernel": launch.expression, "blocks": launch.grid}
                       for launch in (_cupy.forward_plan(bf16, B, H, S, D, D).launches
-                                     + _cupy.backward_launches(bf16, B, H, S, D, D, True))]
+                                     + _cupy.backward_plan(bf16, B, H, S, D, D,
+                                                           with_m=True).launches)]
                for name, (B, H, S, D) in TARGETS.items()}
     return derive({"instances": instances, "targets": targets})
 

@@ -19,14 +19,28 @@
 // v or do hold at those rows (docs/spec.md, "Bad input"). A block's (b, h) is a sequence and a
 // head: a batch row, or one span of a packed row (cu_seqlens, read on the device: Span), with
 // its own rows of kv0, dkv and dkv0; dm sums over every sequence.
+//
+// The sequence split (docs/design.md, "GPU kernels: what makes them fast"): when the blocks per
+// (sequence, h, slice) are too few to fill the GPU, each sequence is cut into segments of
+// segment_chunks chunks as the forward cuts it (segment g: chunks [g * segment_chunks, (g + 1) *
+// segment_chunks), empty past the sequence's end), and both kernels take a block per (sequence,
+// h, slice, segment). Sweeps 1 and 3 start a segment from kv_states (kv0 + Σ ṽᵀ k̂ over the
+// segments before it; sweep 3 reads it transposed), sweeps 2 and 4 from dkv_states (dkv + Σ do
+// q̂ᵀ over the segments after it): forward.cu's forward_kernel (states_only) and scan_kernel form
+// them before these kernels run, the second pair with q as k, do as v and no m, scanning from the
+// last segment and writing dkv0. The running counts start from the real tokens before the
+// segment (forward) or up to its end (reverse); bidirectional, both states are the sequence's
+// sums (or, with total=, kv0 and dkv themselves, and no states are formed). dm_part holds a
+// partial sum per segment too. Every per-row output belongs to the one segment holding the row.
 #include "common.cuh"
 
 namespace cosattn {
 
 // Partial sums per slice of Dv: dq_part, dk_part (nsv, B, H, S), or null when queries_keys_kernel
-// does not need them (sweep 1 is then skipped), dm_part (N, H, nsv) or null, holding
-// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns. dkv0 is written when given (an
-// incoming state). W, C, SL as forward_kernel; a block owns a slice of Dv.
+// does not need them (sweep 1 is then skipped), dm_part (N, H, nsv, segments) or null, holding
+// Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns and the segment's rows. dkv0 is
+// written when given (an incoming state) without the split (split: by scan_kernel). W, C, SL as
+// forward_kernel; a block owns a slice of Dv and a segment.
 template <typename T, int W, int C, int SL>
 __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
@@ -34,11 +48,13 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
   const int dk = int(p.Dk);
   const int dvn = int(p.Dv);
   const index_t slices = (dvn + SL - 1) / SL;
-  const index_t slice = index_t(blockIdx.x) % slices;
-  const index_t nh = index_t(blockIdx.x) / slices;
+  const index_t segment = index_t(blockIdx.x) % p.segments;
+  const index_t slice = index_t(blockIdx.x) / p.segments % slices;
+  const index_t nh = index_t(blockIdx.x) / p.segments / slices;
   const index_t H = p.H, B = p.B, S = p.S;
   const index_t h = nh % H, n = nh / H;
   const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
+  const Segment chunks = segment_of<C>(segment, p.segment_chunks, at.length);
   constexpr bool wide = sizeof(A) == 8;
   // kv0, dkv and dkv0 are (Dv x Dk) matrices, contiguous
   const index_t state_stride[4] = {H * dvn * dk, index_t(dvn) * dk, dk, 1};
@@ -101,13 +117,17 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
 #pragma unroll 1
   for (int sweep = dq_part != nullptr ? 1 : 2; sweep <= 2; ++sweep) {
     const bool first = sweep == 1;
-    block.run(first ? forward : reverse, Operand<T>{first ? seq.q : seq.k, dk,
-                                                    first ? Scale::kQuery : Scale::kKey},
+    const void* states = first ? p.kv_states : p.dkv_states;
+    block.run(first ? forward : reverse, chunks.first, chunks.last,
+              Operand<T>{first ? seq.q : seq.k, dk, first ? Scale::kQuery : Scale::kKey},
               Operand<T>{first ? seq.k : seq.q, dk, first ? Scale::kKey : Scale::kQuery},
               Operand<T>{first ? vrows : drows, dvn, first ? Scale::kValue : Scale::kNone},
-              state_of(first ? p.kv0 : p.dkv, state_stride, wide, n, h),
-              first ? StateView<void>{} : state_of(p.dkv0, state_stride, wide, n, h), false,
-              false,
+              states != nullptr
+                  ? segment_state<A>(states, H, p.segments, dvn, dk, n, h, segment, false)
+                  : state_of(first ? p.kv0 : p.dkv, state_stride, wide, n, h),
+              first || p.segments > 1 ? StateView<void>{}
+                                      : state_of(p.dkv0, state_stride, wide, n, h),
+              false, false,
               [&](index_t t0, int rows) {
                 if (first) {
                   delta_q(t0, rows);
@@ -124,13 +144,13 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
     if (threadIdx.x == 0) {
       A total = 0;
       for (int w = 0; w < kWarps; ++w) total += scratch[w];
-      dm_part[(n * H + h) * slices + slice] = total;
+      dm_part[((n * H + h) * slices + slice) * p.segments + segment] = total;
     }
   }
 }
 
 // dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
-// a block owns a slice of Dk; nsv is the number of slices of Dv values_kernel used.
+// a block owns a slice of Dk and a segment; nsv is the number of slices of Dv values_kernel used.
 template <typename T, int W, int C, int SL>
 __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
@@ -138,11 +158,13 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
   const int dkn = int(p.Dk);
   const int dvn = int(p.Dv);
   const index_t slices = (dkn + SL - 1) / SL;
-  const index_t slice = index_t(blockIdx.x) % slices;
-  const index_t nh = index_t(blockIdx.x) / slices;
+  const index_t segment = index_t(blockIdx.x) % p.segments;
+  const index_t slice = index_t(blockIdx.x) / p.segments % slices;
+  const index_t nh = index_t(blockIdx.x) / p.segments / slices;
   const index_t H = p.H, B = p.B, S = p.S, nsv = p.nsv;
   const index_t h = nh % H, n = nh / H;
   const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
+  const Segment chunks = segment_of<C>(segment, p.segment_chunks, at.length);
   constexpr bool wide = sizeof(A) == 8;
   // kv0 and dkv are contiguous (Dv x Dk) matrices, read transposed: Dk x Dv with swapped strides
   const index_t transposed[4] = {H * dvn * dkn, index_t(dvn) * dkn, 1, dkn};
@@ -198,11 +220,15 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
 #pragma unroll 1
   for (int sweep = 3; sweep <= 4; ++sweep) {
     const bool third = sweep == 3;
-    block.run(third ? forward : reverse,
+    const void* states = third ? p.kv_states : p.dkv_states;
+    block.run(third ? forward : reverse, chunks.first, chunks.last,
               Operand<T>{third ? drows : vrows, dvn, third ? Scale::kNone : Scale::kValue},
               Operand<T>{third ? vrows : drows, dvn, third ? Scale::kValue : Scale::kNone},
               Operand<T>{third ? seq.k : seq.q, dkn, third ? Scale::kKey : Scale::kQuery},
-              state_of(third ? p.kv0 : p.dkv, transposed, wide, n, h), StateView<void>{}, third,
+              states != nullptr
+                  ? segment_state<A>(states, H, p.segments, dvn, dkn, n, h, segment, true)
+                  : state_of(third ? p.kv0 : p.dkv, transposed, wide, n, h),
+              StateView<void>{}, third,
               !third, [&](index_t t0, int rows) {
                 normalise(third ? seq.q : seq.k, third ? dqrows : dkrows,
                           third ? dq_part : dk_part, third ? sm.qden() : sm.kden(),
@@ -212,7 +238,8 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
   }
 }
 
-// dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_n Σ_slice dm_part[n, h, slice], in that order.
+// dm_h = sigmoid(m_h)(1 - sigmoid(m_h)) Σ_n Σ_slice Σ_segment dm_part[n, h, slice, segment], in
+// that order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
@@ -223,7 +250,8 @@ __global__ void __launch_bounds__(kThreads) dm_kernel(const BackwardParams<T> p)
        h += index_t(gridDim.x) * kThreads) {
     A total = 0;
     for (index_t n = 0; n < p.N; ++n) {
-      for (index_t s = 0; s < p.nsv; ++s) total += dm_part[(n * p.H + h) * p.nsv + s];
+      const index_t parts = p.nsv * p.segments;
+      for (index_t s = 0; s < parts; ++s) total += dm_part[(n * p.H + h) * parts + s];
     }
     const A sig = sigmoid(m[h]);
     dm[h] = total * sig * (A(1) - sig);

@@ -121,7 +121,7 @@ struct ForwardParams {
   const index_t* state_indices;
   const bool* has_initial;
   index_t B, H, S, Dk, Dv, N, P;
-  index_t segments, segment_chunks, states_only, passes, state_wide, count_stride;
+  index_t segments, segment_chunks, states_only, reverse, passes, state_wide, count_stride;
   index_t q_stride[4], k_stride[4], v_stride[4], o_stride[4], kv0_stride[4], kv_out_stride[4];
   index_t mask_stride[2];
   double eps;
@@ -130,7 +130,11 @@ struct ForwardParams {
 
 // values_kernel, queries_keys_kernel and dm_kernel (see backward.cu): the forward's inputs,
 // dout (like o), the gradients dq, dk, dv (like q, k, v), the partial sums dq_part, dk_part
-// (nsv, B, H, S) and dm_part (N, H, nsv), and dm (H,). N sequences as ForwardParams (the B rows,
+// (nsv, B, H, S) and dm_part (N, H, nsv, segments), and dm (H,). The sequence split: each
+// sequence in `segments` segments of segment_chunks chunks, kv_states and dkv_states (N, H,
+// segments, Dv, Dk) in the accumulation type holding each segment's incoming state of the
+// forward-order and the reverse sweeps (null: without the split, or for a bidirectional call
+// given total=). N sequences as ForwardParams (the B rows,
 // or the spans of cu_seqlens); kv0, dkv and dkv0 contiguous (N, H, Dv, Dk) in the accumulation
 // type, count0 (N,). Causal: dkv the gradient at the outgoing state, dkv0 (or null) the incoming
 // state's. Bidirectional (total=): kv0 and count0 as ForwardParams, dkv the gradient at the
@@ -155,7 +159,9 @@ struct BackwardParams {
   void* dm_part;
   void* dm;
   const index_t* cu_seqlens;
-  index_t B, H, S, Dk, Dv, N, nsv, passes;
+  const void* kv_states;
+  const void* dkv_states;
+  index_t B, H, S, Dk, Dv, N, nsv, passes, segments, segment_chunks;
   index_t q_stride[4], k_stride[4], v_stride[4], do_stride[4], dq_stride[4], dk_stride[4],
       dv_stride[4];
   index_t mask_stride[2];
@@ -404,6 +410,34 @@ __device__ __forceinline__ StateView<V> state_of(V* base, const index_t* stride,
   if (base == nullptr) return {};
   const index_t offset = row * stride[0] + h * stride[1];
   return {advance(base, offset * (wide ? 8 : 4)), stride[2], stride[3], wide};
+}
+
+// The chunks [first, last) of segment g of a sequence of `length` tokens cut into segments of
+// segment_chunks chunks of C tokens (the sequence split): empty (first = last = its chunks) past
+// its end.
+struct Segment {
+  index_t first, last;
+};
+
+template <int C>
+__device__ __forceinline__ Segment segment_of(index_t g, index_t segment_chunks, index_t length) {
+  const index_t chunks = (length + C - 1) / C;
+  const index_t begin = g * segment_chunks;
+  const index_t first = begin < chunks ? begin : chunks;
+  return {first, first + segment_chunks < chunks ? first + segment_chunks : chunks};
+}
+
+// Segment g's state of sequence n, head h, in a contiguous (N, H, segments, Dv, Dk) array of the
+// accumulation type A (null: none), as a Dv x Dk matrix, or read transposed (Dk x Dv).
+template <typename A, typename V>
+__device__ __forceinline__ StateView<V> segment_state(V* states, index_t H, index_t segments,
+                                                      index_t Dv, index_t Dk, index_t n,
+                                                      index_t h, index_t g, bool transposed) {
+  if (states == nullptr) return {};
+  constexpr bool wide = sizeof(A) == 8;
+  const index_t offset = ((n * H + h) * segments + g) * Dv * Dk;
+  return {advance(states, offset * (wide ? 8 : 4)), transposed ? 1 : Dk, transposed ? Dk : 1,
+          wide};
 }
 
 // Which row scale a tile takes while it is loaded (padded rows are zero whatever the scale).
@@ -712,7 +746,13 @@ struct Block {
     __syncthreads();
   }
 
-  // The real tokens of the sequence before its position t (every thread gets the number).
+  // The real tokens of the sequence before its position t, clamped to 0..S (every thread gets
+  // the number; the same t for the whole block). Call after begin().
+  __device__ __forceinline__ index_t real_upto(index_t t) {
+    return t >= seq.S ? sm.ints()[1] : (t <= 0 ? 0 : real_before(t));
+  }
+
+  // The real tokens of the sequence before its position t <= S (every thread gets the number).
   __device__ __forceinline__ index_t real_before(index_t t) {
     if (seq.mask == nullptr) return t;
     index_t n = 0;
@@ -1110,16 +1150,20 @@ struct Block {
     __syncthreads();
   }
 
-  // The whole row: the sweep of the unsplit kernels (the backward's). A global sweep given
-  // state0 takes it as the whole sum (total=) and adds nothing to it.
+  // The chunks [first, last) of the sequence (all of them, or a segment of the split): the
+  // backward's sweeps, with outputs. The running count starts from the incoming count and the
+  // real tokens before the first chunk (kForward) or up to the end of the last (kReverse). A
+  // global sweep given state0 takes it as the whole sum (total=, or the scan's) and adds
+  // nothing to it.
   template <typename Epilogue>
-  __device__ __forceinline__ void run(Mode mode, const Operand<T>& Q, const Operand<T>& K,
-                                      const Operand<T>& V, const StateView<const void>& state0,
+  __device__ __forceinline__ void run(Mode mode, index_t first, index_t last, const Operand<T>& Q,
+                                      const Operand<T>& K, const Operand<T>& V,
+                                      const StateView<const void>& state0,
                                       const StateView<void>& state_out, bool need_q, bool need_k,
                                       Epilogue&& epilogue) {
-    const index_t count = seq.n0 + (mode == Mode::kReverse ? sm.ints()[1] : 0);
-    run(mode, 0, (seq.S + C - 1) / C, count, true, state0.ptr == nullptr, Q, K, V, state0,
-        state_out, need_q, need_k, epilogue);
+    const index_t count = seq.n0 + real_upto((mode == Mode::kReverse ? last : first) * C);
+    run(mode, first, last, count, true, state0.ptr == nullptr, Q, K, V, state0, state_out,
+        need_q, need_k, epilogue);
   }
 };
 

@@ -48,19 +48,17 @@ struct Place {
     h = i % p.H;
     n = i / p.H;
     span = span_of(p.cu_seqlens, p.S, p.state_indices, p.has_initial, p.P, n);
-    const index_t chunks = (span.length + C - 1) / C;
-    const index_t begin = segment * p.segment_chunks;
-    first = begin < chunks ? begin : chunks;
-    last = first + p.segment_chunks < chunks ? first + p.segment_chunks : chunks;
+    const Segment chunks = segment_of<C>(segment, p.segment_chunks, span.length);
+    first = chunks.first;
+    last = chunks.last;
   }
 
   // This segment's state in segment_states (contiguous, in the accumulation type).
   template <typename V>
   __device__ __forceinline__ StateView<V> segment_state(const ForwardParams<T>& p,
                                                         V* states) const {
-    const index_t offset = ((n * p.H + h) * p.segments + segment) * p.Dv * p.Dk;
-    constexpr bool wide = sizeof(acc_t<T>) == 8;
-    return {advance(states, offset * (wide ? 8 : 4)), p.Dk, 1, wide};
+    return cosattn::segment_state<acc_t<T>>(states, p.H, p.segments, p.Dv, p.Dk, n, h, segment,
+                                            false);
   }
 };
 
@@ -123,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forw
       }
     }
   };
-  const index_t count = seq.n0 + (p.causal && split ? block.real_before(at.first * C) : 0);
+  const index_t count = seq.n0 + (p.causal && split ? block.real_upto(at.first * C) : 0);
   // A global sweep sums its chunks into the state unless it starts from the whole sum: a
   // segment's incoming state (the scan's) or total=.
   const bool absorb_first = states || (!split && !given_total);
@@ -132,8 +130,9 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forw
 }
 
 // The sequence split, second launch: one thread per entry of a (sequence, h) state, in a fixed
-// order. Causal: segment g's slot becomes kv0 + Σ_{g' < g} (own state of g'), and kv_out the sum
-// over all; bidirectional: every slot becomes kv0 (or zero) + the sum over all segments (kv0
+// order. Causal: segment g's slot becomes kv0 + Σ_{g' < g} (own state of g'), or with reverse
+// (the backward's reverse sweeps, kv0 then its dkv) kv0 + Σ_{g' > g}, and kv_out the sum over
+// all; bidirectional: every slot becomes kv0 (or zero) + the sum over all segments (kv0
 // given only to the state alone, o null), or kv0 itself with o given (total=: the whole
 // sequence's sum, in place of the segments'; forward_kernel then reads kv0 directly, and the
 // backend does not run this pass at all). kv0 and kv_out are the sequence's rows or pool slot
@@ -154,7 +153,8 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const ForwardParams<T> p
   const StateView<const void> kv0 =
       at.from_state ? state_of(p.kv0, p.kv0_stride, wide, at.slot, h) : StateView<const void>{};
   A total = kv0.ptr != nullptr ? kv0.template get<A>(r, c) : A(0);
-  for (index_t g = 0; g < p.segments; ++g) {
+  for (index_t i = 0; i < p.segments; ++i) {
+    const index_t g = p.reverse ? p.segments - 1 - i : i;
     const A own = slot[g * size];
     if (p.causal) slot[g * size] = total;
     if (!given_total) total += own;

@@ -678,8 +678,9 @@ def pool_steps(draw, head_sizes, dtypes=DTYPES, max_entries: int = 8):
 @contextlib.contextmanager
 def split_sequences(split: bool) -> Iterator[None]:
     """The cupy backend with, when ``split``, a GPU of many SMs and segments of one chunk: every
-    forward with more than one chunk in its row cuts each sequence into segments
-    (forward_kernel, scan_kernel, forward_kernel: docs/design.md, "The sequence split")."""
+    forward and backward with more than one chunk in its row cuts each sequence into segments
+    (forward_kernel, scan_kernel, then the sweeps per segment: docs/design.md, "The sequence
+    split")."""
     from cosattn.backends import _cupy
 
     with pytest.MonkeyPatch.context() as patch:

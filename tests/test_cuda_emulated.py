@@ -504,6 +504,34 @@ def test_the_sequence_split_matches_the_reference(instance, data, cupy_on_host, 
         check_total(case, cut, layout=problem.layout, backend="cupy")
 
 
+# The backward's split in every dtype, the 16-bit instances in every variant.
+BACKWARD_SPLITS = [(instance, variant) for instance in SPLITS
+                   for variant in (_cupy.VARIANTS if instance[0].itemsize == 2
+                                   else _cupy.VARIANTS[:1])]
+
+
+@pytest.mark.parametrize("run", BACKWARD_SPLITS, ids=_run_id)
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10)
+@given(data=st.data())
+def test_the_backward_split_matches_the_reference(run, data, cupy_on_host, monkeypatch):
+    """With segments of one chunk, the backward forms each segment's incoming states first
+    (forward_kernel states_only and scan_kernel: for the forward-order sweeps from kv0, then for
+    the reverse ones from dkv, summed from the last segment, dkv0 their total), then runs
+    values_kernel and queries_keys_kernel per segment: dq, dk, dv, dkv0 and dm (summed over the
+    segments) as the reference's, causal and bidirectional, with kv0, dkv, m, masks and junk."""
+    instance, variant = run
+    monkeypatch.setattr(_cupy, "_sm_count", lambda device: 10**6)
+    monkeypatch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
+    problem = data.draw(problems(instance), label="problem")
+    cupy_on_host.clear()
+    with _cupy.variant(variant):
+        check_backward(problem.case(), causal=problem.causal, layout=problem.layout,
+                       backend="cupy")
+    C, _ = _cupy.tiles(problem.dtype, instance[1])
+    if problem.S > C:
+        assert sum("scan_kernel" in e for e, _, _ in cupy_on_host) == len(_cupy.STATES)
+
+
 def test_the_split_plans_of_absorb_and_total():
     """The state alone split is forward_kernel (states_only) and scan_kernel, which writes
     kv_out; a bidirectional forward given the whole sum (total=) split is forward_kernel alone,
@@ -519,6 +547,23 @@ def test_the_split_plans_of_absorb_and_total():
     for kw in ({"output": False}, {"total": True}):
         (launch,) = _cupy.forward_plan(F32, 64, 64, 256, 64, 64, **kw).launches
         assert not launch.states_only
+
+
+def test_the_split_plans_of_the_backward():
+    """Split, the backward forms the segments' states of its forward-order sweeps, then of its
+    reverse ones, with the forward's kernels, before its own; given the whole sums (total=) it
+    runs its own kernels alone, every segment from them. It is cut as the forward is."""
+    args = (F32, 1, 1, 1 << 16, 64, 64)
+    plan = _cupy.backward_plan(*args, with_m=True)
+    assert plan.segments == _cupy.forward_plan(*args).segments > 1
+    assert [(launch.states, launch.states_only) for launch in plan.launches] == [
+        ("kv", True), ("kv", False), ("dkv", True), ("dkv", False), (None, False),
+        (None, False), (None, False)]
+    total = _cupy.backward_plan(*args, with_m=False, total=True)
+    assert total.segments == plan.segments
+    assert total.launches == plan.launches[4:6]
+    whole = _cupy.backward_plan(F32, 64, 64, 256, 64, 64, with_m=False)
+    assert whole.segments == 1 and len(whole.launches) == 2
 
 
 def test_step_matches_the_forward(cupy_on_host):
@@ -590,10 +635,12 @@ def test_masked_steps_leave_the_state_bit_for_bit(dtype, state_dtype, cupy_on_ho
 def test_results_are_the_same_bits_from_run_to_run(cupy_on_host):
     rng = np.random.default_rng(5)
     c = make_case(rng, 1, 2, 45, 5, 7, F32, mask="inner")
-    first = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
-    again = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
-    for a, b in zip(first, again, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for split in (False, True):
+        with split_sequences(split):
+            first = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
+            again = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
+        for a, b in zip(first, again, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 # --- packed sequences and pools of states ------------------------------------------------------

@@ -217,11 +217,15 @@ def test_a_long_sequence_of_few_heads_fills_the_gpu():
     assert min(launch.grid for launch in sweeps) >= 2 * cuda_resources.SM90["sms"]
 
 
-@pytest.mark.xfail(strict=True, reason="the backward has no sequence split yet: B1 H8 D128 "
-                   "launches B*H*D/SL = 32 blocks per sweep kernel whatever S is")
 def test_a_long_sequence_of_few_heads_fills_the_gpu_in_the_backward():
-    launches = _cupy.backward_launches(BF16, 1, 8, 65536, 128, 128, with_m=False)
-    assert min(launch.grid for launch in launches) >= 2 * cuda_resources.SM90["sms"]
+    """B1 H8 D128 S64k: every sweep of the backward (its own kernels and the forward_kernel
+    passes forming its segments' states) gives every SM of an H200 at least 2 blocks."""
+    plan = _cupy.backward_plan(BF16, 1, 8, 65536, 128, 128, with_m=True)
+    assert plan.segments > 1
+    sweeps = [launch for launch in plan.launches
+              if not any(k in launch.expression for k in ("scan_kernel", "dm_kernel"))]
+    assert len(sweeps) == 4
+    assert min(launch.grid for launch in sweeps) >= 2 * cuda_resources.SM90["sms"]
 
 
 @pytest.mark.xfail(strict=True, reason="a block owns a slice of SL = 32 of Dv = 128: each of the "

@@ -365,27 +365,46 @@ def _stream(p: Problem) -> contextlib.AbstractContextManager[Any]:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: the module, the kernel, the number of blocks, and for the forward
-    whether it is the sequence split's first pass (``ForwardParams.states_only``)."""
+    """One kernel launch: the module, the kernel, the number of blocks, whether it is the
+    sequence split's first pass (``ForwardParams.states_only``), and, in the backward's split,
+    which segments' states a forward.cu launch forms (``STATES``; None: a backward.cu launch)."""
 
     spec: ModuleSpec
     expression: str
     grid: int
     states_only: bool = False
+    states: str | None = None
 
 
 @dataclass(frozen=True)
-class ForwardPlan:
-    """The forward's launches, and how the sequence is cut: ``segments`` segments of
-    ``segment_chunks`` chunks (one segment: no split)."""
+class Plan:
+    """A forward's or a backward's launches, and how the sequence is cut: ``segments``
+    segments of ``segment_chunks`` chunks (one segment: no split)."""
 
     launches: list[Launch]
     segments: int
     segment_chunks: int
 
 
+# The backward's segment states (backward.cu): those of its forward-order sweeps (Σ ṽᵀ k̂, the
+# forward's), and those of its reverse sweeps (Σ do q̂ᵀ, summed from the last segment).
+STATES = ("kv", "dkv")
+
+
+def _segments(rows: int, S: int, C: int, sms: int) -> tuple[int, int]:
+    """``(segments, segment_chunks)``: how a sweep of ``rows`` blocks per segment over sequences
+    of S tokens in chunks of C is cut (the sequence split, forward.cu): one segment when the
+    rows give each of ``sms`` SMs BLOCKS_PER_SM blocks, else enough segments of at least
+    MIN_SEGMENT_CHUNKS chunks to do so."""
+    chunks = ceil_div(S, C)
+    wanted = ceil_div(BLOCKS_PER_SM * sms, max(rows, 1))
+    segments = max(1, min(wanted, chunks // MIN_SEGMENT_CHUNKS))
+    segment_chunks = max(1, ceil_div(chunks, segments))  # S = 0: one empty segment
+    return max(1, ceil_div(chunks, segment_chunks)), segment_chunks
+
+
 def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
-                 sms: int = SMS, *, output: bool = True, total: bool = False) -> ForwardPlan:
+                 sms: int = SMS, *, output: bool = True, total: bool = False) -> Plan:
     """A block per (sequence, h, slice of SL columns of Dv, segment), for N sequences of at
     most S tokens (N batch rows of S, or the N sequences of a packed row of S). When
     N * H * slices blocks would leave ``sms`` SMs with fewer than BLOCKS_PER_SM blocks each,
@@ -403,17 +422,13 @@ def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
     main, scan, _ = spec.expressions
     C, SL = tiles(dtype, W)
     rows = N * H * ceil_div(Dv, SL)
-    chunks = ceil_div(S, C)
-    wanted = ceil_div(BLOCKS_PER_SM * sms, max(rows, 1))
-    segments = max(1, min(wanted, chunks // MIN_SEGMENT_CHUNKS))
-    segment_chunks = max(1, ceil_div(chunks, segments))  # S = 0: one empty segment
-    segments = max(1, ceil_div(chunks, segment_chunks))
+    segments, segment_chunks = _segments(rows, S, C, sms)
     launches = [Launch(spec, main, rows * segments)]
     if segments > 1 and not (total and output):
         states = [Launch(spec, main, rows * segments, states_only=True),
                   Launch(spec, scan, ceil_div(N * H * Dv * Dk, THREADS))]
         launches = [*states, *launches] if output else states
-    return ForwardPlan(launches, segments, segment_chunks)
+    return Plan(launches, segments, segment_chunks)
 
 
 def count_launch(dtype: Any, N: int, Dk: int, Dv: int) -> Launch:
@@ -423,20 +438,34 @@ def count_launch(dtype: Any, N: int, Dk: int, Dv: int) -> Launch:
     return Launch(spec, spec.expressions[2], N)
 
 
-def backward_launches(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
-                      with_m: bool) -> list[Launch]:
+def backward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int, sms: int = SMS, *,
+                  with_m: bool, total: bool = False) -> Plan:
     """The backward's launches (see backward.cu) for N sequences (batch rows, or the sequences
-    of a packed row): values_kernel per (sequence, h, slice of Dv), queries_keys_kernel per
-    (sequence, h, slice of Dk), and dm_kernel over the heads when ``m`` is given."""
+    of a packed row): values_kernel per (sequence, h, slice of Dv, segment),
+    queries_keys_kernel per (sequence, h, slice of Dk, segment), and dm_kernel over the heads
+    when ``m`` is given. The sequence is cut as the forward cuts it (:func:`_segments`), for the
+    kernel with fewer slices; split, forward.cu's forward_kernel (``states_only``) and
+    scan_kernel form first the incoming states of each segment for the forward-order sweeps,
+    then for the reverse ones (``STATES``), except with ``total`` (bidirectional given kv0 and
+    dkv, the whole sums: every segment starts from them)."""
     W = width(Dk, Dv)
     spec = backward_spec(dtype, W)
     values, queries_keys, dm = spec.expressions
-    _, SL = tiles(dtype, W)
-    launches = [Launch(spec, values, N * H * ceil_div(Dv, SL)),
-                Launch(spec, queries_keys, N * H * ceil_div(Dk, SL))]
+    C, SL = tiles(dtype, W)
+    nsv, nsk = ceil_div(Dv, SL), ceil_div(Dk, SL)
+    segments, segment_chunks = _segments(N * H * min(nsv, nsk), S, C, sms)
+    launches = []
+    if segments > 1 and not total:
+        forward = forward_spec(dtype, W)
+        main, scan, _ = forward.expressions
+        for states in STATES:
+            launches += [Launch(forward, main, N * H * nsv * segments, True, states),
+                         Launch(forward, scan, ceil_div(N * H * Dv * Dk, THREADS), False, states)]
+    launches += [Launch(spec, values, N * H * nsv * segments),
+                 Launch(spec, queries_keys, N * H * nsk * segments)]
     if with_m:
         launches.append(Launch(spec, dm, ceil_div(H, THREADS)))
-    return launches
+    return Plan(launches, segments, segment_chunks)
 
 
 def step_launches(dtype: Any, state_dtype: Any, B: int, H: int, Dv: int) -> list[Launch]:
@@ -469,14 +498,14 @@ PARAMS = {
         ("q", "k", "v", "o", "m", "mask", "kv0", "count0", "kv_out", "count_out",
          "segment_states", "cu_seqlens", "state_indices", "has_initial"),
         ("B", "H", "S", "Dk", "Dv", "N", "P", "segments", "segment_chunks", "states_only",
-         "passes", "state_wide", "count_stride"),
+         "reverse", "passes", "state_wide", "count_stride"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "o_stride", "kv0_stride",
                    "kv_out_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
     "BackwardParams": _struct(
         ("q", "k", "v", "dout", "dq", "dk", "dv", "m", "mask", "kv0", "count0", "dkv", "dkv0",
-         "dq_part", "dk_part", "dm_part", "dm", "cu_seqlens"),
-        ("B", "H", "S", "Dk", "Dv", "N", "nsv", "passes"),
+         "dq_part", "dk_part", "dm_part", "dm", "cu_seqlens", "kv_states", "dkv_states"),
+        ("B", "H", "S", "Dk", "Dv", "N", "nsv", "passes", "segments", "segment_chunks"),
         (*_strided(4, "q_stride", "k_stride", "v_stride", "do_stride", "dq_stride",
                    "dk_stride", "dv_stride"), ("mask_stride", 2)),
         (("eps", np.float64), ("causal", np.int64))),
@@ -518,7 +547,7 @@ def _strides(x: Any, n: int) -> tuple[int, ...]:
     return tuple(s // size for s in x.strides)
 
 
-def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, count_stride: int,
+def _forward_params(call: ForwardCall, plan: Plan, states_only: bool, count_stride: int,
                     **arrays: Any) -> np.void:
     """``o`` None (the state alone, cosattn.absorb): o is null and k stands in for the q the
     kernel does not read. Bidirectional, ``kv0`` and ``count0`` are the whole sequence's sum and
@@ -531,7 +560,7 @@ def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, cou
                    **{name: _ptr(x) for name, x in arrays.items()},
                    B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, N=call.N,
                    P=call.kv0.shape[0] if call.pooled else call.N, segments=plan.segments,
-                   segment_chunks=plan.segment_chunks, states_only=int(states_only),
+                   segment_chunks=plan.segment_chunks, states_only=int(states_only), reverse=0,
                    passes=PASSES[_variant.get()], state_wide=int(p.state_dtype == np.float64),
                    count_stride=count_stride, q_stride=_strides(q, 4),
                    k_stride=_strides(call.k, 4), v_stride=_strides(call.v, 4),
@@ -540,20 +569,46 @@ def _forward_params(call: ForwardCall, plan: ForwardPlan, states_only: bool, cou
                    mask_stride=_strides(call.mask, 2), eps=p.eps, causal=int(p.causal))
 
 
-def _backward_params(call: BackwardCall, nsv: int, **temporaries: Any) -> np.void:
+def _backward_params(call: BackwardCall, plan: Plan, nsv: int, **temporaries: Any) -> np.void:
     """``temporaries``: kv0, count0, dkv (contiguous copies), dkv0, dq_part, dk_part, dm_part,
-    dm, cu_seqlens (None where absent)."""
+    dm, cu_seqlens, kv_states, dkv_states (None where absent)."""
     p = call.p
     return _params("BackwardParams", q=_ptr(call.q), k=_ptr(call.k), v=_ptr(call.v),
                    dout=_ptr(call.do), dq=_ptr(call.dq), dk=_ptr(call.dk), dv=_ptr(call.dv),
                    m=_ptr(call.m), mask=_ptr(call.mask),
                    **{name: _ptr(x) for name, x in temporaries.items()},
                    B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, N=call.N, nsv=nsv,
-                   passes=PASSES[_variant.get()],
+                   passes=PASSES[_variant.get()], segments=plan.segments,
+                   segment_chunks=plan.segment_chunks,
                    q_stride=_strides(call.q, 4), k_stride=_strides(call.k, 4),
                    v_stride=_strides(call.v, 4), do_stride=_strides(call.do, 4),
                    dq_stride=_strides(call.dq, 4), dk_stride=_strides(call.dk, 4),
                    dv_stride=_strides(call.dv, 4), mask_stride=_strides(call.mask, 2),
+                   eps=p.eps, causal=int(p.causal))
+
+
+def _states_params(call: BackwardCall, plan: Plan, launch: Launch, kv0: Any, count0: Any,
+                   dkv: Any, dkv0: Any, states: Any, cu_seqlens: Any) -> np.void:
+    """ForwardParams for the backward's split: forward_kernel (states_only) and scan_kernel
+    forming each segment's incoming state into ``states``. ``launch.states`` "kv": Σ ṽᵀ k̂ from
+    kv0, as the forward forms it; "dkv": Σ do q̂ᵀ from dkv, with do as v (unscaled: no m, so w
+    is 1 on real rows), q as k, summed from the last segment (reverse), its total into dkv0.
+    q is not read (k stands in for it)."""
+    p = call.p
+    grads = launch.states == "dkv"
+    k, v = (call.q, call.do) if grads else (call.k, call.v)
+    state0, state_out = (dkv, dkv0) if grads else (kv0, None)
+    return _params("ForwardParams", q=_ptr(k), k=_ptr(k), v=_ptr(v), o=0,
+                   m=0 if grads else _ptr(call.m), mask=_ptr(call.mask), kv0=_ptr(state0),
+                   count0=0 if grads else _ptr(count0), kv_out=_ptr(state_out), count_out=0,
+                   segment_states=_ptr(states), cu_seqlens=_ptr(cu_seqlens), state_indices=0,
+                   has_initial=0, B=p.B, H=p.H, S=p.S, Dk=p.Dk, Dv=p.Dv, N=call.N, P=call.N,
+                   segments=plan.segments, segment_chunks=plan.segment_chunks,
+                   states_only=int(launch.states_only), reverse=int(grads),
+                   passes=PASSES[_variant.get()], state_wide=int(p.acc == np.float64),
+                   count_stride=1, q_stride=_strides(k, 4), k_stride=_strides(k, 4),
+                   v_stride=_strides(v, 4), o_stride=(0,) * 4, kv0_stride=_strides(state0, 4),
+                   kv_out_stride=_strides(state_out, 4), mask_stride=_strides(call.mask, 2),
                    eps=p.eps, causal=int(p.causal))
 
 
@@ -643,6 +698,10 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             return dm, xp.zeros_like(kv0) if call.dkv is None else call.dkv.astype(kv0.dtype)
         _, SL = tiles(p.dtype, width(p.Dk, p.Dv))
         nsv, nsk = ceil_div(p.Dv, SL), ceil_div(p.Dk, SL)
+        # Bidirectional with kv0 (total=): kv0 and dkv are the whole sums every segment takes.
+        total = not p.causal and kv0 is not None
+        plan = backward_plan(p.dtype, N, p.H, p.S, p.Dk, p.Dv, _sm_count(p.device.index),
+                             with_m=m is not None, total=total)
         # Partial sums of q̂ · dq̂ and k̂ · dk̂ over slices of Dv, when a block of the second kernel
         # holds a slice of Dk only (see backward.cu).
         dq_part = dk_part = None
@@ -651,18 +710,28 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
             dk_part = xp.empty((nsv, p.B, p.H, p.S), dtype=p.acc)
         dm_part = dm = None
         if m is not None:
-            dm_part = xp.empty((N, p.H, nsv), dtype=p.acc)
+            dm_part = xp.empty((N, p.H, nsv, plan.segments), dtype=p.acc)
             dm = xp.empty(p.H, dtype=p.acc)
         # dkv0 for an incoming state only (causal); bidirectional, kv0 is total=
         dkv0 = (None if kv0 is None or not p.causal
                 else xp.empty((N, p.H, p.Dv, p.Dk), dtype=p.acc))
-        params = _backward_params(
-            call, nsv, kv0=_contiguous(xp, kv0, p.acc),
-            count0=_contiguous(xp, call.count0, np.int64),
-            dkv=_contiguous(xp, call.dkv, p.acc), dkv0=dkv0, dq_part=dq_part, dk_part=dk_part,
-            dm_part=dm_part, dm=dm, cu_seqlens=_sequences(xp, call)["cu_seqlens"])
-        for launch in backward_launches(p.dtype, N, p.H, p.S, p.Dk, p.Dv, m is not None):
-            _launch(launch, params, p)
+        split = {name: None for name in STATES}
+        if plan.segments > 1 and not total:
+            split = {name: xp.empty((N, p.H, plan.segments, p.Dv, p.Dk), dtype=p.acc)
+                     for name in STATES}
+        arrays = dict(kv0=_contiguous(xp, kv0, p.acc),
+                      count0=_contiguous(xp, call.count0, np.int64),
+                      dkv=_contiguous(xp, call.dkv, p.acc), dkv0=dkv0,
+                      cu_seqlens=_sequences(xp, call)["cu_seqlens"])
+        params = _backward_params(call, plan, nsv, dq_part=dq_part, dk_part=dk_part,
+                                  dm_part=dm_part, dm=dm, **arrays,
+                                  **{f"{name}_states": x for name, x in split.items()})
+        for launch in plan.launches:
+            if launch.states is None:
+                _launch(launch, params, p)
+            else:
+                _launch(launch, _states_params(call, plan, launch, states=split[launch.states],
+                                               **arrays), p)
         return dm, None if dkv0 is None else dkv0.astype(kv0.dtype, copy=False)
 
 
