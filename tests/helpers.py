@@ -688,3 +688,29 @@ def split_sequences(split: bool) -> Iterator[None]:
             patch.setattr(_cupy, "_sm_count", lambda device: 10**6)
             patch.setattr(_cupy, "MIN_SEGMENT_CHUNKS", 1)
         yield
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One drawn case of the CUDA kernels' properties (emulated and on the device), small enough
+    for Hypothesis to print."""
+
+    dtype: np.dtype
+    B: int
+    H: int
+    S: int
+    Dk: int
+    Dv: int
+    mask: str
+    m: bool
+    state: bool
+    dstate: bool
+    causal: bool
+    layout: str
+    junk: float | None
+    seed: int
+
+    def case(self):
+        return make_case(np.random.default_rng(self.seed), self.B, self.H, self.S, self.Dk,
+                         self.Dv, self.dtype, mask=self.mask, m=self.m, state=self.state,
+                         dstate=self.dstate, junk=self.junk)

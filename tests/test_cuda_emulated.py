@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from helpers import (
     BFLOAT16,
     JUNK,
     MASK_KINDS,
+    Problem,
     assert_close,
     assert_padding_zero,
     check_absorb,
@@ -306,32 +306,6 @@ def cupy_on_host(monkeypatch, emulator):
     monkeypatch.setattr(_cupy, "unavailable", lambda: None)
     monkeypatch.setattr(_cupy, "DEVICE", "cpu")
     return launches
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One drawn case, small enough for Hypothesis to print."""
-
-    dtype: np.dtype
-    B: int
-    H: int
-    S: int
-    Dk: int
-    Dv: int
-    mask: str
-    m: bool
-    state: bool
-    dstate: bool
-    causal: bool
-    layout: str
-    junk: float | None
-    seed: int
-
-    def case(self):
-        rng = np.random.default_rng(self.seed)
-        return make_case(rng, self.B, self.H, self.S, self.Dk, self.Dv, self.dtype,
-                         mask=self.mask, m=self.m, state=self.state, dstate=self.dstate,
-                         junk=self.junk)
 
 
 @st.composite

@@ -18,7 +18,6 @@ are sized to keep the whole module within the time benchmarks/gpu_check.sh gives
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -36,6 +35,7 @@ from helpers import (
     BFLOAT16,
     JUNK,
     MASK_KINDS,
+    Problem,
     assert_close,
     assert_padding_zero,
     check_absorb,
@@ -130,31 +130,6 @@ def test_the_bands_launch_every_module_of_the_backend(monkeypatch):
                 np.testing.assert_allclose(to_host(o_t).astype(np.float64), 1.0, rtol=1e-2)
     missing = set(_cupy.all_specs()) - launched
     assert not missing, [spec.expressions for spec in missing]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One drawn case, small enough for Hypothesis to print."""
-
-    dtype: np.dtype
-    B: int
-    H: int
-    S: int
-    Dk: int
-    Dv: int
-    mask: str
-    m: bool
-    state: bool
-    dstate: bool
-    causal: bool
-    layout: str
-    junk: float | None
-    seed: int
-
-    def case(self):
-        return make_case(np.random.default_rng(self.seed), self.B, self.H, self.S, self.Dk,
-                         self.Dv, self.dtype, mask=self.mask, m=self.m, state=self.state,
-                         dstate=self.dstate, junk=self.junk)
 
 
 @st.composite
