@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, kStepBlocks<St>) step_kernel(const S
         kv[a * p.kv_stride[2] + d * p.kv_stride[3]] = St(0);
       }
     }
-    __syncthreads();  // the whole block takes this branch; update_row reads the zeros
+    __syncthreads();  // the whole block takes this branch; update_rows reads the zeros
   }
   const bool real = !at.padding && (p.mask == nullptr || p.mask[b * p.mask_stride]);
   if (!real) {  // the whole block: before any further barrier

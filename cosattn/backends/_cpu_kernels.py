@@ -177,8 +177,8 @@ def _rows(out: np.ndarray, tile: np.ndarray, b: int, h: int,
 @numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
 def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
                chunk: int) -> None:  # pragma: no cover (compiled)
-    """Copy the rows (C, D) of one chunk, transposed, into ``out_t`` (B, H, N, D, C) when it is
-    not empty."""
+    """Copy the rows (C, D) of one chunk (or its state), transposed, into ``out_t`` (B, H, N,
+    D, C) when it is not empty."""
     if out_t.size:  # written row by row: contiguous stores, gathered loads (from cache)
         target = out_t[b, h, chunk]
         for d in range(rows.shape[1]):
@@ -261,11 +261,7 @@ def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, carry: np.
                             t = term[x, y]
                             term[x, y] = acc[x, y]
                             acc[x, y] += t
-                    if out_t.size:  # written row by row: contiguous stores, gathered loads
-                        target = out_t[b, h, n]
-                        for y in range(Y):
-                            for x in range(X):
-                                target[y, x] = term[x, y]
+                    _transpose(term, out_t, b, h, n)
                 carry[r, h] = acc
 
 
