@@ -628,6 +628,48 @@ struct Layout<true> {
   using type = nvcuda::wmma::col_major;
 };
 
+template <typename X, typename Y>
+inline constexpr bool kSame = false;
+template <typename X>
+inline constexpr bool kSame<X, X> = true;
+
+// A 16 x 16 piece of an operand tile in shared memory (at p, leading dimension ld) into a wmma
+// fragment. The header loads bfloat16 fragments through generic addresses (LD.E in the machine
+// code, where float16 ones get LDSM); the same wmma.load with the .shared state space and a
+// shared address fills the fragment the same way and reaches shared memory as shared. The host
+// emulation has no PTX: its wmma load stands for both.
+template <typename Frag, typename X>
+__device__ __forceinline__ void load_tile(Frag& f, const X* p, int ld) {
+  nvcuda::wmma::load_matrix_sync(f, p, ld);
+}
+
+template <typename Use, typename L>
+__device__ __forceinline__ void load_tile(
+    nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f, const __nv_bfloat16* p, int ld) {
+#ifdef __CUDA_ARCH__
+  static_assert(sizeof(f.x) == 4 * sizeof(unsigned), "a bfloat16 m16n16k16 fragment: 4 registers");
+  unsigned* r = reinterpret_cast<unsigned*>(f.x);
+  const unsigned at = unsigned(__cvta_generic_to_shared(p));
+  constexpr bool kA = kSame<Use, nvcuda::wmma::matrix_a>;
+  constexpr bool kRow = kSame<L, nvcuda::wmma::row_major>;
+  if constexpr (kA && kRow) {
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  } else if constexpr (kA) {
+    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  } else if constexpr (kRow) {
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  } else {
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(at), "r"(ld) : "memory");
+  }
+#else
+  nvcuda::wmma::load_matrix_sync(f, p, ld);
+#endif
+}
+
 // c (M x N, row-major, ldc) = alpha * op(a) op(b) (+ c when accumulate), all in shared memory.
 // op(a) is M x K: a[m * lda + k], or a[k * lda + m] when AT; op(b) is K x N: b[k * ldb + n], or
 // b[n * ldb + k] when BT. On tensor cores, a_lo and b_lo (laid out like a and b, or null) are
@@ -659,17 +701,17 @@ __device__ __forceinline__ void gemm(A* c, int ldc, const X* a, const typename S
         const int bt = BT ? j0 * ldb + k0 : k0 * ldb + j0;
         wmma::fragment<wmma::matrix_a, 16, 16, 16, X, LayoutA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, X, LayoutB> fb;
-        wmma::load_matrix_sync(fa, a + at, lda);
-        wmma::load_matrix_sync(fb, b + bt, ldb);
+        load_tile(fa, a + at, lda);
+        load_tile(fb, b + bt, ldb);
         wmma::mma_sync(prod, fa, fb, prod);
         if (b_lo != nullptr) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, X, LayoutB> fb_lo;
-          wmma::load_matrix_sync(fb_lo, b_lo + bt, ldb);
+          load_tile(fb_lo, b_lo + bt, ldb);
           wmma::mma_sync(prod, fa, fb_lo, prod);
         }
         if (a_lo != nullptr) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, X, LayoutA> fa_lo;
-          wmma::load_matrix_sync(fa_lo, a_lo + at, lda);
+          load_tile(fa_lo, a_lo + at, lda);
           wmma::mma_sync(prod, fa_lo, fb, prod);
         }
       }

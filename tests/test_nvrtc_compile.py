@@ -123,22 +123,6 @@ def _counts(opcodes: tuple[str, ...]) -> dict[str, int]:
 
 
 SIXTEEN_BIT = ("__half", "__nv_bfloat16")
-GENERIC_16_BIT = ("wmma's fragment loads of bfloat16 tiles (the __mma_bf16_m16n16k16_ld_a/b "
-                  "builtins) go through generic addresses (LD.E: 160-208 per bfloat16 sweep "
-                  "instance); float16, float and double sweeps reach shared memory as shared. "
-                  "Needs mma.sync/ldmatrix on shared addresses")
-
-
-def _kinds(family: str) -> list[str]:
-    return ["16-bit", "32/64-bit"] if family in SWEEPS else ["all"]
-
-
-def _instances(sm90: dict, family: str, kind: str) -> dict:
-    def wanted(e: str) -> bool:
-        sixteen = e.split("<")[1].split(",")[0] in SIXTEEN_BIT
-        return kind == "all" or sixteen == (kind == "16-bit")
-
-    return {e: k for e, k in _family(sm90, family).items() if wanted(e)}
 
 
 @pytest.mark.parametrize("family", MAIN)
@@ -149,13 +133,11 @@ def test_no_local_memory_in_the_main_kernels(sm90, family):
         assert counts["local loads (LDL)"] == counts["local stores (STL)"] == 0, e
 
 
-@pytest.mark.parametrize(("family", "kind"), [
-    pytest.param(f, kind, marks=[pytest.mark.xfail(strict=True, reason=GENERIC_16_BIT)]
-                 if kind == "16-bit" else [])
-    for f in MAIN for kind in _kinds(f)])
-def test_memory_is_addressed_by_its_space(sm90, family, kind):
-    """No generic loads or stores: shared memory through LDS/LDSM/STS, global through LDG/STG."""
-    for e, k in _instances(sm90, family, kind).items():
+@pytest.mark.parametrize("family", MAIN)
+def test_memory_is_addressed_by_its_space(sm90, family):
+    """No generic loads or stores: shared memory through LDS/LDSM/STS, global through LDG/STG
+    (bfloat16 fragments too: common.cuh, load_tile)."""
+    for e, k in _family(sm90, family).items():
         counts = _counts(tuple(k["opcodes"]))
         assert counts["generic loads (LD)"] == counts["generic stores (ST)"] == 0, e
 
