@@ -299,6 +299,23 @@ def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
     return out
 
 
+def _output_work(call: ForwardCall, layout: _Layout) -> tuple[Any, bool]:
+    """The chunked work buffer (B, H, N, C, Dv) of the forward's output, and whether it is
+    ``o`` itself: a view of it where the work layout is the caller's (no packing, whole
+    chunks) in the accumulation dtype with each head's rows one contiguous matrix, else a new
+    buffer. The products then write ``o`` directly: measured at B1 H8 S8192 D64 (in-process
+    alternation), the forward about 5 % faster in float32 and float64, its peak extra memory
+    0.57 instead of 0.63 x bytes(q, k, v, o) in float32. The backward keeps its gradients in
+    work buffers: written straight into dq, dk and dv, its products made a forward +
+    backward 2-3 % slower."""
+    p, o = call.p, call.o
+    item = o.itemsize
+    rows = o.strides[3] == item and o.strides[2] == o.shape[3] * item
+    if not call.packed and layout.n == p.S and o.dtype == p.acc and rows:
+        return _chunks(o, layout.chunk), True
+    return _chunked(p, layout, layout.chunk, p.Dv), False
+
+
 def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, *, out: Any = None,
              out_t: Any = None, inv: Any = None, w: Any = None) -> None:
     """The prologue pass (:func:`._cpu_kernels.rows_in`) of one input (B, H, S, D) into the
@@ -407,27 +424,30 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     if not p.causal:
         x = _normalised_inputs(call, layout)
         qh, kh, vt = (_unchunk(a) for a in (x.qh, x.kh, x.vt))
-        out = np.empty((*qh.shape[:3], p.Dv), dtype=p.acc)
+        out, direct = _output_work(call, layout)
         for i in range(len(layout.segments)):
             tokens = layout.tokens(i)
             if kv0 is None:  # the sequence's own sum
                 kv = vt[:, :, tokens].swapaxes(-1, -2) @ kh[:, :, tokens]  # (B, H, Dv, Dk)
             else:  # the whole sequence's (total=; never packed, so one segment)
                 kv = kv0[layout.rows(i)].astype(p.acc, copy=False)
-            out[:, :, tokens] = qh[:, :, tokens] @ kv.swapaxes(-1, -2)
-        _into(call.o, out, _cpu_kernels.rows_out, _chunks(out, layout.chunk), mask, pieces)
+            np.matmul(qh[:, :, tokens], kv.swapaxes(-1, -2), out=_unchunk(out)[:, :, tokens])
+        if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
+            _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
         return None
     x = _normalised_inputs(call, layout, k_rows=False, transposed=True)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
     _lower(scores, x.qh, x.kt)
-    out = scores @ x.vt
+    out, direct = _output_work(call, layout)
+    np.matmul(scores, x.vt, out=out)
     del scores
     carry = _carry(call.N, p, p.Dk, p.Dv, None if kv0 is None else kv0.swapaxes(-1, -2))
     for n, table in _blocks(layout, p.B * p.H * p.Dk * p.Dv, reverse=False):
         states = x.kt[:, :, n] @ x.vt[:, :, n]  # k^^T v~ of each chunk, then the state before
         _scan(states, table, carry, reverse=False)
         out[:, :, n] += x.qh[:, :, n] @ states
-    _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
+    if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
+        _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
     if not call.want_state:
         return None
     return carry.swapaxes(-1, -2).astype(p.state_dtype), count
