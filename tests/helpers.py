@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -552,6 +553,13 @@ def check_prefill(pc: PackedCase, slots: Slots, *, layout: str = "bhsd", backend
     real = live if pc.mask is None else live & pc.mask
     assert_padding_zero(o, real, "o")
     check_pool(pool, slots, ref_kv, ref_count, pc.dtype, to_host)
+    # A sequence with no real token that starts from its slot leaves it bit for bit.
+    tokens = np.array([real[0, a:b].sum() for a, b in itertools.pairwise(pc.cu_seqlens)])
+    start = slots.indices >= 0
+    if slots.initial is not None:
+        start &= slots.initial
+    kept = slots.indices[start & (tokens == 0)]
+    assert to_host(pool.kv)[kept].tobytes() == slots.kv[kept].tobytes(), "a slot with no token"
 
 
 def check_pool_step(rng, slots: Slots, H, Dk, Dv, dtype, *, mask=False, junk=None,

@@ -31,7 +31,7 @@ import importlib.resources
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -641,6 +641,24 @@ def _sequences(xp: Any, call: ForwardCall | StepCall | BackwardCall) -> dict[str
             for name, dtype in wanted.items()}
 
 
+def _untouched_slots(xp: Any, call: ForwardCall) -> Any:
+    """A prefill's ``state_indices`` with -1 for the sequences that have no real token and
+    start from their slot: like padding entries they leave the slot bit for bit (docs/spec.md,
+    "State pools"; adding their zero products would turn -0.0 into +0.0, and a float64 slot
+    would pass through the float32 state), and their outputs, all masked, are +0 either way.
+    Formed on the device from the offsets, clamped as the kernels clamp them."""
+    cu = xp.clip(call.cu_seqlens.astype(np.int64), 0, call.p.S)
+    if call.mask is None:
+        before = cu
+    else:
+        real = xp.cumsum(call.mask[0], dtype=np.int64)
+        before = xp.concatenate((xp.zeros(1, dtype=np.int64), real))[cu]
+    start = call.state_indices >= 0
+    if call.has_initial is not None:
+        start &= call.has_initial
+    return xp.where(start & (before[1:] == before[:-1]), -1, call.state_indices)
+
+
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:
     """With ``call.o`` None the same kernel forms the state alone (q is not read: k stands in
     for it). A pool's prefill reads and writes the pool's slots in place: the outgoing states
@@ -649,6 +667,8 @@ def forward(call: ForwardCall) -> tuple[Any, Any] | None:
     xp = namespace(p.device)
     N = call.N
     with _stream(p):
+        if call.pooled:
+            call = replace(call, state_indices=_untouched_slots(xp, call))
         kv_out, count_out = kv0, call.count0
         count_stride = _strides(count_out, 1)[0] if call.pooled else 1
         if not call.pooled:

@@ -491,7 +491,18 @@ def _sweep_function(spec: SweepSpec) -> Any:
                                 else:
                                     store(out, (b, h, p, z0 + t), value)
                 cuda.syncthreads()
-        if has_s_out:
+        written = has_s_out
+        if written and pooled and from_state:
+            # A sequence with no real token leaves its slot bit for bit (docs/spec.md, "State
+            # pools"): its zero products would turn -0.0 into +0.0, and a float64 slot would
+            # pass through the state's dtype.
+            part = np.int64(0)
+            for s in range(tid, S, NT):
+                if not has_mask or mask[b, start + s]:
+                    part += 1
+            red[0, tid] = part
+            written = block_sum(red, tid) > 0
+        if written:
             for e in range(tid, tz * Dx, NT):
                 t = e // Dx
                 s_out[slot, h, z0 + t, e - t * Dx] = st[e]

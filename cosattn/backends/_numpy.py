@@ -608,8 +608,12 @@ def _prefill(call: ForwardCall) -> None:
     pure = replace(call, kv0=kv0, count0=count0, mask=mask, want_state=True, state_indices=None,
                    has_initial=None)
     kv, count = forward(pure)
-    call.kv0[indices[live]] = kv[live]
-    call.count0[indices[live]] = count[live]
+    # A sequence with no real token that starts from its slot leaves it bit for bit
+    # (docs/spec.md, "State pools"): its zero products would turn -0.0 into +0.0, and a float64
+    # slot would pass through float32 sums.
+    written = live & ~(start & (count == count0))
+    call.kv0[indices[written]] = kv[written]
+    call.count0[indices[written]] = count[written]
 
 
 def backward(call: BackwardCall) -> tuple[Any, Any]:

@@ -82,12 +82,16 @@ def test_packed_matches_reference_drawn(data):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
 def test_prefill_into_named_slots(dtype):
     rng = np.random.default_rng(3)
-    lengths = [17, 0, 5, 16]
+    lengths = [17, 0, 5, 16, 3, 0]
     pc = make_packed_case(rng, lengths, 2, 4, 3, dtype, mask=True, junk=np.inf)
     slots = make_slots(rng, len(lengths), 7, 2, 4, 3, np.float32 if dtype == np.float32
                        else np.float64, index_dtype=np.int32)
     slots.indices[1] = -1
     slots.initial[2] = False
+    # from their slots: a sequence whose tokens are all masked, and an empty one
+    pc.mask[0, 38:41] = False
+    slots.initial[4:] = True
+    slots.kv[slots.indices[4:]] = -0.0
     check_prefill(pc, slots, **ON_DEVICE)
 
 
