@@ -88,10 +88,11 @@ def test_prefill_into_named_slots(dtype):
                        else np.float64, index_dtype=np.int32)
     slots.indices[1] = -1
     slots.initial[2] = False
-    # from their slots: a sequence whose tokens are all masked, and an empty one
+    # from slots 4 and 5 (free): a sequence whose tokens are all masked, and an empty one
     pc.mask[0, 38:41] = False
+    slots.indices[4:] = [4, 5]
     slots.initial[4:] = True
-    slots.kv[slots.indices[4:]] = -0.0
+    slots.kv[4:6] = -0.0
     check_prefill(pc, slots, **ON_DEVICE)
 
 
