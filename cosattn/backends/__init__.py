@@ -13,6 +13,8 @@ import importlib
 import os
 from typing import Any, Protocol, cast
 
+import numpy as np
+
 from .._call import BackwardCall, ForwardCall, StepCall
 from .._device import Device
 
@@ -39,6 +41,17 @@ class Backend(Protocol):
 def ceil_div(a: int, b: int) -> int:
     """``a / b`` rounded up, for non-negative integers."""
     return -(-a // b)
+
+
+def packed_tokens(xp: Any, cu_seqlens: Any, mask: Any, S: int) -> Any:
+    """The real tokens of each sequence of a packed row, (N,) int64, in the array module ``xp``
+    of the arrays (no host sync on a device): ``cu_seqlens`` (N+1,) clamped into 0..S as the
+    kernels clamp them, ``mask`` (1, S) bool or None."""
+    cu = xp.clip(cu_seqlens.astype(np.int64), 0, S)
+    if mask is None:
+        return xp.diff(cu)
+    real = xp.cumsum(mask[0], dtype=np.int64)
+    return xp.diff(xp.concatenate((xp.zeros(1, dtype=np.int64), real))[cu])
 
 
 NAMES = ("numpy", "cupy", "numba")

@@ -40,7 +40,7 @@ import numpy as np
 from .._call import BackwardCall, ForwardCall, Problem, StepCall
 from .._device import namespace
 from .._dtypes import INPUT_DTYPES, STATE_DTYPES
-from . import ceil_div
+from . import ceil_div, packed_tokens
 
 DEVICE = "cuda"
 # Packed sequences (cu_seqlens) and pools of states (state_indices): the kernels read the
@@ -646,17 +646,12 @@ def _untouched_slots(xp: Any, call: ForwardCall) -> Any:
     start from their slot: like padding entries they leave the slot bit for bit (docs/spec.md,
     "State pools"; adding their zero products would turn -0.0 into +0.0, and a float64 slot
     would pass through the float32 state), and their outputs, all masked, are +0 either way.
-    Formed on the device from the offsets, clamped as the kernels clamp them."""
-    cu = xp.clip(call.cu_seqlens.astype(np.int64), 0, call.p.S)
-    if call.mask is None:
-        before = cu
-    else:
-        real = xp.cumsum(call.mask[0], dtype=np.int64)
-        before = xp.concatenate((xp.zeros(1, dtype=np.int64), real))[cu]
+    Formed on the device."""
+    empty = packed_tokens(xp, call.cu_seqlens, call.mask, call.p.S) == 0
     start = call.state_indices >= 0
     if call.has_initial is not None:
         start &= call.has_initial
-    return xp.where(start & (before[1:] == before[:-1]), -1, call.state_indices)
+    return xp.where(start & empty, -1, call.state_indices)
 
 
 def forward(call: ForwardCall) -> tuple[Any, Any] | None:

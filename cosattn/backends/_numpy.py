@@ -39,7 +39,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .._call import BackwardCall, ForwardCall, Problem, StepCall
-from . import _cpu_kernels, ceil_div
+from . import _cpu_kernels, ceil_div, packed_tokens
 
 DEVICE = "cpu"
 VARLEN = True
@@ -293,7 +293,7 @@ def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
     dtype: splitting the S axis needs no copy, whatever the strides), else a copy."""
     p = call.p
     if not call.packed and call.mask is None and layout.n == p.S and x.dtype == p.acc:
-        return x.reshape(p.B, p.H, p.S // layout.chunk, layout.chunk, x.shape[3])
+        return _chunks(x, layout.chunk)
     out = _chunked(p, layout, layout.chunk, x.shape[3])
     _rows_in(x, p, layout, _no_mask(call.mask), out=out)
     return out
@@ -386,10 +386,7 @@ def _sequence_tokens(call: ForwardCall) -> Any:
     p, mask = call.p, call.mask
     if not call.packed:
         return _real_tokens(p, mask)
-    if mask is None:
-        return np.diff(call.cu_seqlens)
-    total = np.concatenate(([0], np.cumsum(mask[0], dtype=np.int64)))
-    return np.diff(total[call.cu_seqlens])
+    return packed_tokens(np, call.cu_seqlens, mask, p.S)
 
 
 def _state_part(call: ForwardCall) -> tuple[Any, Any]:
