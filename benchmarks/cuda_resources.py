@@ -67,9 +67,10 @@ def _checked(result: tuple) -> tuple:
 def source_spec(source: str) -> _cupy.ModuleSpec:
     """One spec with every template instance of ``source`` the backend can ask for (what the
     NVRTC test compiles as one program)."""
-    pairs = sorted({pair for spec in _cupy.all_specs() if spec.source == source
-                    for pair in zip(spec.expressions, spec.shared, strict=True)})
-    return _cupy.ModuleSpec(source, tuple(e for e, _ in pairs), tuple(s for _, s in pairs))
+    kernels = sorted({kernel for spec in _cupy.all_specs() if spec.source == source
+                      for kernel in zip(spec.expressions, spec.shared, spec.clusters,
+                                        strict=True)})
+    return _cupy.ModuleSpec(source, *map(tuple, zip(*kernels, strict=True)))
 
 
 def compile_cubin(source: str, arch: str) -> dict:
@@ -243,6 +244,26 @@ def waves(grid: int, blocks_per_sm: int) -> dict[str, Any]:
             "sms_busy": min(grid, SM90["sms"]) if slots else 0}
 
 
+_INFO = ".nv.info."
+_CLUSTER = re.compile(r"Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)")
+
+
+def clusters(cubin: bytes) -> dict[str, int]:
+    """``{lowered name: blocks per cluster}`` of every kernel that declares a cluster
+    (``EIATTR_CTA_PER_CLUSTER`` of its ``.nv.info`` section: ``__cluster_dims__``)."""
+    found: dict[str, int] = {}
+    name, attribute = None, False
+    for line in _cuobjdump(cubin, "-elf").splitlines():
+        if line.startswith(_INFO):
+            name, attribute = line[len(_INFO):].strip(), False
+        elif name is not None and "EIATTR_CTA_PER_CLUSTER" in line:
+            attribute = True
+        elif attribute and (m := _CLUSTER.search(line)):
+            x, y, z = (int(v, 16) for v in m.groups())
+            found[name], attribute = x * y * z, False
+    return found
+
+
 # -------------------------------------------------------------------------------- report
 
 
@@ -262,11 +283,13 @@ def measure(workers: int = 2) -> dict[str, Any]:
             raise RuntimeError(f"NVRTC failed on cuda/{source}:\n{build['log']}")
         usage = resource_usage(build["cubin"])
         code = sass(build["cubin"])
+        cluster = clusters(build["cubin"])
         for expression, lowered in sorted(build["names"].items()):
             res = usage[lowered]
             dynamic = build["shared"][expression]
             instances.append({"source": source, "kernel": expression, **res,
                               "threads": _cupy.THREADS, "dynamic_shared": dynamic,
+                              "cluster": cluster.get(lowered, 1),
                               "sass": sass_counts(code[lowered])})
     bf16 = np.dtype(ml_dtypes.bfloat16)
     targets = {name: [{"kernel": launch.expression, "blocks": launch.grid}
@@ -303,11 +326,13 @@ def _markdown(result: dict) -> str:
         lines += [f"## {label}", "", f"Measured {section['date']} with `{section['command']}`.",
                   "", "### Per instance", "",
                   "| kernel | threads | registers | stack | shared (static + dynamic) "
-                  "| blocks/SM | warps/SM | limited by |", "|---|---|---|---|---|---|---|---|"]
+                  "| cluster | blocks/SM | warps/SM | limited by |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in section["instances"]:
             lines.append(f"| `{r['kernel']}` | {r['threads']} | {r['registers']} | {r['stack']} "
-                         f"| {r['shared']} + {r['dynamic_shared']} | {r['blocks_per_sm']} "
-                         f"| {r['warps_per_sm']} | {', '.join(r['limited_by'])} |")
+                         f"| {r['shared']} + {r['dynamic_shared']} | {r.get('cluster', 1)} "
+                         f"| {r['blocks_per_sm']} | {r['warps_per_sm']} "
+                         f"| {', '.join(r['limited_by'])} |")
         lines += ["", "### Target shapes (bfloat16)", "",
                   "| shape | kernel | blocks | waves | SMs busy |", "|---|---|---|---|---|"]
         for shape, launches in section["targets"].items():

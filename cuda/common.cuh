@@ -35,12 +35,13 @@
 // element per copy for float and double at any stride; synchronous element loads for strided or
 // unaligned 16-bit rows), while chunk n is computed. Per chunk warp 0 then reads the mask (a
 // running count carried by the block gives c_j and the stabiliser w_j), the block waits for
-// the chunk's copies (one barrier), takes the row norms of q and k of the real rows from the
-// tile that holds them (from global memory only where none does), and settles the tiles in
-// place: scaled, split, and every entry of a padded row or outside the copied rows and columns
-// selected to +0 (one barrier; a warp settles the rows whose norms it took). q, k and v are
-// never normalised or copied outside the kernel. Products of half and bfloat16
-// tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
+// the chunk's copies (one barrier; in the forward's clusters of 16-bit tiles the blocks of the
+// slices then read one another's shares of the Q and K rows: see "clusters"), takes the row
+// norms of q and k of the real rows from the tile that holds them (from global memory only
+// where none does), and settles the tiles in place: scaled, split, and every entry of a padded
+// row or outside the copied rows and columns selected to +0 (one barrier; a warp settles the
+// rows whose norms it took). q, k and v are never normalised or copied outside the kernel.
+// Products of half and bfloat16 tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
 // into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
 // The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
 // and each product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy.
@@ -295,6 +296,64 @@ __device__ __forceinline__ X block_max(X x, X* scratch) {
   for (int w = 1; w < kWarps; ++w) total = max_(total, scratch[w]);
   __syncthreads();
   return total;
+}
+
+// -------------------------------------------------------------------------------- clusters
+
+// The blocks of the slices of Dv of one (sequence, h, segment) of a forward sweep form a
+// thread-block cluster on sm_90 and share their Q and K tiles (Block::walk): each fetches a
+// share of a chunk's rows from global memory and reads the others' shares from their shared
+// memory (distributed shared memory), so q and k leave global memory once per (b, h, chunk).
+// Compiled for sm_80, which has no clusters, a block fetches whole tiles (kClusters false, and
+// the functions below are never called). The host emulation runs the blocks of a cluster
+// together, each with its own shared memory (tests/cuda_host/launch.h).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool kClusters = false;
+#define COSATTN_CLUSTER(g)
+#elif defined(__CUDA_ARCH__)
+constexpr bool kClusters = true;
+#define COSATTN_CLUSTER(g) __cluster_dims__(g, 1, 1)
+#else
+constexpr bool kClusters = true;
+#define COSATTN_CLUSTER(g)
+#endif
+
+// The two halves of a cluster barrier (every thread of every block of the cluster takes both):
+// the arrival publishes this thread's writes to shared memory (release), the wait returns once
+// every thread has arrived and makes their writes visible (acquire). A barrier of the cluster is
+// one of each of its blocks too.
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+  emu::cluster_arrive();
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+  emu::cluster_wait();
+#endif
+}
+
+// The 16 bytes at p in the shared memory of the cluster's block `rank` (p: an address of this
+// block's shared memory, 16-byte aligned; the same offset in the other block's).
+__device__ __forceinline__ uint4 peer_load(const void* p, unsigned rank) {
+  uint4 v{};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned local = unsigned(__cvta_generic_to_shared(p));
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+#elif !defined(__CUDA_ARCH__)
+  memcpy(&v, emu::peer(p, rank), sizeof(v));
+#endif
+  return v;
 }
 
 // ---------------------------------------------------------------------------- global views
@@ -745,14 +804,19 @@ enum class Mode { kForward, kReverse, kGlobal };
 // One thread block of a sweep kernel: a sequence (Span) and head, and the output columns
 // [c0, c0 + cols) of Dout.
 // Its tiles are W columns wide (a multiple of 16, known at compile time); the contraction runs
-// over the first Dq <= W of them, the others are zero.
-template <typename T, int W, int C, int SL>
+// over the first Dq <= W of them, the others are zero. G: the blocks of a cluster that share
+// their Q and K tiles (see "clusters"; 1: none), blockIdx.x % G being this one's rank.
+template <typename T, int W, int C, int SL, int G = 1>
 struct Block {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   static constexpr bool kMma = Num<T>::mma;
   static_assert(C % 16 == 0 && SL % 16 == 0 && W % 16 == 0, "tiles are made of 16 x 16 pieces");
   static_assert(C <= 64, "the count scan gives each lane at most two rows");
+  // The blocks that share the Q and K tiles here: G in a cluster, or 1 compiled for sm_80.
+  static constexpr int kShare = kClusters ? G : 1;
+  static_assert(C % G == 0, "each block of a cluster fetches the same number of rows");
+  static_assert(G == 1 || kMma, "clusters share 16-bit tiles, whose rows are 16-byte pieces");
   // Resident blocks per SM the sweep kernels are compiled for (__launch_bounds__): it caps their
   // registers at 65536 / (kMinBlocks kThreads), and keeps ptxas from spilling below that.
   static constexpr int kMinBlocks = 2;
@@ -778,7 +842,7 @@ struct Block {
         Dq(dq),
         c0(col0),
         Dout(dout),
-        cols(dout - col0 < SL ? dout - col0 : SL) {}
+        cols(dout - col0 < SL ? (dout > col0 ? dout - col0 : 0) : SL) {}
 
   // Count the real tokens of the sequence (the bidirectional c_j, and where a reverse sweep
   // starts) into sm.ints()[1].
@@ -882,13 +946,14 @@ struct Block {
   // length, against bank conflicts in the FMA loops).
   static constexpr int kVec = kMma ? 16 / int(sizeof(T)) : 1;
 
-  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, as they are, into a
-  // C x Width stage tile (ld apart); its other entries keep what they hold, and settle()
-  // selects them away. Asynchronous copies (cp.async: LDGSTS, in the group the caller commits)
+  // Rows [t0, t0 + rows) and columns [col0, col0 + ncols) of an operand, as they are, into the
+  // first Tall rows of a Tall x Width stage tile (ld apart; Tall = C, or a block's share of
+  // the rows of a cluster's tile); its other entries keep what they hold, and settle() selects
+  // them away. Asynchronous copies (cp.async: LDGSTS, in the group the caller commits)
   // of kVec elements where the rows allow them: for 16-bit tiles contiguous rows, 16-byte
   // aligned, of whole 16-byte pieces; for float and double any strides. Otherwise (strided or
   // unaligned 16-bit rows) synchronous loads element by element.
-  template <int Width>
+  template <int Width, int Tall = C>
   __device__ __forceinline__ void fetch(const Operand<T>& op, T* dst, int ld, index_t t0,
                                         int rows, int col0, int ncols) {
     static_assert(Width % kVec == 0, "whole copies per row");
@@ -899,14 +964,14 @@ struct Block {
                             : address % sizeof(T) == 0;
     if (async) {
       constexpr int kPer = Width / kVec;
-      for (int idx = int(threadIdx.x); idx < C * kPer; idx += kThreads) {
+      for (int idx = int(threadIdx.x); idx < Tall * kPer; idx += kThreads) {
         const int r = idx / kPer, c = idx % kPer * kVec;
         if (r < rows && c < ncols) {
           __pipeline_memcpy_async(dst + r * ld + c, x.at(t0 + r, col0 + c), kVec * sizeof(T));
         }
       }
     } else {
-      for (int idx = int(threadIdx.x); idx < C * Width; idx += kThreads) {
+      for (int idx = int(threadIdx.x); idx < Tall * Width; idx += kThreads) {
         const int r = idx / Width, c = idx % Width;
         if (r < rows && c < ncols) dst[r * ld + c] = x(t0 + r, col0 + c);
       }
@@ -1072,13 +1137,34 @@ struct Block {
     return loaded ? tile : nullptr;
   }
 
+  // The rows of this stage's Q tile (with_q) and K tile (with_kv) the other blocks of the
+  // cluster fetched (rows [g C / G, (g + 1) C / G) for the block of rank g), read from their
+  // shared memory 16 bytes at a time into the same place here. Whole rows of W columns: what
+  // lies past the sequence's rows or Dq is selected away by settle(), as in a fetched tile.
+  __device__ __forceinline__ void gather(bool with_q, bool with_kv) {
+    constexpr int kRows = C / kShare;
+    constexpr int kPieces = W * int(sizeof(T)) / 16;  // 16-byte pieces of a row
+    constexpr int kPerTile = (kShare - 1) * kRows * kPieces;
+    const int rank = int(blockIdx.x % kShare);
+    const int tiles = (with_q ? 1 : 0) + (with_kv ? 1 : 0);
+    for (int idx = int(threadIdx.x); idx < tiles * kPerTile; idx += kThreads) {
+      const int i = idx % kPerTile;
+      const int piece = i % kPieces, r = i / kPieces % kRows, other = i / kPieces / kRows;
+      const int peer = other < rank ? other : other + 1;
+      T* tile = with_q && idx < kPerTile ? sm.q(stage) : sm.k(stage);
+      T* at = tile + (peer * kRows + r) * Smem::kLdX + piece * kVec;
+      *reinterpret_cast<uint4*>(at) = peer_load(at, unsigned(peer));
+    }
+  }
+
   // The chunks [first, last) in the order of the mode, through the stages: chunk n's tiles (Q
   // with with_q, K and V with with_kv) are fetched while chunk n - 1 is computed (with two
   // stages; with one, at the start of chunk n), then per chunk: counts (warp 0), the wait for
-  // the chunk's copies, one barrier, the row norms the tiles and the epilogue need (need_q,
-  // need_k; from the Q or K tile when it holds q or k, else from global memory), the tiles
-  // settled, one barrier, and body(t0, rows), which must end with a barrier (the next fetch
-  // writes the other stage, the next counts the row arrays).
+  // the chunk's copies, one barrier (in a cluster: two of the cluster around gather()), the
+  // row norms the tiles and the epilogue need (need_q, need_k; from the Q or K tile when it
+  // holds q or k, else from global memory), the tiles settled, one barrier, and body(t0, rows),
+  // which must end with a barrier (the next fetch writes the other stage, the next counts the
+  // row arrays).
   template <typename Body>
   __device__ __forceinline__ void walk(Mode mode, index_t first, index_t last, bool with_q,
                                        bool with_kv, const Operand<T>& Q, const Operand<T>& K,
@@ -1088,12 +1174,17 @@ struct Block {
     const index_t chunks = last - first;
     auto start = [&](index_t it) { return (mode == Mode::kReverse ? last - 1 - it : first + it) * C; };
     auto length = [&](index_t t0) { return int(seq.S - t0 < C ? seq.S - t0 : C); };
+    // This block's share of the Q and K rows (all of them without a cluster), and its V slice.
+    constexpr int kRows = C / kShare;
+    const int r0 = int(blockIdx.x % kShare) * kRows;
     auto fetch_chunk = [&](index_t it, int s) {
       const index_t t0 = start(it);
       const int rows = length(t0);
-      if (with_q) fetch<W>(Q, sm.q(s), Smem::kLdX, t0, rows, 0, Dq);
+      if (with_q) {
+        fetch<W, kRows>(Q, sm.q(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0, Dq);
+      }
       if (with_kv) {
-        fetch<W>(K, sm.k(s), Smem::kLdX, t0, rows, 0, Dq);
+        fetch<W, kRows>(K, sm.k(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0, Dq);
         fetch<SL>(V, sm.v(s), Smem::kLdV, t0, rows, c0, cols);
       }
       __pipeline_commit();
@@ -1121,7 +1212,18 @@ struct Block {
       } else {
         __pipeline_wait_prior(0);
       }
-      __syncthreads();
+      if constexpr (kShare > 1) {
+        // Once every block of the cluster holds its share, the others' into this block's
+        // tiles; the second barrier keeps a block from settling its tiles in place (or
+        // fetching into this stage again) while another still reads its share.
+        cluster_arrive();
+        cluster_wait();
+        gather(with_q, with_kv);
+        cluster_arrive();
+        cluster_wait();
+      } else {
+        __syncthreads();
+      }
       if (norms_q) {
         norms(q_in_q ? sm.q(stage) : q_in_k ? sm.k(stage) : nullptr, seq.q, t0, rows, sm.qden(),
               sm.qinv(), sm.qbig());

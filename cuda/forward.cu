@@ -1,7 +1,11 @@
 // Cottention forward (docs/spec.md, "Forward"): o = the forward sweep with Q = q̂', K = k̂', V = ṽ.
 //
 // A block owns (sequence n, h, a slice of SL columns of Dv, a segment of the sequence), with
-// Shared<T, W, C, SL>::kBytes of dynamic shared memory. A sequence is a batch row, or one span
+// Shared<T, W, C, SL>::kBytes of dynamic shared memory. The slices of a (sequence, h, segment)
+// are consecutive blocks, ceil(Dv / SL) rounded up to a multiple of G (those past Dv own no
+// columns: they compute on zeros and write nothing), and on sm_90 each G of them form a
+// cluster that shares the q and k tiles (common.cuh, "clusters"): G is 1, 2, 4 or 8, chosen by
+// the cupy backend (_cupy.cluster), which launches a whole number of clusters. A sequence is a batch row, or one span
 // of a packed row (cu_seqlens, read here: Span); its state is its row of kv0 and kv_out or the
 // pool slot it names. Causal: one sweep over the segment's chunks from its incoming state, the
 // outgoing state written to kv_out when it is given. Bidirectional: the global sweep (State =
@@ -32,19 +36,19 @@
 
 namespace cosattn {
 
-// Which (sequence, h, slice, segment) block blockIdx.x is, and the geometry around it.
-template <typename T, int W, int C, int SL>
+// Which (sequence, h, segment, slice) block blockIdx.x is, and the geometry around it.
+template <typename T, int W, int C, int SL, int G>
 struct Place {
   index_t n, h, slice, segment, first, last;
   Span span;
 
   __device__ __forceinline__ explicit Place(const ForwardParams<T>& p) {
-    const index_t slices = (p.Dv + SL - 1) / SL;
+    const index_t slices = ((p.Dv + SL - 1) / SL + G - 1) / G * G;
     index_t i = index_t(blockIdx.x);
-    segment = i % p.segments;
-    i /= p.segments;
     slice = i % slices;
     i /= slices;
+    segment = i % p.segments;
+    i /= p.segments;
     h = i % p.H;
     n = i / p.H;
     span = span_of(p.cu_seqlens, p.S, p.state_indices, p.has_initial, p.P, n);
@@ -62,22 +66,24 @@ struct Place {
   }
 };
 
-// W: the tile width, a multiple of 16 at least Dk and Dv; C: the chunk; SL: the slice of Dv.
-// p.o may be null (the state alone; p.kv_out is then given).
-template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forward_kernel(const ForwardParams<T> p) {
+// W: the tile width, a multiple of 16 at least Dk and Dv; C: the chunk; SL: the slice of Dv;
+// G: the cluster. p.o may be null (the state alone; p.kv_out is then given).
+template <typename T, int W, int C, int SL, int G>
+__global__ void COSATTN_CLUSTER(G) __launch_bounds__(kThreads, Block<T, W, C, SL, G>::kMinBlocks)
+    forward_kernel(const ForwardParams<T> p) {
   using A = acc_t<T>;
-  const Place<T, W, C, SL> at(p);
+  const Place<T, W, C, SL, G> at(p);
   const int dk = int(p.Dk), dv = int(p.Dv);
   const Sequence<T> seq = sequence_of<T>(p, dk, at.span, at.h, p.count_stride);
-  Block<T, W, C, SL> block(seq, dk, int(at.slice) * SL, dv, p.passes > 1);
+  Block<T, W, C, SL, G> block(seq, dk, int(at.slice) * SL, dv, p.passes > 1);
   const Rows<T> out = rows_of(p.o, p.o_stride, at.span, at.h);  // o null: never written
   const bool split = p.segments > 1;
   // The split's first launch (states_only): the segment's own state, from zero, no outputs.
   const bool states = p.states_only != 0;
   const bool outputs = !states && p.o != nullptr;
   const int c0 = block.c0, cols = block.cols;
-  if (at.span.padding) {  // a pool's padding entry: +0 outputs, no state read or written
+  // A pool's padding entry (the whole cluster's): +0 outputs, no state read or written.
+  if (at.span.padding) {
     if (outputs) {
       const index_t t0 = at.first * C;
       const index_t rows = (at.last * C < seq.S ? at.last * C : seq.S) - t0;
@@ -85,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) forw
         out.store(t0 + idx / cols, c0 + int(idx % cols), Num<T>::store(A(0)));
       }
     }
-    return;  // the whole block, before any barrier
+    return;  // the whole cluster, before any barrier
   }
   block.begin();
   const Operand<T> Q{seq.q, dk, Scale::kQuery};

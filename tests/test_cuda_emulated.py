@@ -135,6 +135,13 @@ extern "C" int cosattn_emulated_launch(const char* expression, unsigned grid, un
   return 0;
 }}
 
+// The bytes the asynchronous copies of the kernels moved since the last call.
+extern "C" unsigned long long cosattn_emulated_copied() {{
+  const std::size_t bytes = emu::copied;
+  emu::copied = 0;
+  return bytes;
+}}
+
 extern "C" long long cosattn_emulated_shared(const char* expression) {{
   const Kernel* kernel = find(expression);
   return kernel == nullptr ? -1 : (long long)kernel->shared;
@@ -148,7 +155,7 @@ extern "C" long long cosattn_emulated_layout(const char* name, const char* field
 """
 
 KERNEL = ('  {{"{e}", [](unsigned g, unsigned b, std::size_t s, void** a) {{ '
-          'emu::run(&{e}, g, b, s, a); }}, (unsigned long long)({shared})}},')
+          'emu::run(&{e}, g, b, s, a, {cluster}); }}, (unsigned long long)({shared})}},')
 
 # Each parameter struct is checked in every dtype it is instantiated with.
 STRUCT = """\
@@ -171,8 +178,9 @@ def _struct_alias(name: str, dtype: np.dtype) -> str:
 
 
 def _registry() -> str:
-    kernels = sorted({(e, shared) for spec in _specs()
-                      for e, shared in zip(spec.expressions, spec.shared, strict=True)})
+    kernels = sorted({kernel for spec in _specs()
+                      for kernel in zip(spec.expressions, spec.shared, spec.clusters,
+                                        strict=True)})
     structs, layouts = [], []
     for name, dtype in _cupy.PARAMS.items():
         for input_dtype in DTYPES:
@@ -182,8 +190,8 @@ def _registry() -> str:
             structs.append(STRUCT.format(alias=alias, name=name,
                                          ctype=_cupy.CTYPES[input_dtype], fields=fields))
             layouts.append(LAYOUT.format(alias=alias))
-    return REGISTRY.format(kernels="\n".join(KERNEL.format(e=e, shared=shared)
-                                             for e, shared in kernels),
+    return REGISTRY.format(kernels="\n".join(KERNEL.format(e=e, shared=shared, cluster=cluster)
+                                             for e, shared, cluster in kernels),
                            structs="\n\n".join(structs), layouts="\n".join(layouts))
 
 
@@ -222,6 +230,7 @@ def emulator(request, tmp_path_factory):
         pytest.fail(f"{CXX} could not build the CUDA host emulation:\n{exc.stderr[-3000:]}")
     library = ctypes.CDLL(str(library))
     library.cosattn_emulated_shared.restype = ctypes.c_longlong
+    library.cosattn_emulated_copied.restype = ctypes.c_ulonglong
     library.cosattn_emulated_layout.restype = ctypes.c_longlong
     library.cosattn_emulated_layout.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
     return library
@@ -401,6 +410,24 @@ def test_launch_geometry_and_shared_memory(cupy_on_host, emulator):
     assert expression == spec.expressions[0]
     assert grid == 2 * 3 * (16 // SL)
     assert shared == emulator.cosattn_emulated_shared(expression.encode()) > 0
+
+
+@pytest.mark.parametrize("dtype", (F16, BFLOAT16), ids=str)
+def test_a_cluster_reads_q_and_k_once_per_head_and_chunk(dtype, cupy_on_host, emulator):
+    """16-bit D64: the 2 slices of Dv of a (b, h) are a cluster of 2 (forward.cu); each block
+    fetches half of a chunk's q and k rows and reads the other half from the other block's
+    shared memory, so the forward's copies move q, k and v from global memory once each (each
+    slice fetching whole tiles would move q and k twice)."""
+    rng = np.random.default_rng(5)
+    c = make_case(rng, 2, 3, 100, 64, 64, dtype)
+    emulator.cosattn_emulated_copied()
+    out = cosattn.forward(c.q, c.k, c.v, c.m, backend="cupy")
+    copied = emulator.cosattn_emulated_copied()
+    (expression, grid, _), = cupy_on_host
+    assert expression.endswith(", 2>") and _cupy.cluster(dtype, 64) == 2
+    assert grid == 2 * 3 * 2
+    assert copied == c.q.nbytes + c.k.nbytes + c.v.nbytes
+    assert_close(out, reference_forward(c)[0], dtype)
 
 
 @pytest.mark.parametrize("struct", list(_cupy.PARAMS))

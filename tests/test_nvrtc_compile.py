@@ -99,17 +99,18 @@ def test_instance_list_covers_every_dtype_and_width():
 
 @pytest.fixture(scope="module")
 def sm90(builds):
-    """Per main kernel instance for sm_90: resources (cuobjdump -res-usage), dynamic shared
-    memory (the module's table), opcodes (cuobjdump -sass)."""
+    """Per kernel instance for sm_90: resources (cuobjdump -res-usage), dynamic shared memory
+    (the module's table), blocks per cluster (cuobjdump -elf), opcodes (cuobjdump -sass)."""
     kernels = {}
     for source in _cupy.SOURCES:
         result = builds[(source, "sm_90")].result()
         assert result["ok"], result["log"]
         usage = cuda_resources.resource_usage(result["cubin"])
         code = cuda_resources.sass(result["cubin"])
+        clusters = cuda_resources.clusters(result["cubin"])
         for e, lowered in result["names"].items():
             kernels[e] = {**usage[lowered], "dynamic_shared": result["shared"][e],
-                          "opcodes": code[lowered]}
+                          "cluster": clusters.get(lowered, 1), "opcodes": code[lowered]}
     return kernels
 
 
@@ -135,11 +136,18 @@ def test_no_local_memory_in_the_main_kernels(sm90, family):
 
 @pytest.mark.parametrize("family", MAIN)
 def test_memory_is_addressed_by_its_space(sm90, family):
-    """No generic loads or stores: shared memory through LDS/LDSM/STS, global through LDG/STG
-    (bfloat16 fragments too: common.cuh, load_tile)."""
+    """No generic stores, and no generic loads but the 16-byte reads of another block's shared
+    memory in a cluster (ld.shared::cluster has no LDS form on sm_90): this block's shared memory
+    through LDS/LDSM/STS, global memory through LDG/STG (bfloat16 fragments too: common.cuh,
+    load_tile)."""
     for e, k in _family(sm90, family).items():
         counts = _counts(tuple(k["opcodes"]))
-        assert counts["generic loads (LD)"] == counts["generic stores (ST)"] == 0, e
+        assert counts["generic stores (ST)"] == 0, e
+        generic = [op for op in k["opcodes"] if op == "LD" or op.startswith("LD.E")]
+        if k["cluster"] == 1:
+            assert generic == [], e
+        else:
+            assert generic and all(op == "LD.E.128" for op in generic), (e, set(generic))
 
 
 @pytest.mark.parametrize("family", MAIN)
@@ -210,9 +218,35 @@ def test_a_long_sequence_of_few_heads_fills_the_gpu_in_the_backward():
     assert min(launch.grid for launch in sweeps) >= 2 * cuda_resources.SM90["sms"]
 
 
-@pytest.mark.xfail(strict=True, reason="a block owns a slice of SL = 32 of Dv = 128: each of the "
-                   "4 slices of a (b, h) reads q and k again")
-def test_q_and_k_are_read_once_per_head_and_chunk():
-    """The forward at bf16 D128 reads each (b, h, chunk) of q and k in one block: one slice."""
-    (launch,) = _cupy.forward_plan(BF16, 8, 16, 16384, 128, 128).launches
-    assert launch.grid == 8 * 16
+@pytest.mark.parametrize("ctype", SIXTEEN_BIT)
+def test_q_and_k_are_read_once_per_head_and_chunk(sm90, ctype):
+    """The forward at D128 in 16 bits: the 4 slices of Dv of a (b, h, segment) are consecutive
+    blocks declared to the compiler as one cluster (the cubin's EIATTR_CTA_PER_CLUSTER), which
+    reads each chunk of q and k once, a quarter per block, and shares the rest through
+    distributed shared memory: cluster barriers and 16-byte reads of the other blocks' shared
+    memory in the machine code (tests/test_cuda_emulated.py counts the bytes copied)."""
+    dtype = np.dtype(np.float16) if ctype == "__half" else BF16
+    (launch,) = _cupy.forward_plan(dtype, 8, 16, 16384, 128, 128).launches
+    G = _cupy.cluster(dtype, 128)
+    assert G == _cupy.forward_slices(dtype, 128, 128) == 4
+    assert launch.grid == 8 * 16 * G and launch.expression.endswith(f", {G}>")
+    k = sm90[launch.expression]
+    assert k["cluster"] == G
+    ops = k["opcodes"]
+    assert "UCGABAR_ARV" in ops and "UCGABAR_WAIT" in ops
+    assert _counts(tuple(ops))["generic loads (LD)"] > 0
+
+
+def test_every_kernel_declares_the_cluster_its_spec_names(sm90):
+    """The clusters the backend launches by (``ModuleSpec.clusters``) are the ones the compiler
+    was told: for 16-bit forward tiles of several slices, 2 to 8 blocks dividing the slices;
+    1 (no cluster) for every other kernel."""
+    for spec in _cupy.all_specs():
+        for e, G in zip(spec.expressions, spec.clusters, strict=True):
+            assert sm90[e]["cluster"] == G, (e, sm90[e]["cluster"], G)
+            ctype, *args = e.split("<")[1].rstrip(">").split(", ")
+            if e.startswith("cosattn::forward_kernel<") and ctype in SIXTEEN_BIT:
+                W, _, SL, _ = map(int, args)
+                assert (G > 1) == (W > SL) and G <= 8 and W // SL % G == 0, e
+            else:
+                assert G == 1, e

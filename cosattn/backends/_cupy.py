@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import functools
 import importlib.resources
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -64,6 +65,7 @@ STATIC_SHARED_LIMIT = 48 * 1024  # beyond it a kernel must opt in
 BLOCKS_PER_SM = 2
 MIN_SEGMENT_CHUNKS = 4
 SMS = 132
+MAX_CLUSTER = 8  # the largest thread-block cluster every sm_90 GPU takes (cluster)
 
 # Tile widths W with their own sweep instances: (Dk, Dv) runs on the smallest W >= max(Dk, Dv),
 # or, past the last, on W = max(Dk, Dv) rounded up to WIDE_STEP (compiled when first asked for;
@@ -110,21 +112,25 @@ TILES = {
 @dataclass(frozen=True)
 class ModuleSpec:
     """What to compile: one source of ``cuda/``, the template instances to take from it, and
-    for each the dynamic shared memory its launches need, as a C++ constant expression.
+    for each the dynamic shared memory its launches need, as a C++ constant expression, and its
+    thread-block cluster.
 
     ``expressions`` are C++ name expressions such as ``cosattn::forward_kernel<float, 64, 32,
-    32>``, handed to NVRTC (``name_expressions``) and used to look the kernels up; ``shared``
+    32, 1>``, handed to NVRTC (``name_expressions``) and used to look the kernels up; ``shared``
     holds, in the same order, expressions such as ``cosattn::Shared<float, 64, 32, 32>::kBytes``
-    (``"0"`` for none), evaluated by the compiler into the module's table (:func:`module_text`).
+    (``"0"`` for none), evaluated by the compiler into the module's table (:func:`module_text`);
+    ``clusters`` the blocks per cluster, a template argument of the kernel that declares it to
+    the compiler on sm_90 (1: none; the host emulation of the tests runs clusters by it).
     """
 
     source: str
     expressions: tuple[str, ...]
     shared: tuple[str, ...]
+    clusters: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if len(self.shared) != len(self.expressions):
-            raise ValueError("one shared-memory expression per kernel expression")
+        if not len(self.expressions) == len(self.shared) == len(self.clusters):
+            raise ValueError("one shared-memory expression and cluster per kernel expression")
 
 
 def _ctype(dtype: Any) -> str:
@@ -145,32 +151,57 @@ def tiles(dtype: Any, W: int) -> tuple[int, int]:
     return TILES[np.dtype(dtype).itemsize][W if W in WIDTHS else "wide"]
 
 
-def _sweep(names: tuple[str, ...], dtype: Any, W: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def cluster(dtype: Any, W: int) -> int:
+    """G, the blocks of the forward's thread-block clusters at tile width ``W`` (forward.cu):
+    the slices of Dv of a (sequence, h, segment) that share their q and k tiles, so that these
+    are read from global memory once per chunk. For 16-bit tiles the largest power of two up to
+    MAX_CLUSTER (the portable cluster size) that divides W / SL; 1 for float and double, whose
+    tile rows are not whole 16-byte pieces."""
+    if np.dtype(dtype).itemsize != 2:
+        return 1
+    _, SL = tiles(dtype, W)
+    return math.gcd(W // SL, MAX_CLUSTER)
+
+
+def forward_slices(dtype: Any, W: int, Dv: int) -> int:
+    """The forward's blocks per (sequence, h, segment): one per SL columns of Dv, rounded up to a
+    whole number of clusters (the blocks past Dv own no columns)."""
+    _, SL = tiles(dtype, W)
+    G = cluster(dtype, W)
+    return ceil_div(ceil_div(Dv, SL), G) * G
+
+
+def _sweep(names: tuple[str, ...], dtype: Any, W: int,
+           *more: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The expressions of sweep kernels ``names`` at width ``W`` (template arguments T, W, C, SL
+    and ``more``), and their shared memory."""
     C, SL = tiles(dtype, W)
     args = f"{_ctype(dtype)}, {W}, {C}, {SL}"
-    return (tuple(f"cosattn::{name}<{args}>" for name in names),
+    kernel = ", ".join([args, *map(str, more)])
+    return (tuple(f"cosattn::{name}<{kernel}>" for name in names),
             (f"cosattn::Shared<{args}>::kBytes",) * len(names))
 
 
 def forward_spec(dtype: Any, W: int) -> ModuleSpec:
-    sweeps, shared = _sweep(("forward_kernel",), dtype, W)
+    G = cluster(dtype, W)
+    sweeps, shared = _sweep(("forward_kernel",), dtype, W, G)
     ctype = _ctype(dtype)
     return ModuleSpec("forward.cu", (*sweeps, f"cosattn::scan_kernel<{ctype}>",
                                      f"cosattn::count_kernel<{ctype}>"),
-                      (*shared, "0", "cosattn::kCountShared"))
+                      (*shared, "0", "cosattn::kCountShared"), (G, 1, 1))
 
 
 def backward_spec(dtype: Any, W: int) -> ModuleSpec:
     sweeps, shared = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W)
     return ModuleSpec("backward.cu", (*sweeps, f"cosattn::dm_kernel<{_ctype(dtype)}>"),
-                      (*shared, "0"))
+                      (*shared, "0"), (1, 1, 1))
 
 
 def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
     args = f"{_ctype(dtype)}, {_ctype(state_dtype)}"
     return ModuleSpec("step.cu", (f"cosattn::step_kernel<{args}>",
                                   f"cosattn::step_count_kernel<{_ctype(dtype)}>"),
-                      (f"cosattn::kStepShared<{_ctype(state_dtype)}>", "0"))
+                      (f"cosattn::kStepShared<{_ctype(state_dtype)}>", "0"), (1, 1))
 
 
 def all_specs() -> list[ModuleSpec]:
@@ -405,13 +436,13 @@ def _segments(rows: int, S: int, C: int, sms: int) -> tuple[int, int]:
 
 def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
                  sms: int = SMS, *, output: bool = True, total: bool = False) -> Plan:
-    """A block per (sequence, h, slice of SL columns of Dv, segment), for N sequences of at
-    most S tokens (N batch rows of S, or the N sequences of a packed row of S). When
-    N * H * slices blocks would leave ``sms`` SMs with fewer than BLOCKS_PER_SM blocks each,
-    each sequence is split into segments of at least MIN_SEGMENT_CHUNKS chunks, enough of them
-    to give every SM that many (forward.cu): forward_kernel forming the segments' states
-    (``states_only``) and scan_kernel run first. Packed, the lengths stay on the device, so
-    every sequence gets the segments of S; those past its end are empty.
+    """A block per (sequence, h, segment, slice of SL columns of Dv: :func:`forward_slices`),
+    for N sequences of at most S tokens (N batch rows of S, or the N sequences of a packed row
+    of S). When N * H * slices blocks would leave ``sms`` SMs with fewer than BLOCKS_PER_SM
+    blocks each, each sequence is split into segments of at least MIN_SEGMENT_CHUNKS chunks,
+    enough of them to give every SM that many (forward.cu): forward_kernel forming the
+    segments' states (``states_only``) and scan_kernel run first. Packed, the lengths stay on
+    the device, so every sequence gets the segments of S; those past its end are empty.
 
     ``output`` False: the state alone (o null, cosattn.absorb); split, it is the first two
     launches (scan_kernel writes kv_out), else forward_kernel alone. ``total`` (bidirectional,
@@ -420,8 +451,8 @@ def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
     W = width(Dk, Dv)
     spec = forward_spec(dtype, W)
     main, scan, _ = spec.expressions
-    C, SL = tiles(dtype, W)
-    rows = N * H * ceil_div(Dv, SL)
+    C, _ = tiles(dtype, W)
+    rows = N * H * forward_slices(dtype, W, Dv)
     segments, segment_chunks = _segments(rows, S, C, sms)
     launches = [Launch(spec, main, rows * segments)]
     if segments > 1 and not (total and output):
@@ -459,7 +490,8 @@ def backward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int, sms: int
         forward = forward_spec(dtype, W)
         main, scan, _ = forward.expressions
         for states in STATES:
-            launches += [Launch(forward, main, N * H * nsv * segments, True, states),
+            launches += [Launch(forward, main, N * H * forward_slices(dtype, W, Dv) * segments,
+                                True, states),
                          Launch(forward, scan, ceil_div(N * H * Dv * Dk, THREADS), False, states)]
     launches += [Launch(spec, values, N * H * nsv * segments),
                  Launch(spec, queries_keys, N * H * nsk * segments)]

@@ -5,7 +5,8 @@
 // 0xff NaN of a fresh block, or the chunk before). A block that ends with copies it never waited
 // for stops the launch (launch.h), as does a copy of another size than 4, 8 or 16 bytes or with
 // a source or destination not aligned to its size (which is then not made: an exception cannot
-// leave a fiber, so the launch reports it once the block has run).
+// leave a fiber, so the launch reports it once the block has run). The bytes copied are
+// counted, for the tests of what a kernel reads.
 #pragma once
 
 #include <cstddef>
@@ -29,6 +30,7 @@ struct Pipeline {
 
 inline std::vector<Pipeline> pipelines;  // per thread of the block being run
 inline const char* pipeline_error = nullptr;  // the first bad copy's fault
+inline std::size_t copied = 0;  // bytes the copies have moved from global memory
 
 inline Pipeline& pipeline() {
   const unsigned t = block->current;
@@ -82,6 +84,7 @@ inline void __pipeline_wait_prior(std::size_t prior) {
   while (p.groups.size() > prior) {
     for (const emu::AsyncCopy& c : p.groups.front()) {
       std::memcpy(c.dst, c.src, c.size - c.zfill);
+      emu::copied += c.size - c.zfill;
       std::memset(static_cast<unsigned char*>(c.dst) + (c.size - c.zfill), 0, c.zfill);
     }
     p.groups.erase(p.groups.begin());

@@ -11,7 +11,11 @@
 // barriers, so a read that misses a barrier after a write sees the wrong data in one of the two.
 // A lane's wmma accumulator holds its share of the tile (elements lane, lane + 32, ...), its A
 // and B fragments the whole tiles. Blocks run one after another over one shared-memory buffer,
-// refilled with 0xff (NaN) before each.
+// refilled with 0xff (NaN) before each; the blocks of a thread-block cluster run together, as
+// the fibers of all their threads, each block with its own shared memory (swapped into the
+// buffer while one of its threads runs), which the others read through peer(). A cluster
+// barrier (split into an arrival and a wait) opens when every thread of the cluster has
+// arrived.
 #pragma once
 
 #include <setjmp.h>
@@ -79,7 +83,7 @@ inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 namespace emu {
 
-enum class Wait { kRunnable, kBlock, kWarp, kDone };
+enum class Wait { kRunnable, kBlock, kWarp, kCluster, kDone };
 
 // A fiber starts on its own stack through ucontext, then switches with _setjmp/_longjmp, which
 // (unlike swapcontext) make no system call.
@@ -88,9 +92,12 @@ struct Fiber {
   jmp_buf jump;
   bool started = false;
   Wait wait = Wait::kRunnable;
+  unsigned arrived = 0;  // cluster barriers it has arrived at
+  unsigned phase = 0;    // the cluster barrier it waits for (kCluster): arrivals it needs
 };
 
-// The threads of the block being run, and where they stand.
+// The threads of the block being run, or of the blocks of a cluster (threads of block b are
+// fibers [b threads, (b + 1) threads)), and where they stand.
 struct BlockState {
   ucontext_t scheduler;
   jmp_buf back;
@@ -98,6 +105,13 @@ struct BlockState {
   std::vector<std::uint64_t> exchange;  // two slots per thread for the shuffles
   std::vector<unsigned> parity;         // shuffles done per thread
   unsigned current = 0;
+  unsigned threads = 0;  // per block
+  // The shared-memory buffer the kernels address, its bytes per block, the block whose memory
+  // it holds, and every block's (for the one it holds, as it was when it was swapped in).
+  unsigned char* memory = nullptr;
+  std::size_t bytes = 0;
+  unsigned resident = 0;
+  std::vector<std::vector<unsigned char>> saved;
 };
 
 inline dim3 thread_index, block_index, block_dim, grid_dim;
@@ -118,6 +132,32 @@ inline void wait(Wait why) {
 #define gridDim (::emu::grid_dim)
 
 inline void __syncthreads() { emu::wait(emu::Wait::kBlock); }
+
+namespace emu {
+
+inline const char* cluster_error = nullptr;  // the first bad access to another block's memory
+
+inline void cluster_arrive() { ++block->fibers[block->current].arrived; }
+
+inline void cluster_wait() {
+  Fiber& fiber = block->fibers[block->current];
+  fiber.phase = fiber.arrived;
+  wait(Wait::kCluster);
+}
+
+// What stands at shared address p (of the running block's shared memory) in the shared memory
+// of the cluster's block `rank`.
+inline const void* peer(const void* p, unsigned rank) {
+  const auto* at = static_cast<const unsigned char*>(p);
+  const std::size_t offset = std::size_t(at - block->memory);
+  if (at < block->memory || offset >= block->bytes || rank >= block->saved.size()) {
+    if (cluster_error == nullptr) cluster_error = "a read of another block's shared memory outside it";
+    return p;
+  }
+  return rank == block->resident ? p : block->saved[rank].data() + offset;
+}
+
+}  // namespace emu
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::Wait::kWarp); }
 
 namespace emu {

@@ -1,5 +1,6 @@
 // Running an emulated kernel (see emulation.h): the arguments arrive as cuLaunchKernel's
-// void** kernelParams; each block runs as `block` fibers, the blocks one after another. Writes
+// void** kernelParams; each block runs as `block` fibers, the blocks one after another, or
+// the blocks of each cluster together. Writes
 // past the dynamic shared memory the launch asked for are caught (and, under AddressSanitizer,
 // reads too), as are asynchronous copies a block never waited for.
 #pragma once
@@ -50,9 +51,19 @@ inline void entry() {
   _longjmp(block->back, 1);
 }
 
-inline void resume(unsigned t) {
+// Put block b's shared memory in the buffer the kernels address.
+inline void swap_in(unsigned b) {
+  std::memcpy(block->saved[block->resident].data(), block->memory, block->bytes);
+  std::memcpy(block->memory, block->saved[b].data(), block->bytes);
+  block->resident = b;
+}
+
+inline void resume(unsigned t, unsigned first) {
+  const unsigned b = t / block->threads;
+  if (b != block->resident) swap_in(b);
   block->current = t;
-  thread_index = dim3{t, 0, 0};
+  thread_index = dim3{t % block->threads, 0, 0};
+  block_index = dim3{first + b, 0, 0};
   lane = t % 32;
   warp = t / 32;
   Fiber& fiber = block->fibers[t];
@@ -65,34 +76,59 @@ inline void resume(unsigned t) {
   }
 }
 
-// Run every fiber until all wait or are done; then open the barriers that can open.
-inline void schedule(BlockState& state) {
-  const unsigned n = unsigned(state.fibers.size());
+// Open the barrier of fibers [begin, end) if every one of them waits at it.
+inline bool open(BlockState& state, unsigned begin, unsigned end, Wait at) {
+  for (unsigned t = begin; t < end; ++t) {
+    if (state.fibers[t].wait != at) return false;
+  }
+  for (unsigned t = begin; t < end; ++t) state.fibers[t].wait = Wait::kRunnable;
+  return true;
+}
+
+// Run the fibers [begin, end) of one block as far as they go: each until it waits or is done,
+// in ascending and descending order in turn, opening their warp and block barriers, until all
+// wait at a cluster barrier or are done (or a barrier can never open).
+inline void advance(BlockState& state, unsigned begin, unsigned end, unsigned first) {
   bool ascending = true;
-  for (;;) {
-    for (unsigned i = 0; i < n; ++i) {
-      const unsigned t = ascending ? i : n - 1 - i;
-      if (state.fibers[t].wait == Wait::kRunnable) resume(t);
+  for (bool opened = true; opened;) {
+    for (unsigned i = begin; i < end; ++i) {
+      const unsigned t = ascending ? i : end - 1 - (i - begin);
+      if (state.fibers[t].wait == Wait::kRunnable) resume(t, first);
     }
     ascending = !ascending;
-    bool opened = false;
-    for (unsigned w = 0; w * 32 < n; ++w) {
-      bool all = true;
-      for (unsigned t = w * 32; t < w * 32 + 32; ++t) all = all && state.fibers[t].wait == Wait::kWarp;
-      if (all) {
-        for (unsigned t = w * 32; t < w * 32 + 32; ++t) state.fibers[t].wait = Wait::kRunnable;
-        opened = true;
-      }
+    opened = false;
+    for (unsigned w = begin; w < end; w += 32) opened |= open(state, w, w + 32, Wait::kWarp);
+    if (!opened) opened = open(state, begin, end, Wait::kBlock);
+  }
+}
+
+// Run the block, or the blocks of a cluster (the first being block `first`): each block as far
+// as it goes, one after another, in ascending and descending order in turn (so that a block
+// that reads another's shared memory without the barrier that orders the two sees the wrong
+// data in one of the two orders), then open the cluster barriers every thread has arrived at.
+inline void schedule(BlockState& state, unsigned first) {
+  const unsigned n = unsigned(state.fibers.size()), blocks = n / state.threads;
+  bool ascending = true;
+  for (;;) {
+    for (unsigned i = 0; i < blocks; ++i) {
+      const unsigned b = ascending ? i : blocks - 1 - i;
+      advance(state, b * state.threads, (b + 1) * state.threads, first);
     }
-    if (opened) continue;
-    unsigned at_block = 0, done = 0;
+    ascending = !ascending;
+    unsigned arrived = ~0u, done = 0;
     for (const Fiber& f : state.fibers) {
-      at_block += f.wait == Wait::kBlock;
+      arrived = f.arrived < arrived ? f.arrived : arrived;
       done += f.wait == Wait::kDone;
     }
     if (done == n) return;
-    if (at_block != n) throw std::runtime_error("barrier deadlock: threads wait at different barriers");
-    for (Fiber& f : state.fibers) f.wait = Wait::kRunnable;
+    bool opened = false;
+    for (Fiber& f : state.fibers) {
+      if (f.wait == Wait::kCluster && f.phase <= arrived) {
+        f.wait = Wait::kRunnable;
+        opened = true;
+      }
+    }
+    if (!opened) throw std::runtime_error("barrier deadlock: threads wait at different barriers");
   }
 }
 
@@ -108,26 +144,38 @@ std::tuple<P...> arguments(void** args, std::index_sequence<I...>) {
   return std::tuple<P...>(argument<P>(args[I])...);
 }
 
+// A launch of `grid` blocks of `threads` threads in clusters of `cluster` blocks (1: none).
 template <typename... P>
-void run(void (*kernel)(P...), unsigned grid, unsigned threads, std::size_t shared, void** args) {
+void run(void (*kernel)(P...), unsigned grid, unsigned threads, std::size_t shared, void** args,
+         unsigned cluster) {
   if (shared > kSharedCapacity) throw std::runtime_error("shared memory request too large");
   if (threads % 32 != 0) throw std::runtime_error("blocks are whole warps");
+  if (cluster == 0 || grid % cluster != 0) {
+    throw std::runtime_error("a grid of whole clusters (" + std::to_string(grid) + " blocks, " +
+                             "clusters of " + std::to_string(cluster) + ")");
+  }
   const std::tuple<P...> values = arguments<P...>(args, std::index_sequence_for<P...>{});
   body = [&] { std::apply(kernel, values); };
   grid_dim = dim3{grid, 1, 1};
   block_dim = dim3{threads, 1, 1};
   unsigned char* memory = cosattn::cosattn_shared;
+  const unsigned n = threads * cluster;
   BlockState state;
-  state.fibers.resize(threads);
-  state.exchange.resize(2 * threads);
-  state.parity.resize(threads);
+  state.fibers.resize(n);
+  state.exchange.resize(2 * n);
+  state.parity.resize(n);
+  state.threads = threads;
+  state.memory = memory;
+  state.bytes = shared;
+  state.saved.resize(cluster);
   block = &state;
-  for (unsigned b = 0; b < grid; ++b) {
-    block_index = dim3{b, 0, 0};
+  for (unsigned first = 0; first < grid; first += cluster) {
     EMU_UNPOISON(memory, kSharedCapacity);
     std::memset(memory, 0xff, kSharedCapacity);
     EMU_POISON(memory + shared, kSharedCapacity - shared);
-    for (unsigned t = 0; t < threads; ++t) {
+    for (std::vector<unsigned char>& own : state.saved) own.assign(shared, 0xff);
+    state.resident = 0;
+    for (unsigned t = 0; t < n; ++t) {
       Fiber& f = state.fibers[t];
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = stack(t);
@@ -136,11 +184,14 @@ void run(void (*kernel)(P...), unsigned grid, unsigned threads, std::size_t shar
       makecontext(&f.context, entry, 0);
       f.started = false;
       f.wait = Wait::kRunnable;
+      f.arrived = f.phase = 0;
       state.parity[t] = 0;
     }
     pipeline_fault();
-    schedule(state);
+    cluster_error = nullptr;
+    schedule(state, first);
     if (const char* fault = pipeline_fault()) throw std::runtime_error(fault);
+    if (cluster_error != nullptr) throw std::runtime_error(cluster_error);
     EMU_UNPOISON(memory, kSharedCapacity);
     for (std::size_t i = shared; i < kSharedCapacity; ++i) {
       if (memory[i] != 0xff) {
