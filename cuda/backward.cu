@@ -20,6 +20,11 @@
 // head: a batch row, or one span of a packed row (cu_seqlens, read on the device: Span), with
 // its own rows of kv0, dkv and dkv0; dm sums over every sequence.
 //
+// Both kernels order their blocks as forward.cu does: the slices of a (sequence, h, segment)
+// consecutive, their number rounded up to whole clusters of G that share the Q and K tiles on
+// sm_90 (common.cuh, "clusters"; G is 1 for float and double). A block past Dv (values_kernel)
+// or Dk (queries_keys_kernel) owns no columns and writes no partial sum (slice >= nsv).
+//
 // The sequence split (docs/design.md, "GPU kernels: what makes them fast"): when the blocks per
 // (sequence, h, slice) are too few to fill the GPU, each sequence is cut into segments of
 // segment_chunks chunks as the forward cuts it (segment g: chunks [g * segment_chunks, (g + 1) *
@@ -41,16 +46,18 @@ namespace cosattn {
 // Σ_j (ṽ_j · dṽ_j)(-ln max(1, c_j)) over the slice's columns and the segment's rows. dkv0 is
 // written when given (an incoming state) without the split (split: by scan_kernel). W, C, SL as
 // forward_kernel; a block owns a slice of Dv and a segment.
-template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) values_kernel(const BackwardParams<T> p) {
+template <typename T, int W, int C, int SL, int G>
+__global__ void COSATTN_CLUSTER(G) __launch_bounds__(kThreads, Block<T, W, C, SL, G>::kMinBlocks)
+    values_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dk = int(p.Dk);
   const int dvn = int(p.Dv);
-  const index_t slices = (dvn + SL - 1) / SL;
-  const index_t segment = index_t(blockIdx.x) % p.segments;
-  const index_t slice = index_t(blockIdx.x) / p.segments % slices;
-  const index_t nh = index_t(blockIdx.x) / p.segments / slices;
+  const index_t slices = cluster_slices<SL, G>(dvn);
+  const index_t slice = index_t(blockIdx.x) % slices;
+  const index_t segment = index_t(blockIdx.x) / slices % p.segments;
+  const index_t nh = index_t(blockIdx.x) / slices / p.segments;
+  const bool owns = slice < p.nsv;  // the slices past Dv write no partial sums
   const index_t H = p.H, B = p.B, S = p.S;
   const index_t h = nh % H, n = nh / H;
   const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
@@ -63,7 +70,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
   A* dm_part = static_cast<A*>(p.dm_part);
 
   const Sequence<T> seq = sequence_of<T>(p, dk, at, h, 1);
-  Block<T, W, C, SL> block(seq, dk, int(slice) * SL, dvn, p.passes > 1);
+  Block<T, W, C, SL, G> block(seq, dk, int(slice) * SL, dvn, p.passes > 1);
   block.begin();
   const Rows<const T> vrows = rows_of(p.v, p.v_stride, at, h);
   const Rows<const T> drows = rows_of(p.dout, p.do_stride, at, h);
@@ -85,7 +92,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
         }
       }
       sum = warp_sum(sum);
-      if (lane == 0) dq_part[part_offset + t0 + r] = sum;
+      if (lane == 0 && owns) dq_part[part_offset + t0 + r] = sum;
     }
   };
 
@@ -107,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
         dvrows.store(t0 + r, c0 + c, Num<T>::store(dvx));
       }
       sum = warp_sum(sum);
-      if (lane == 0 && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
+      if (lane == 0 && owns && dk_part != nullptr) dk_part[part_offset + t0 + r] = sum;
       if (real) dm -= sum * sm.lnc()[r];
     }
   };
@@ -141,26 +148,27 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) valu
     A* scratch = block.sm.red();
     if (lane == 0) scratch[warp_id()] = dm;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && owns) {
       A total = 0;
       for (int w = 0; w < kWarps; ++w) total += scratch[w];
-      dm_part[((n * H + h) * slices + slice) * p.segments + segment] = total;
+      dm_part[((n * H + h) * p.nsv + slice) * p.segments + segment] = total;
     }
   }
 }
 
 // dq_part, dk_part are null when a block holds all of Dk. The contraction runs over Dv here and
 // a block owns a slice of Dk and a segment; nsv is the number of slices of Dv values_kernel used.
-template <typename T, int W, int C, int SL>
-__global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) queries_keys_kernel(const BackwardParams<T> p) {
+template <typename T, int W, int C, int SL, int G>
+__global__ void COSATTN_CLUSTER(G) __launch_bounds__(kThreads, Block<T, W, C, SL, G>::kMinBlocks)
+    queries_keys_kernel(const BackwardParams<T> p) {
   using A = acc_t<T>;
   using Smem = Shared<T, W, C, SL>;
   const int dkn = int(p.Dk);
   const int dvn = int(p.Dv);
-  const index_t slices = (dkn + SL - 1) / SL;
-  const index_t segment = index_t(blockIdx.x) % p.segments;
-  const index_t slice = index_t(blockIdx.x) / p.segments % slices;
-  const index_t nh = index_t(blockIdx.x) / p.segments / slices;
+  const index_t slices = cluster_slices<SL, G>(dkn);
+  const index_t slice = index_t(blockIdx.x) % slices;
+  const index_t segment = index_t(blockIdx.x) / slices % p.segments;
+  const index_t nh = index_t(blockIdx.x) / slices / p.segments;
   const index_t H = p.H, B = p.B, S = p.S, nsv = p.nsv;
   const index_t h = nh % H, n = nh / H;
   const Span at = span_of(p.cu_seqlens, S, nullptr, nullptr, p.N, n);
@@ -172,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, Block<T, W, C, SL>::kMinBlocks) quer
   const A* dk_part = static_cast<const A*>(p.dk_part);
 
   const Sequence<T> seq = sequence_of<T>(p, dkn, at, h, 1);
-  Block<T, W, C, SL> block(seq, dvn, int(slice) * SL, dkn, p.passes > 1);
+  Block<T, W, C, SL, G> block(seq, dvn, int(slice) * SL, dkn, p.passes > 1);
   block.begin();
   const Rows<const T> vrows = rows_of(p.v, p.v_stride, at, h);
   const Rows<const T> drows = rows_of(p.dout, p.do_stride, at, h);

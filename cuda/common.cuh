@@ -318,6 +318,13 @@ constexpr bool kClusters = true;
 #define COSATTN_CLUSTER(g)
 #endif
 
+// The blocks per (sequence, h, segment) of a sweep over D columns of output: one per slice of
+// SL columns, rounded up to whole clusters of G (those past D own no columns: cols is 0).
+template <int SL, int G>
+__device__ __forceinline__ index_t cluster_slices(index_t D) {
+  return ((D + SL - 1) / SL + G - 1) / G * G;
+}
+
 // The two halves of a cluster barrier (every thread of every block of the cluster takes both):
 // the arrival publishes this thread's writes to shared memory (release), the wait returns once
 // every thread has arrived and makes their writes visible (acquire). A barrier of the cluster is
@@ -338,23 +345,36 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
-// The 16 bytes at p in the shared memory of the cluster's block `rank` (p: an address of this
-// block's shared memory, 16-byte aligned; the same offset in the other block's).
-__device__ __forceinline__ uint4 peer_load(const void* p, unsigned rank) {
-  uint4 v{};
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned local = unsigned(__cvta_generic_to_shared(p));
-  unsigned remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(remote)
-               : "memory");
-#elif !defined(__CUDA_ARCH__)
-  memcpy(&v, emu::peer(p, rank), sizeof(v));
-#endif
-  return v;
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+  extern __shared__ __align__(128) unsigned char cosattn_shared[];
+  return cosattn_shared;
 }
+
+// The dynamic shared memory of the cluster's block `rank`, read 16 bytes at a time at byte
+// offsets from its start (16-byte aligned). On sm_90 its address in the cluster's shared
+// window (mapa), to which an offset is added; in the emulation the rank.
+struct PeerShared {
+  unsigned address;
+
+  __device__ __forceinline__ explicit PeerShared(unsigned rank) : address(rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned local = unsigned(__cvta_generic_to_shared(dynamic_shared()));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(address) : "r"(local), "r"(rank));
+#endif
+  }
+  __device__ __forceinline__ uint4 load(unsigned offset) const {
+    uint4 v{};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(address + offset)
+                 : "memory");
+#elif !defined(__CUDA_ARCH__)
+    memcpy(&v, emu::peer(dynamic_shared() + offset, address), sizeof(v));
+#endif
+    return v;
+  }
+};
 
 // ---------------------------------------------------------------------------- global views
 
@@ -665,10 +685,6 @@ struct Shared {
   static __device__ __forceinline__ index_t* ints() { return at<index_t>(kInts); }
 };
 
-__device__ __forceinline__ unsigned char* dynamic_shared() {
-  extern __shared__ __align__(128) unsigned char cosattn_shared[];
-  return cosattn_shared;
-}
 
 template <typename T, int W, int C, int SL>
 template <typename X>
@@ -1144,16 +1160,20 @@ struct Block {
   __device__ __forceinline__ void gather(bool with_q, bool with_kv) {
     constexpr int kRows = C / kShare;
     constexpr int kPieces = W * int(sizeof(T)) / 16;  // 16-byte pieces of a row
-    constexpr int kPerTile = (kShare - 1) * kRows * kPieces;
     const int rank = int(blockIdx.x % kShare);
-    const int tiles = (with_q ? 1 : 0) + (with_kv ? 1 : 0);
-    for (int idx = int(threadIdx.x); idx < tiles * kPerTile; idx += kThreads) {
-      const int i = idx % kPerTile;
-      const int piece = i % kPieces, r = i / kPieces % kRows, other = i / kPieces / kRows;
-      const int peer = other < rank ? other : other + 1;
-      T* tile = with_q && idx < kPerTile ? sm.q(stage) : sm.k(stage);
-      T* at = tile + (peer * kRows + r) * Smem::kLdX + piece * kVec;
-      *reinterpret_cast<uint4*>(at) = peer_load(at, unsigned(peer));
+    const unsigned q = unsigned(Smem::kQ + stage * Smem::kStage);
+    const unsigned k = unsigned(Smem::kK + stage * Smem::kStage);
+#pragma unroll 1
+    for (int other = 1; other < kShare; ++other) {
+      const int peer = (rank + other) % kShare;
+      const PeerShared from{unsigned(peer)};
+      for (int idx = int(threadIdx.x); idx < kRows * kPieces; idx += kThreads) {
+        const unsigned at =
+            unsigned(((peer * kRows + idx / kPieces) * Smem::kLdX + idx % kPieces * kVec) *
+                     int(sizeof(T)));
+        if (with_q) *reinterpret_cast<uint4*>(dynamic_shared() + q + at) = from.load(q + at);
+        if (with_kv) *reinterpret_cast<uint4*>(dynamic_shared() + k + at) = from.load(k + at);
+      }
     }
   }
 

@@ -43,7 +43,7 @@ struct Place {
   Span span;
 
   __device__ __forceinline__ explicit Place(const ForwardParams<T>& p) {
-    const index_t slices = ((p.Dv + SL - 1) / SL + G - 1) / G * G;
+    const index_t slices = cluster_slices<SL, G>(p.Dv);
     index_t i = index_t(blockIdx.x);
     slice = i % slices;
     i /= slices;

@@ -54,6 +54,7 @@ from helpers import (
     packed_lengths,
     pool_steps,
     prefills,
+    reference_backward,
     reference_forward,
     split_sequences,
 )
@@ -414,20 +415,25 @@ def test_launch_geometry_and_shared_memory(cupy_on_host, emulator):
 
 @pytest.mark.parametrize("dtype", (F16, BFLOAT16), ids=str)
 def test_a_cluster_reads_q_and_k_once_per_head_and_chunk(dtype, cupy_on_host, emulator):
-    """16-bit D64: the 2 slices of Dv of a (b, h) are a cluster of 2 (forward.cu); each block
-    fetches half of a chunk's q and k rows and reads the other half from the other block's
-    shared memory, so the forward's copies move q, k and v from global memory once each (each
-    slice fetching whole tiles would move q and k twice)."""
+    """16-bit D64: the 2 slices of a (b, h) are a cluster of 2 (common.cuh, "clusters"); each
+    block fetches half of a chunk's Q and K rows and reads the other half from the other
+    block's shared memory. So the forward's copies move q, k and v from global memory once each,
+    and each of the backward's four sweeps moves its three operands once: q, k, v and do three
+    times each (each slice fetching whole tiles would move the Q and K operands twice)."""
     rng = np.random.default_rng(5)
     c = make_case(rng, 2, 3, 100, 64, 64, dtype)
+    inputs = c.q.nbytes + c.k.nbytes + c.v.nbytes
     emulator.cosattn_emulated_copied()
     out = cosattn.forward(c.q, c.k, c.v, c.m, backend="cupy")
-    copied = emulator.cosattn_emulated_copied()
-    (expression, grid, _), = cupy_on_host
-    assert expression.endswith(", 2>") and _cupy.cluster(dtype, 64) == 2
-    assert grid == 2 * 3 * 2
-    assert copied == c.q.nbytes + c.k.nbytes + c.v.nbytes
-    assert_close(out, reference_forward(c)[0], dtype)
+    assert emulator.cosattn_emulated_copied() == inputs
+    grads = cosattn.backward(c.do, c.q, c.k, c.v, c.m, backend="cupy")
+    assert emulator.cosattn_emulated_copied() == 3 * (inputs + c.do.nbytes)
+    assert _cupy.cluster(dtype, 64) == 2
+    assert [(e.rsplit(", ", 1)[1], grid) for e, grid, _ in cupy_on_host[:3]] == [
+        ("2>", 2 * 3 * 2)] * 3
+    assert_close(out, reference_forward(c)[0], dtype, "o")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, reference_backward(c), strict=False):
+        assert_close(g, r, dtype, name)
 
 
 @pytest.mark.parametrize("struct", list(_cupy.PARAMS))

@@ -220,33 +220,39 @@ def test_a_long_sequence_of_few_heads_fills_the_gpu_in_the_backward():
 
 @pytest.mark.parametrize("ctype", SIXTEEN_BIT)
 def test_q_and_k_are_read_once_per_head_and_chunk(sm90, ctype):
-    """The forward at D128 in 16 bits: the 4 slices of Dv of a (b, h, segment) are consecutive
-    blocks declared to the compiler as one cluster (the cubin's EIATTR_CTA_PER_CLUSTER), which
-    reads each chunk of q and k once, a quarter per block, and shares the rest through
-    distributed shared memory: cluster barriers and 16-byte reads of the other blocks' shared
-    memory in the machine code (tests/test_cuda_emulated.py counts the bytes copied)."""
+    """The forward and the backward at D128 in 16 bits: the 4 slices of a (b, h, segment) are
+    consecutive blocks declared to the compiler as one cluster (the cubin's
+    EIATTR_CTA_PER_CLUSTER), which reads each chunk of the Q and K operands (q and k in the
+    forward) once, a quarter per block, and shares the rest through distributed shared memory:
+    cluster barriers and 16-byte reads of the other blocks' shared memory in the machine code
+    (tests/test_cuda_emulated.py counts the bytes copied)."""
     dtype = np.dtype(np.float16) if ctype == "__half" else BF16
-    (launch,) = _cupy.forward_plan(dtype, 8, 16, 16384, 128, 128).launches
     G = _cupy.cluster(dtype, 128)
-    assert G == _cupy.forward_slices(dtype, 128, 128) == 4
-    assert launch.grid == 8 * 16 * G and launch.expression.endswith(f", {G}>")
-    k = sm90[launch.expression]
-    assert k["cluster"] == G
-    ops = k["opcodes"]
-    assert "UCGABAR_ARV" in ops and "UCGABAR_WAIT" in ops
-    assert _counts(tuple(ops))["generic loads (LD)"] > 0
+    assert G == _cupy.slices(dtype, 128, 128) == 4
+    plans = (_cupy.forward_plan(dtype, 8, 16, 16384, 128, 128),
+             _cupy.backward_plan(dtype, 8, 16, 16384, 128, 128, with_m=False))
+    launches = [launch for plan in plans for launch in plan.launches]
+    assert [launch.expression.split("<")[0] for launch in launches] == [
+        f"cosattn::{family}" for family in SWEEPS]
+    for launch in launches:
+        assert launch.grid == 8 * 16 * G and launch.expression.endswith(f", {G}>")
+        k = sm90[launch.expression]
+        assert k["cluster"] == G
+        ops = k["opcodes"]
+        assert "UCGABAR_ARV" in ops and "UCGABAR_WAIT" in ops
+        assert _counts(tuple(ops))["generic loads (LD)"] > 0
 
 
 def test_every_kernel_declares_the_cluster_its_spec_names(sm90):
     """The clusters the backend launches by (``ModuleSpec.clusters``) are the ones the compiler
-    was told: for 16-bit forward tiles of several slices, 2 to 8 blocks dividing the slices;
-    1 (no cluster) for every other kernel."""
+    was told: for the sweeps of 16-bit tiles of several slices up to W = 256, 2 to 8 blocks
+    dividing the slices; 1 (no cluster) for every other kernel."""
     for spec in _cupy.all_specs():
         for e, G in zip(spec.expressions, spec.clusters, strict=True):
             assert sm90[e]["cluster"] == G, (e, sm90[e]["cluster"], G)
             ctype, *args = e.split("<")[1].rstrip(">").split(", ")
-            if e.startswith("cosattn::forward_kernel<") and ctype in SIXTEEN_BIT:
+            if e.split("<")[0] in (f"cosattn::{f}" for f in SWEEPS) and ctype in SIXTEEN_BIT:
                 W, _, SL, _ = map(int, args)
-                assert (G > 1) == (W > SL) and G <= 8 and W // SL % G == 0, e
+                assert (G > 1) == (SL < W <= 256) and G <= 8 and W // SL % G == 0, e
             else:
                 assert G == 1, e

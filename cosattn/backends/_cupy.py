@@ -152,23 +152,25 @@ def tiles(dtype: Any, W: int) -> tuple[int, int]:
 
 
 def cluster(dtype: Any, W: int) -> int:
-    """G, the blocks of the forward's thread-block clusters at tile width ``W`` (forward.cu):
-    the slices of Dv of a (sequence, h, segment) that share their q and k tiles, so that these
-    are read from global memory once per chunk. For 16-bit tiles the largest power of two up to
-    MAX_CLUSTER (the portable cluster size) that divides W / SL; 1 for float and double, whose
-    tile rows are not whole 16-byte pieces."""
-    if np.dtype(dtype).itemsize != 2:
+    """G, the blocks of the sweeps' thread-block clusters at tile width ``W`` (common.cuh,
+    "clusters"): the slices of a (sequence, h, segment) that share their Q and K tiles, so that
+    these are read from global memory once per chunk. For 16-bit tiles of the WIDTHS the largest
+    power of two up to MAX_CLUSTER (the portable cluster size) that divides W / SL; 1 for float
+    and double, whose tile rows are not whole 16-byte pieces, and for wider tiles, whose
+    queries_keys_kernel has no register left for the cluster's reads (it would spill)."""
+    if np.dtype(dtype).itemsize != 2 or W not in WIDTHS:
         return 1
     _, SL = tiles(dtype, W)
     return math.gcd(W // SL, MAX_CLUSTER)
 
 
-def forward_slices(dtype: Any, W: int, Dv: int) -> int:
-    """The forward's blocks per (sequence, h, segment): one per SL columns of Dv, rounded up to a
-    whole number of clusters (the blocks past Dv own no columns)."""
+def slices(dtype: Any, W: int, D: int) -> int:
+    """A sweep's blocks per (sequence, h, segment) over D columns of output (Dv for the forward
+    and values_kernel, Dk for queries_keys_kernel): one per SL columns, rounded up to a whole
+    number of clusters (the blocks past D own no columns)."""
     _, SL = tiles(dtype, W)
     G = cluster(dtype, W)
-    return ceil_div(ceil_div(Dv, SL), G) * G
+    return ceil_div(ceil_div(D, SL), G) * G
 
 
 def _sweep(names: tuple[str, ...], dtype: Any, W: int,
@@ -192,9 +194,10 @@ def forward_spec(dtype: Any, W: int) -> ModuleSpec:
 
 
 def backward_spec(dtype: Any, W: int) -> ModuleSpec:
-    sweeps, shared = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W)
+    G = cluster(dtype, W)
+    sweeps, shared = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W, G)
     return ModuleSpec("backward.cu", (*sweeps, f"cosattn::dm_kernel<{_ctype(dtype)}>"),
-                      (*shared, "0"), (1, 1, 1))
+                      (*shared, "0"), (G, G, 1))
 
 
 def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
@@ -436,7 +439,7 @@ def _segments(rows: int, S: int, C: int, sms: int) -> tuple[int, int]:
 
 def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
                  sms: int = SMS, *, output: bool = True, total: bool = False) -> Plan:
-    """A block per (sequence, h, segment, slice of SL columns of Dv: :func:`forward_slices`),
+    """A block per (sequence, h, segment, slice of SL columns of Dv: :func:`slices`),
     for N sequences of at most S tokens (N batch rows of S, or the N sequences of a packed row
     of S). When N * H * slices blocks would leave ``sms`` SMs with fewer than BLOCKS_PER_SM
     blocks each, each sequence is split into segments of at least MIN_SEGMENT_CHUNKS chunks,
@@ -452,7 +455,7 @@ def forward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int,
     spec = forward_spec(dtype, W)
     main, scan, _ = spec.expressions
     C, _ = tiles(dtype, W)
-    rows = N * H * forward_slices(dtype, W, Dv)
+    rows = N * H * slices(dtype, W, Dv)
     segments, segment_chunks = _segments(rows, S, C, sms)
     launches = [Launch(spec, main, rows * segments)]
     if segments > 1 and not (total and output):
@@ -472,8 +475,8 @@ def count_launch(dtype: Any, N: int, Dk: int, Dv: int) -> Launch:
 def backward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int, sms: int = SMS, *,
                   with_m: bool, total: bool = False) -> Plan:
     """The backward's launches (see backward.cu) for N sequences (batch rows, or the sequences
-    of a packed row): values_kernel per (sequence, h, slice of Dv, segment),
-    queries_keys_kernel per (sequence, h, slice of Dk, segment), and dm_kernel over the heads
+    of a packed row): values_kernel per (sequence, h, segment, slice of Dv), queries_keys_kernel
+    per (sequence, h, segment, slice of Dk) (:func:`slices`), and dm_kernel over the heads
     when ``m`` is given. The sequence is cut as the forward cuts it (:func:`_segments`), for the
     kernel with fewer slices; split, forward.cu's forward_kernel (``states_only``) and
     scan_kernel form first the incoming states of each segment for the forward-order sweeps,
@@ -482,16 +485,15 @@ def backward_plan(dtype: Any, N: int, H: int, S: int, Dk: int, Dv: int, sms: int
     W = width(Dk, Dv)
     spec = backward_spec(dtype, W)
     values, queries_keys, dm = spec.expressions
-    C, SL = tiles(dtype, W)
-    nsv, nsk = ceil_div(Dv, SL), ceil_div(Dk, SL)
+    C, _ = tiles(dtype, W)
+    nsv, nsk = slices(dtype, W, Dv), slices(dtype, W, Dk)
     segments, segment_chunks = _segments(N * H * min(nsv, nsk), S, C, sms)
     launches = []
     if segments > 1 and not total:
         forward = forward_spec(dtype, W)
         main, scan, _ = forward.expressions
         for states in STATES:
-            launches += [Launch(forward, main, N * H * forward_slices(dtype, W, Dv) * segments,
-                                True, states),
+            launches += [Launch(forward, main, N * H * nsv * segments, True, states),
                          Launch(forward, scan, ceil_div(N * H * Dv * Dk, THREADS), False, states)]
     launches += [Launch(spec, values, N * H * nsv * segments),
                  Launch(spec, queries_keys, N * H * nsk * segments)]
