@@ -201,6 +201,7 @@ CLASSES = {
     "shared matrix loads (LDSM)": lambda op: op.startswith("LDSM"),
     "shared stores (STS)": lambda op: op.startswith("STS"),
     "barriers (BAR)": lambda op: op.startswith("BAR"),
+    "cluster barrier halves (UCGABAR)": lambda op: op.startswith("UCGABAR"),
     "tensor core (HMMA)": lambda op: op.startswith("HMMA"),
     "reciprocals (MUFU.RCP)": lambda op: op.startswith("MUFU.RCP"),
     "calls (CALL)": lambda op: op.startswith("CALL"),
