@@ -4,7 +4,7 @@ against docs/spec.md's bounds, on random and on cancelling inputs.
 The backend lists its variants as ``_cupy.VARIANTS`` (names, the default first) and selects one
 for the calls made inside the context manager ``_cupy.variant(name)``; a backend that lists
 none has one variant, ``default``. Variants are meant for the design choices that decide the
-next step (single-pass or three-pass 16-bit products, with or without the sequence split): this
+next step (single-pass or three-pass 16-bit products, with or without clusters): this
 script times each at bf16 B8 H16 S16384 D128 and B1 H8 S65536 D128, forward and forward +
 backward (CUDA events, medians, L2 flushed, as :mod:`benchmarks.gpu_bench`), and measures each
 against the float64 reference at B1 H2 S2048 D128:

@@ -81,8 +81,11 @@ def _instance_id(instance: tuple[np.dtype, int]) -> str:
 
 
 def _specs() -> list[_cupy.ModuleSpec]:
-    specs = [make(dtype, W) for dtype, W in INSTANCES
-             for make in (_cupy.forward_spec, _cupy.backward_spec)]
+    specs = []
+    for name in _cupy.VARIANTS:
+        with _cupy.variant(name):
+            specs += [make(dtype, W) for dtype, W in INSTANCES
+                      for make in (_cupy.forward_spec, _cupy.backward_spec)]
     return specs + [_cupy.step_spec(dtype, state) for dtype, state in STEPS]
 
 

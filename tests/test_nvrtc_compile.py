@@ -83,14 +83,15 @@ def test_every_instance_compiles_to_cubin(builds, source, arch):
 
 
 def test_instance_list_covers_every_dtype_and_width():
-    """The deliberate list: 4 dtypes x (5 widths + one wide) per sweep kernel, and the
-    recurrent step for every input dtype and allowed state dtype."""
+    """The deliberate list: 4 dtypes x (5 widths + one wide) per sweep kernel, and for the
+    16-bit widths with clusters (64, 128, 256) their instances without (the variant
+    "no-clusters"), and the recurrent step for every input dtype and allowed state dtype."""
     forward = _expressions("forward.cu")
-    assert len(forward) == 4 * 6 + 2 * 4  # and scan_kernel and count_kernel per dtype
+    assert len(forward) == 4 * 6 + 2 * 3 + 2 * 4  # and scan_kernel and count_kernel per dtype
     for ctype in ("__half", "__nv_bfloat16", "float", "double"):
         for W in (*_cupy.WIDTHS, _cupy.WIDE_EXAMPLE):
             assert any(e.startswith(f"cosattn::forward_kernel<{ctype}, {W},") for e in forward)
-    assert len(_expressions("backward.cu")) == 2 * 4 * 6 + 4
+    assert len(_expressions("backward.cu")) == 2 * (4 * 6 + 2 * 3) + 4
     assert len(_expressions("step.cu")) == 7 + 4
 
 
@@ -183,11 +184,15 @@ def _occupancy(k: dict) -> dict:
 
 @pytest.mark.parametrize("family", SWEEPS)
 def test_16_bit_D128_sweeps_keep_two_blocks_and_eight_warps_per_sm(sm90, family):
+    """In clusters and without (the variant "no-clusters")."""
     for ctype in ("__half", "__nv_bfloat16"):
-        (e, k), = ((e, k) for e, k in _family(sm90, family).items()
-                   if e.startswith(f"cosattn::{family}<{ctype}, 128,"))
-        occupancy = _occupancy(k)
-        assert occupancy["blocks_per_sm"] >= 2 and occupancy["warps_per_sm"] >= 8, (e, occupancy)
+        instances = [(e, k) for e, k in _family(sm90, family).items()
+                     if e.startswith(f"cosattn::{family}<{ctype}, 128,")]
+        assert sorted(k["cluster"] for _, k in instances) == [1, 4]
+        for e, k in instances:
+            occupancy = _occupancy(k)
+            assert occupancy["blocks_per_sm"] >= 2 and occupancy["warps_per_sm"] >= 8, (
+                e, occupancy)
 
 
 def test_the_step_keeps_eight_blocks_per_sm(sm90):
@@ -246,13 +251,22 @@ def test_q_and_k_are_read_once_per_head_and_chunk(sm90, ctype):
 def test_every_kernel_declares_the_cluster_its_spec_names(sm90):
     """The clusters the backend launches by (``ModuleSpec.clusters``) are the ones the compiler
     was told: for the sweeps of 16-bit tiles of several slices up to W = 256, 2 to 8 blocks
-    dividing the slices; 1 (no cluster) for every other kernel."""
+    dividing the slices (1 in the variant "no-clusters"); 1 (no cluster) for every other
+    kernel."""
     for spec in _cupy.all_specs():
         for e, G in zip(spec.expressions, spec.clusters, strict=True):
             assert sm90[e]["cluster"] == G, (e, sm90[e]["cluster"], G)
-            ctype, *args = e.split("<")[1].rstrip(">").split(", ")
-            if e.split("<")[0] in (f"cosattn::{f}" for f in SWEEPS) and ctype in SIXTEEN_BIT:
-                W, _, SL, _ = map(int, args)
-                assert (G > 1) == (SL < W <= 256) and G <= 8 and W // SL % G == 0, e
-            else:
-                assert G == 1, e
+    for name in _cupy.VARIANTS:
+        with _cupy.variant(name):
+            specs = [make(dtype, W) for make in (_cupy.forward_spec, _cupy.backward_spec)
+                     for dtype in (np.float16, BF16, np.float32, np.float64)
+                     for W in (*_cupy.WIDTHS, _cupy.WIDE_EXAMPLE)]
+        for spec in specs:
+            for e, G in zip(spec.expressions, spec.clusters, strict=True):
+                ctype, *args = e.split("<")[1].rstrip(">").split(", ")
+                sweep = e.split("<")[0] in (f"cosattn::{f}" for f in SWEEPS)
+                if sweep and ctype in SIXTEEN_BIT and name != "no-clusters":
+                    W, _, SL, _ = map(int, args)
+                    assert (G > 1) == (SL < W <= 256) and G <= 8 and W // SL % G == 0, e
+                else:
+                    assert G == 1, e

@@ -76,12 +76,15 @@ WIDE_STEP = 64
 WIDE_EXAMPLE = 320
 
 # Variants of the kernels that the GPU check times against each other (benchmarks/
-# gpu_variants.py): how the float16/bfloat16 products are taken, as the parameter `passes` of the
-# sweeps (common.cuh): three passes over hi/lo splits of every scaled tile (the default), or the
-# raw q/k tiles in one pass with their row factors applied outside the products. The loser is
-# deleted once it is measured.
-VARIANTS = ("three-pass", "raw-qk")
-PASSES = {"three-pass": 3, "raw-qk": 1}
+# gpu_variants.py), each the default with one design choice changed: how the float16/bfloat16
+# products are taken, as the parameter `passes` of the sweeps (common.cuh): three passes over
+# hi/lo splits of every scaled tile (the default), or the raw q/k tiles in one pass with their
+# row factors applied outside the products ("raw-qk"); and whether the slices of a head share
+# their tiles through thread-block clusters (the default, :func:`cluster`) or each fetches
+# whole tiles ("no-clusters", other instances of the same kernels). The losers are deleted once
+# they are measured.
+VARIANTS = ("three-pass", "raw-qk", "no-clusters")
+PASSES = {"three-pass": 3, "raw-qk": 1, "no-clusters": 3}
 _variant = contextvars.ContextVar("cosattn_cupy_variant", default=VARIANTS[0])
 
 
@@ -156,9 +159,10 @@ def cluster(dtype: Any, W: int) -> int:
     "clusters"): the slices of a (sequence, h, segment) that share their Q and K tiles, so that
     these are read from global memory once per chunk. For 16-bit tiles of the WIDTHS the largest
     power of two up to MAX_CLUSTER (the portable cluster size) that divides W / SL; 1 for float
-    and double, whose tile rows are not whole 16-byte pieces, and for wider tiles, whose
-    queries_keys_kernel has no register left for the cluster's reads (it would spill)."""
-    if np.dtype(dtype).itemsize != 2 or W not in WIDTHS:
+    and double, whose tile rows are not whole 16-byte pieces, for wider tiles, whose
+    queries_keys_kernel has no register left for the cluster's reads (it would spill), and in
+    the variant "no-clusters"."""
+    if np.dtype(dtype).itemsize != 2 or W not in WIDTHS or _variant.get() == "no-clusters":
         return 1
     _, SL = tiles(dtype, W)
     return math.gcd(W // SL, MAX_CLUSTER)
@@ -208,10 +212,14 @@ def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
 
 
 def all_specs() -> list[ModuleSpec]:
-    """Every module of the widths up to 256, one wider (WIDE_EXAMPLE), and the step for each
-    input and state dtype: what the NVRTC test compiles."""
-    specs = [make(dtype, W) for make in (forward_spec, backward_spec)
-             for dtype in INPUT_DTYPES for W in (*WIDTHS, WIDE_EXAMPLE)]
+    """Every module of the widths up to 256, one wider (WIDE_EXAMPLE), in every variant, and the
+    step for each input and state dtype: what the NVRTC test compiles."""
+    specs = []
+    for name in VARIANTS:
+        with variant(name):
+            specs += [make(dtype, W) for make in (forward_spec, backward_spec)
+                      for dtype in INPUT_DTYPES for W in (*WIDTHS, WIDE_EXAMPLE)]
+    specs = list(dict.fromkeys(specs))
     specs += [step_spec(dtype, state) for dtype in INPUT_DTYPES for state in STATE_DTYPES
               if not (dtype == np.float64 and state == np.float32)]
     return specs
