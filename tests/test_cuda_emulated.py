@@ -67,6 +67,8 @@ DTYPES = (F16, BFLOAT16, F32, F64)
 # The (dtype, tile width) instances built: widths 16 and 64 for every dtype (head sizes up to the
 # width, equal or not), and W = 128 in float32 (several slices of the FMA loops).
 INSTANCES = [(d, W) for d in DTYPES for W in (16, 64)] + [(F32, 128)]
+# Built too, for the test of the clusters of 4 (the 4 slices of D128 in 16 bits).
+CLUSTERS_OF_4 = [(BFLOAT16, 128)]
 # (Dk, Dv) drawn for each width: each pair runs on that width (_cupy.width).
 HEAD_SIZES = {16: [(16, 16), (1, 1), (5, 7), (16, 9)],
               64: [(64, 64), (33, 16), (48, 48), (20, 40)],
@@ -84,7 +86,7 @@ def _specs() -> list[_cupy.ModuleSpec]:
     specs = []
     for name in _cupy.VARIANTS:
         with _cupy.variant(name):
-            specs += [make(dtype, W) for dtype, W in INSTANCES
+            specs += [make(dtype, W) for dtype, W in INSTANCES + CLUSTERS_OF_4
                       for make in (_cupy.forward_spec, _cupy.backward_spec)]
     return specs + [_cupy.step_spec(dtype, state) for dtype, state in STEPS]
 
@@ -416,24 +418,27 @@ def test_launch_geometry_and_shared_memory(cupy_on_host, emulator):
     assert shared == emulator.cosattn_emulated_shared(expression.encode()) > 0
 
 
-@pytest.mark.parametrize("dtype", (F16, BFLOAT16), ids=str)
-def test_a_cluster_reads_q_and_k_once_per_head_and_chunk(dtype, cupy_on_host, emulator):
-    """16-bit D64: the 2 slices of a (b, h) are a cluster of 2 (common.cuh, "clusters"); each
-    block fetches half of a chunk's Q and K rows and reads the other half from the other
-    block's shared memory. So the forward's copies move q, k and v from global memory once each,
-    and each of the backward's four sweeps moves its three operands once: q, k, v and do three
-    times each (each slice fetching whole tiles would move the Q and K operands twice)."""
+@pytest.mark.parametrize(("dtype", "D"), [(F16, 64), (BFLOAT16, 64), (BFLOAT16, 128)],
+                         ids=str)
+def test_a_cluster_reads_q_and_k_once_per_head_and_chunk(dtype, D, cupy_on_host, emulator):
+    """16-bit D64 and D128: the G = 2 or 4 slices of a (b, h) are a cluster (common.cuh,
+    "clusters"); each block fetches its share of a chunk's Q and K rows and reads the others'
+    from their shared memory. So the forward's copies move q, k and v from global memory once
+    each, and each of the backward's four sweeps moves its three operands once: q, k, v and do
+    three times each (each slice fetching whole tiles would move the Q and K operands G
+    times)."""
     rng = np.random.default_rng(5)
-    c = make_case(rng, 2, 3, 100, 64, 64, dtype)
+    c = make_case(rng, 2, 3, 100, D, D, dtype, mask="inner")
     inputs = c.q.nbytes + c.k.nbytes + c.v.nbytes
     emulator.cosattn_emulated_copied()
-    out = cosattn.forward(c.q, c.k, c.v, c.m, backend="cupy")
+    out = cosattn.forward(c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
     assert emulator.cosattn_emulated_copied() == inputs
-    grads = cosattn.backward(c.do, c.q, c.k, c.v, c.m, backend="cupy")
+    grads = cosattn.backward(c.do, c.q, c.k, c.v, c.m, mask=c.mask, backend="cupy")
     assert emulator.cosattn_emulated_copied() == 3 * (inputs + c.do.nbytes)
-    assert _cupy.cluster(dtype, 64) == 2
+    G = _cupy.cluster(dtype, D)
+    assert G == D // 32
     assert [(e.rsplit(", ", 1)[1], grid) for e, grid, _ in cupy_on_host[:3]] == [
-        ("2>", 2 * 3 * 2)] * 3
+        (f"{G}>", 2 * 3 * G)] * 3
     assert_close(out, reference_forward(c)[0], dtype, "o")
     for name, g, r in zip(("dq", "dk", "dv"), grads, reference_backward(c), strict=False):
         assert_close(g, r, dtype, name)
