@@ -35,14 +35,15 @@
 // element per copy for float and double at any stride; synchronous element loads for strided or
 // unaligned 16-bit rows), while chunk n is computed. Per chunk warp 0 then reads the mask (a
 // running count carried by the block gives c_j and the stabiliser w_j), the block waits for
-// the chunk's copies (one barrier; in the forward's clusters of 16-bit tiles the blocks of the
-// slices then read one another's shares of the Q and K rows: see "clusters"), takes the row
-// norms of q and k of the real rows from the tile that holds them (from global memory only
-// where none does), and settles the tiles in place: scaled, split, and every entry of a padded
-// row or outside the copied rows and columns selected to +0 (one barrier; a warp settles the
-// rows whose norms it took). q, k and v are never normalised or copied outside the kernel.
-// Products of half and bfloat16 tiles run on tensor cores (wmma, fp32 accumulation); the fp32 state takes part in them split
-// into a high and a low 16-bit part, scaled by a power of two so that float16 cannot overflow.
+// the chunk's copies (one barrier; in the clusters of 16-bit tiles the blocks of the slices
+// then read one another's shares of the Q and K rows: see "clusters"), takes the row norms of
+// q and k of the real rows from the tile that holds them (from global memory only where none
+// does), and settles the tiles in place: scaled, split, and every entry of a padded row or
+// outside the copied rows and columns selected to +0 (one barrier; a warp settles the rows
+// whose norms it took). q, k and v are never normalised or copied outside the kernel.
+// Products of half and bfloat16 tiles run on tensor cores (wmma, fp32 accumulation); the fp32
+// state takes part in them split into a high and a low 16-bit part, scaled by a power of two so
+// that float16 cannot overflow.
 // The tiles computed in the kernel (q̂', k̂', ṽ and the masked scores) are split the same way,
 // and each product takes up to three passes (hi hi + hi lo + lo hi): close to fp32 accuracy.
 // docs/spec.md's bounds (2e-3 for float16) leave little room for rounding these to 16 bits: a
@@ -300,10 +301,11 @@ __device__ __forceinline__ X block_max(X x, X* scratch) {
 
 // -------------------------------------------------------------------------------- clusters
 
-// The blocks of the slices of Dv of one (sequence, h, segment) of a forward sweep form a
-// thread-block cluster on sm_90 and share their Q and K tiles (Block::walk): each fetches a
-// share of a chunk's rows from global memory and reads the others' shares from their shared
-// memory (distributed shared memory), so q and k leave global memory once per (b, h, chunk).
+// The blocks of the slices of one (sequence, h, segment) of a sweep kernel (the forward's and
+// the backward's, with 16-bit tiles) form a thread-block cluster on sm_90 and share their Q and
+// K tiles (Block::walk): each fetches a share of a chunk's rows from global memory and reads the
+// others' shares from their shared memory (distributed shared memory), so the Q and K operands
+// leave global memory once per (b, h, chunk).
 // Compiled for sm_80, which has no clusters, a block fetches whole tiles (kClusters false, and
 // the functions below are never called). The host emulation runs the blocks of a cluster
 // together, each with its own shared memory (tests/cuda_host/launch.h).
@@ -684,7 +686,6 @@ struct Shared {
   // [0]: running count, [1]: real tokens of the sequence, [8..]: reductions
   static __device__ __forceinline__ index_t* ints() { return at<index_t>(kInts); }
 };
-
 
 template <typename T, int W, int C, int SL>
 template <typename X>

@@ -5,9 +5,9 @@
 // are consecutive blocks, ceil(Dv / SL) rounded up to a multiple of G (those past Dv own no
 // columns: they compute on zeros and write nothing), and on sm_90 each G of them form a
 // cluster that shares the q and k tiles (common.cuh, "clusters"): G is 1, 2, 4 or 8, chosen by
-// the cupy backend (_cupy.cluster), which launches a whole number of clusters. A sequence is a batch row, or one span
-// of a packed row (cu_seqlens, read here: Span); its state is its row of kv0 and kv_out or the
-// pool slot it names. Causal: one sweep over the segment's chunks from its incoming state, the
+// the cupy backend (_cupy.cluster), which launches a whole number of clusters. A sequence is a
+// batch row, or one span of a packed row (cu_seqlens, read here: Span); its state is its row of
+// kv0 and kv_out or the pool slot it names. Causal: one sweep over the segment's chunks from its incoming state, the
 // outgoing state written to kv_out when it is given. Bidirectional: the global sweep (State =
 // K̂'ᵀ Ṽ over the sequence, then o = Q̂' Stateᵀ), or, given kv0 (total=: the whole sequence's
 // sum, count0 every token's count), o = Q̂' kv0ᵀ without a sum of its own. Padded rows of o are

@@ -132,6 +132,7 @@ inline void wait(Wait why) {
 #define gridDim (::emu::grid_dim)
 
 inline void __syncthreads() { emu::wait(emu::Wait::kBlock); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::Wait::kWarp); }
 
 namespace emu {
 
@@ -151,16 +152,13 @@ inline const void* peer(const void* p, unsigned rank) {
   const auto* at = static_cast<const unsigned char*>(p);
   const std::size_t offset = std::size_t(at - block->memory);
   if (at < block->memory || offset >= block->bytes || rank >= block->saved.size()) {
-    if (cluster_error == nullptr) cluster_error = "a read of another block's shared memory outside it";
+    if (cluster_error == nullptr) {
+      cluster_error = "a read of another block's shared memory outside it";
+    }
     return p;
   }
   return rank == block->resident ? p : block->saved[rank].data() + offset;
 }
-
-}  // namespace emu
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::Wait::kWarp); }
-
-namespace emu {
 
 // Two banks of slots, used in turn: a lane may deposit its value for the next shuffle while
 // others still read this one, and it cannot come back to this bank before they have, since the

@@ -1,8 +1,8 @@
 // Running an emulated kernel (see emulation.h): the arguments arrive as cuLaunchKernel's
 // void** kernelParams; each block runs as `block` fibers, the blocks one after another, or
-// the blocks of each cluster together. Writes
-// past the dynamic shared memory the launch asked for are caught (and, under AddressSanitizer,
-// reads too), as are asynchronous copies a block never waited for.
+// the blocks of each cluster together. Writes past the dynamic shared memory the launch asked
+// for are caught (and, under AddressSanitizer, reads too), as are asynchronous copies a block
+// never waited for and reads of another block's shared memory outside it.
 #pragma once
 
 #include <sys/mman.h>
