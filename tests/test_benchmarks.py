@@ -345,6 +345,42 @@ def test_gpu_variants_dry_run_times_and_measures_every_listed_variant(tmp_path, 
     assert "## Errors" in (tmp_path / "gpu_variants_dry_quick.md").read_text()
 
 
+def test_gpu_variants_records_a_variant_that_cannot_run_and_runs_the_others(tmp_path,
+                                                                           monkeypatch):
+    """A variant whose calls raise (a launch the device refuses, say) is recorded with the
+    reason, not ok, and the variants after it are still measured; the exit status is 1."""
+    from cosattn.backends import _cupy
+
+    names = ("broken", "fine")
+    current = []
+
+    @contextlib.contextmanager
+    def variant(name):
+        current.append(name)
+        yield
+
+    def failing(*args, **kwargs):
+        if current[-1] == "broken":
+            raise RuntimeError("cluster launch refused")
+        return real_forward(*args, **kwargs)
+
+    real_forward = gpu_variants.forward
+    monkeypatch.setattr(_cupy, "VARIANTS", names, raising=False)
+    monkeypatch.setattr(_cupy, "variant", variant, raising=False)
+    monkeypatch.setattr(gpu_variants, "forward", failing)
+    assert gpu_variants.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "gpu_variants_dry_quick.json").read_text())
+    for r in data["results"]:
+        if r["variant"] == "broken":
+            assert not r["ok"] and r["errors"] == {}
+            assert set(r["failed"]) == set(gpu_variants.KINDS)
+            assert all("cluster launch refused" in reason for reason in r["failed"].values())
+            assert all(t["status"] == "error" for t in r["timings"])
+        else:
+            assert r["ok"] and r["failed"] == {} and set(r["errors"]) == set(gpu_variants.KINDS)
+    assert "cluster launch refused" in (tmp_path / "gpu_variants_dry_quick.md").read_text()
+
+
 def test_cancelling_inputs_cancel():
     """Each output of the cancelling inputs is a small fraction of the size of its terms."""
     x = gpu_variants.make_inputs("cancelling", 1, 2, 256, 16, np.dtype(np.float32))
