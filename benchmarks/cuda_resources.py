@@ -2,8 +2,9 @@
 
 Every kernel instance the backend can build (``_cupy.all_specs``) is compiled by NVRTC to a
 cubin for sm_90 with the backend's own sources and options; ``cuobjdump -res-usage`` gives each
-kernel's registers, stack and static shared memory, ``cuobjdump -sass`` its machine code (the
-``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm`` wheels run on a CPU machine). With the
+kernel's registers, stack and static shared memory, ``cuobjdump -elf`` the thread-block cluster
+it declares, ``cuobjdump -sass`` its machine code (the ``nvidia-cuda-cuobjdump`` and
+``nvidia-cuda-nvdisasm`` wheels run on a CPU machine). With the
 dynamic shared memory the backend's launch asks for, this gives the resident blocks and warps
 per SM by the sm_90 limits (:data:`SM90`), and for the target shapes of issue 10 the blocks,
 waves and SMs busy of each launch.
