@@ -9,7 +9,8 @@ pasted in place of its ``#include``, so CuPy's disk cache key covers every line 
 compiled, and ends with the table ``cosattn_layout`` of the shared-memory sizes, which the build
 reads back: the layout has one owner, the kernel's ``Shared`` struct. The numbers Python owns
 (threads per block, rows per step block) reach the compiler as ``-D`` options
-(:func:`compile_options`); the tile sizes are template arguments (:data:`TILES`).
+(:func:`compile_options`); the tile sizes and the clusters are template arguments
+(:data:`TILES`, :func:`cluster`).
 
 Every kernel takes one parameter struct (``ForwardParams``, ``BackwardParams``, ``StepParams``
 of ``cuda/common.cuh``), filled here in one place each (:func:`_forward_params`,
