@@ -315,10 +315,11 @@ def test_gpu_variants_lists_one_default_variant_without_the_backend_hook(monkeyp
     assert list(gpu_variants.variants()) == ["default"]
 
 
-def test_gpu_variants_dry_run_times_and_measures_every_listed_variant(tmp_path, monkeypatch):
+def _listed_variants(monkeypatch, names: tuple[str, ...]) -> list[str]:
+    """The cupy backend made to list the variants ``names``; returns the names entered, in
+    order, as gpu_variants selects them."""
     from cosattn.backends import _cupy
 
-    names = ("three-pass", "single-pass")
     entered = []
 
     @contextlib.contextmanager
@@ -328,6 +329,12 @@ def test_gpu_variants_dry_run_times_and_measures_every_listed_variant(tmp_path, 
 
     monkeypatch.setattr(_cupy, "VARIANTS", names, raising=False)
     monkeypatch.setattr(_cupy, "variant", variant, raising=False)
+    return entered
+
+
+def test_gpu_variants_dry_run_times_and_measures_every_listed_variant(tmp_path, monkeypatch):
+    names = ("three-pass", "single-pass")
+    entered = _listed_variants(monkeypatch, names)
     assert gpu_variants.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_variants_dry_quick.json").read_text())
     profile = gpu_variants.PROFILES["cpu", True]
@@ -349,15 +356,7 @@ def test_gpu_variants_records_a_variant_that_cannot_run_and_runs_the_others(tmp_
                                                                            monkeypatch):
     """A variant whose calls raise (a launch the device refuses, say) is recorded with the
     reason, not ok, and the variants after it are still measured; the exit status is 1."""
-    from cosattn.backends import _cupy
-
-    names = ("broken", "fine")
-    current = []
-
-    @contextlib.contextmanager
-    def variant(name):
-        current.append(name)
-        yield
+    current = _listed_variants(monkeypatch, ("broken", "fine"))
 
     def failing(*args, **kwargs):
         if current[-1] == "broken":
@@ -365,8 +364,6 @@ def test_gpu_variants_records_a_variant_that_cannot_run_and_runs_the_others(tmp_
         return real_forward(*args, **kwargs)
 
     real_forward = gpu_variants.forward
-    monkeypatch.setattr(_cupy, "VARIANTS", names, raising=False)
-    monkeypatch.setattr(_cupy, "variant", variant, raising=False)
     monkeypatch.setattr(gpu_variants, "forward", failing)
     assert gpu_variants.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
     data = json.loads((tmp_path / "gpu_variants_dry_quick.json").read_text())
