@@ -832,6 +832,7 @@ struct Block {
   static_assert(C <= 64, "the count scan gives each lane at most two rows");
   // The blocks that share the Q and K tiles here: G in a cluster, or 1 compiled for sm_80.
   static constexpr int kShare = kClusters ? G : 1;
+  static constexpr int kShareRows = C / kShare;  // the rows of a chunk each of them fetches
   static_assert(C % G == 0, "each block of a cluster fetches the same number of rows");
   static_assert(G == 1 || kMma, "clusters share 16-bit tiles, whose rows are 16-byte pieces");
   // Resident blocks per SM the sweep kernels are compiled for (__launch_bounds__): it caps their
@@ -1154,24 +1155,25 @@ struct Block {
     return loaded ? tile : nullptr;
   }
 
+  // This block's rank among those sharing the tiles (0 without a cluster).
+  static __device__ __forceinline__ int share_rank() { return int(blockIdx.x % kShare); }
+
   // The rows of this stage's Q tile (with_q) and K tile (with_kv) the other blocks of the
   // cluster fetched (rows [g C / G, (g + 1) C / G) for the block of rank g), read from their
   // shared memory 16 bytes at a time into the same place here. Whole rows of W columns: what
   // lies past the sequence's rows or Dq is selected away by settle(), as in a fetched tile.
   __device__ __forceinline__ void gather(bool with_q, bool with_kv) {
-    constexpr int kRows = C / kShare;
     constexpr int kPieces = W * int(sizeof(T)) / 16;  // 16-byte pieces of a row
-    const int rank = int(blockIdx.x % kShare);
+    const int rank = share_rank();
     const unsigned q = unsigned(Smem::kQ + stage * Smem::kStage);
     const unsigned k = unsigned(Smem::kK + stage * Smem::kStage);
 #pragma unroll 1
     for (int other = 1; other < kShare; ++other) {
       const int peer = (rank + other) % kShare;
       const PeerShared from{unsigned(peer)};
-      for (int idx = int(threadIdx.x); idx < kRows * kPieces; idx += kThreads) {
-        const unsigned at =
-            unsigned(((peer * kRows + idx / kPieces) * Smem::kLdX + idx % kPieces * kVec) *
-                     int(sizeof(T)));
+      for (int idx = int(threadIdx.x); idx < kShareRows * kPieces; idx += kThreads) {
+        const int row = peer * kShareRows + idx / kPieces;
+        const unsigned at = unsigned((row * Smem::kLdX + idx % kPieces * kVec) * int(sizeof(T)));
         if (with_q) *reinterpret_cast<uint4*>(dynamic_shared() + q + at) = from.load(q + at);
         if (with_kv) *reinterpret_cast<uint4*>(dynamic_shared() + k + at) = from.load(k + at);
       }
@@ -1196,16 +1198,17 @@ struct Block {
     auto start = [&](index_t it) { return (mode == Mode::kReverse ? last - 1 - it : first + it) * C; };
     auto length = [&](index_t t0) { return int(seq.S - t0 < C ? seq.S - t0 : C); };
     // This block's share of the Q and K rows (all of them without a cluster), and its V slice.
-    constexpr int kRows = C / kShare;
-    const int r0 = int(blockIdx.x % kShare) * kRows;
+    const int r0 = share_rank() * kShareRows;
     auto fetch_chunk = [&](index_t it, int s) {
       const index_t t0 = start(it);
       const int rows = length(t0);
       if (with_q) {
-        fetch<W, kRows>(Q, sm.q(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0, Dq);
+        fetch<W, kShareRows>(Q, sm.q(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0,
+                             Dq);
       }
       if (with_kv) {
-        fetch<W, kRows>(K, sm.k(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0, Dq);
+        fetch<W, kShareRows>(K, sm.k(s) + r0 * Smem::kLdX, Smem::kLdX, t0 + r0, rows - r0, 0,
+                             Dq);
         fetch<SL>(V, sm.v(s), Smem::kLdV, t0, rows, c0, cols);
       }
       __pipeline_commit();

@@ -83,12 +83,8 @@ def _instance_id(instance: tuple[np.dtype, int]) -> str:
 
 
 def _specs() -> list[_cupy.ModuleSpec]:
-    specs = []
-    for name in _cupy.VARIANTS:
-        with _cupy.variant(name):
-            specs += [make(dtype, W) for dtype, W in INSTANCES + CLUSTERS_OF_4
-                      for make in (_cupy.forward_spec, _cupy.backward_spec)]
-    return specs + [_cupy.step_spec(dtype, state) for dtype, state in STEPS]
+    return (_cupy.sweep_specs(INSTANCES + CLUSTERS_OF_4)
+            + [_cupy.step_spec(dtype, state) for dtype, state in STEPS])
 
 
 REGISTRY = """\

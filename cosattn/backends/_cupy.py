@@ -32,7 +32,7 @@ import importlib.resources
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -178,31 +178,29 @@ def slices(dtype: Any, W: int, D: int) -> int:
     return ceil_div(ceil_div(D, SL), G) * G
 
 
-def _sweep(names: tuple[str, ...], dtype: Any, W: int,
-           *more: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _sweep(names: tuple[str, ...], dtype: Any,
+           W: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
     """The expressions of sweep kernels ``names`` at width ``W`` (template arguments T, W, C, SL
-    and ``more``), and their shared memory."""
+    and the cluster G of the variant in use), their shared memory and their clusters."""
     C, SL = tiles(dtype, W)
+    G = cluster(dtype, W)
     args = f"{_ctype(dtype)}, {W}, {C}, {SL}"
-    kernel = ", ".join([args, *map(str, more)])
-    return (tuple(f"cosattn::{name}<{kernel}>" for name in names),
-            (f"cosattn::Shared<{args}>::kBytes",) * len(names))
+    return (tuple(f"cosattn::{name}<{args}, {G}>" for name in names),
+            (f"cosattn::Shared<{args}>::kBytes",) * len(names), (G,) * len(names))
 
 
 def forward_spec(dtype: Any, W: int) -> ModuleSpec:
-    G = cluster(dtype, W)
-    sweeps, shared = _sweep(("forward_kernel",), dtype, W, G)
+    sweeps, shared, clusters = _sweep(("forward_kernel",), dtype, W)
     ctype = _ctype(dtype)
     return ModuleSpec("forward.cu", (*sweeps, f"cosattn::scan_kernel<{ctype}>",
                                      f"cosattn::count_kernel<{ctype}>"),
-                      (*shared, "0", "cosattn::kCountShared"), (G, 1, 1))
+                      (*shared, "0", "cosattn::kCountShared"), (*clusters, 1, 1))
 
 
 def backward_spec(dtype: Any, W: int) -> ModuleSpec:
-    G = cluster(dtype, W)
-    sweeps, shared = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W, G)
+    sweeps, shared, clusters = _sweep(("values_kernel", "queries_keys_kernel"), dtype, W)
     return ModuleSpec("backward.cu", (*sweeps, f"cosattn::dm_kernel<{_ctype(dtype)}>"),
-                      (*shared, "0"), (G, G, 1))
+                      (*shared, "0"), (*clusters, 1))
 
 
 def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
@@ -212,15 +210,22 @@ def step_spec(dtype: Any, state_dtype: Any) -> ModuleSpec:
                       (f"cosattn::kStepShared<{_ctype(state_dtype)}>", "0"), (1, 1))
 
 
-def all_specs() -> list[ModuleSpec]:
-    """Every module of the widths up to 256, one wider (WIDE_EXAMPLE), in every variant, and the
-    step for each input and state dtype: what the NVRTC test compiles."""
+def sweep_specs(instances: Iterable[tuple[Any, int]]) -> list[ModuleSpec]:
+    """The forward and backward modules of the ``(dtype, W)`` instances in every variant, each
+    module once (variants that differ only at run time share their modules)."""
     specs = []
     for name in VARIANTS:
         with variant(name):
-            specs += [make(dtype, W) for make in (forward_spec, backward_spec)
-                      for dtype in INPUT_DTYPES for W in (*WIDTHS, WIDE_EXAMPLE)]
-    specs = list(dict.fromkeys(specs))
+            specs += [make(dtype, W) for dtype, W in instances
+                      for make in (forward_spec, backward_spec)]
+    return list(dict.fromkeys(specs))
+
+
+def all_specs() -> list[ModuleSpec]:
+    """Every module of the widths up to 256 and one wider (WIDE_EXAMPLE) in every variant, and
+    the step for each input and state dtype: what the NVRTC test compiles."""
+    specs = sweep_specs([(dtype, W) for dtype in INPUT_DTYPES
+                         for W in (*WIDTHS, WIDE_EXAMPLE)])
     specs += [step_spec(dtype, state) for dtype in INPUT_DTYPES for state in STATE_DTYPES
               if not (dtype == np.float64 and state == np.float32)]
     return specs
