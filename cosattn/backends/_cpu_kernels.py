@@ -284,69 +284,91 @@ def rows_out(work: np.ndarray, mask: np.ndarray, out: np.ndarray,
                         out[b, h, p] = work[b, h, n, r]
 
 
+@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
+def _gradient_row(g: np.ndarray, extra: np.ndarray, b: int, h: int, n: int, i: int, first: int,
+                  row: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``row = g[b, h, n, i] + extra[b, h, n - first, i]`` (``extra`` empty: nothing added)."""
+    if extra.size:
+        for d in range(row.shape[0]):
+            row[d] = g[b, h, n, i, d] + extra[b, h, n - first, i, d]
+    else:
+        for d in range(row.shape[0]):
+            row[d] = g[b, h, n, i, d]
+
+
+# The gradients' epilogues finish the tokens of the chunks ``first`` .. ``end`` - 1 (a sweep's
+# block, or all of them): the gradient at work position q is ``g`` (B, H, N, C, D) plus
+# ``extra`` (B, H, end - first, C, D), the block's last product, added here instead of in a pass
+# of its own (empty: nothing to add). They write ``out`` at the caller's positions (B, H, S, D),
+# or, with ``at_work``, at the work positions (B, H, n, D): then ``out`` may be ``g`` itself,
+# unchunked, since each row is read whole before it is written.
+
+
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def unit_rows_backward(g: np.ndarray, xh: np.ndarray, inv: np.ndarray, mask: np.ndarray,
-                       eps: float, out: np.ndarray,
-                       pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """The normalisation's backward, docs/spec.md "Backward": ``out_p = (g_q - x̂_q (x̂_q ·
-    g_q)) / |x|`` where ``|x| > eps``, else ``g_q / eps``; +0 where padded. ``g``, ``xh`` (cut
-    into chunks) and ``inv`` are at work positions, ``out`` (B, H, S, D) at the caller's (it may
-    be the first S rows of ``g``)."""
-    B, H = out.shape[:2]
-    C, D = g.shape[3], out.shape[3]
+def unit_rows_backward(g: np.ndarray, extra: np.ndarray, xh: np.ndarray, inv: np.ndarray,
+                       mask: np.ndarray, eps: float, out: np.ndarray, at_work: bool,
+                       pieces: np.ndarray, first: int, end: int) -> None:  # pragma: no cover
+    """The normalisation's backward, docs/spec.md "Backward": ``out = (g - x̂ (x̂ · g)) / |x|``
+    where ``|x| > eps``, else ``g / eps``; +0 where padded. ``xh`` (cut into chunks) and
+    ``inv`` are at work positions."""
+    B, H, _, C, D = g.shape
     big = 1.0 / eps
-    inner = np.empty(1, g.dtype)  # x̂ · g in the buffers' dtype
+    zero = np.zeros(1, g.dtype)[0]  # x̂ · g is summed in the buffers' dtype
+    row = np.empty(D, g.dtype)
     for b in range(B):
         for h in range(H):
             for src, dst, length, _ in pieces:
-                for s in range(length):
+                for s in range(max(0, first * C - dst), min(length, end * C - dst)):
                     p, q = src + s, dst + s
+                    t = q if at_work else p
                     if mask.size and not mask[b, p]:
-                        out[b, h, p] = 0.0
+                        out[b, h, t] = 0.0
                         continue
                     n, i = divmod(q, C)
-                    gq, xq = g[b, h, n, i], xh[b, h, n, i]
+                    _gradient_row(g, extra, b, h, n, i, first, row)
+                    xq = xh[b, h, n, i]
                     r = inv[b, h, q]
-                    inner[0] = 0.0
+                    inner = zero
                     if r < big:
                         for d in range(D):
-                            inner[0] += xq[d] * gq[d]
-                    c = inner[0]
+                            inner += xq[d] * row[d]
                     for d in range(D):
-                        out[b, h, p, d] = (gq[d] - xq[d] * c) * r
+                        out[b, h, t, d] = (row[d] - xq[d] * inner) * r
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def values_backward(dvt: np.ndarray, vt: np.ndarray, w: np.ndarray, log_c: np.ndarray,
-                    mask: np.ndarray, dm_terms: np.ndarray, out: np.ndarray,
-                    pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``out_p = w_p dṽ_q`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] =
+def values_backward(g: np.ndarray, extra: np.ndarray, vt: np.ndarray, w: np.ndarray,
+                    log_c: np.ndarray, mask: np.ndarray, dm_terms: np.ndarray, out: np.ndarray,
+                    at_work: bool, pieces: np.ndarray, first: int,
+                    end: int) -> None:  # pragma: no cover (compiled)
+    """``out = w_p dṽ_q`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] +=
     Σ (dṽ_q · ṽ_q) ln max(1, c_p)`` (``w`` (B, H, S) and ``log_c`` (B, S) at the caller's
-    positions, ``dvt`` and ``vt`` at work positions, cut into chunks); ``out`` may be the first
-    S rows of ``dvt``."""
-    B, H = out.shape[:2]
-    C, D = dvt.shape[3], out.shape[3]
+    positions, ``vt`` at work positions, cut into chunks)."""
+    B, H, _, C, D = g.shape
+    row = np.empty(D, g.dtype)
     for b in range(B):
         for h in range(H):
             total = 0.0
             for src, dst, length, _ in pieces:
-                for s in range(length):
-                    p = src + s
+                for s in range(max(0, first * C - dst), min(length, end * C - dst)):
+                    p, q = src + s, dst + s
+                    t = q if at_work else p
                     if mask.size and not mask[b, p]:
-                        out[b, h, p] = 0.0
+                        out[b, h, t] = 0.0
                         continue
-                    n, i = divmod(dst + s, C)
-                    gq = dvt[b, h, n, i]
+                    n, i = divmod(q, C)
+                    _gradient_row(g, extra, b, h, n, i, first, row)
                     if w.size == 0:
-                        out[b, h, p] = gq
+                        for d in range(D):
+                            out[b, h, t, d] = row[d]
                         continue
                     dot = 0.0
                     xq = vt[b, h, n, i]
                     for d in range(D):
-                        dot += gq[d] * xq[d]
+                        dot += row[d] * xq[d]
                     total += dot * log_c[b, p]
                     scale = w[b, h, p]
                     for d in range(D):
-                        out[b, h, p, d] = gq[d] * scale
+                        out[b, h, t, d] = row[d] * scale
             if w.size:
-                dm_terms[b, h] = total
+                dm_terms[b, h] += total

@@ -9,9 +9,10 @@ product. Nothing of size S x S or S x D x D is ever built. Work buffers are cut 
 chunk by chunk (B, H, N, D, C) by the pass that makes it: OpenBLAS multiplies these small
 matrices by a transposed right operand at about half the speed. Accumulation is float32
 (float64 for float64 inputs) whatever the input dtype. The products are NumPy's (BLAS); the
-elementwise work around them (normalisation, scaling, the output copy, the normalisation
-backward, ``dm``'s terms) runs as one fused pass per array in :mod:`._cpu_kernels`, as does
-the recurrent step.
+elementwise work around them (normalisation, scaling, the output copy) runs as one fused pass
+per array in :mod:`._cpu_kernels`, as does the recurrent step. The backward finishes each
+gradient (the normalisation backward, ``dm``'s terms) block by block in the sweep that makes
+its last product, adding that product as it reads the block.
 
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
 to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
@@ -299,21 +300,22 @@ def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
     return out
 
 
-def _output_work(call: ForwardCall, layout: _Layout) -> tuple[Any, bool]:
-    """The chunked work buffer (B, H, N, C, Dv) of the forward's output, and whether it is
-    ``o`` itself: a view of it where the work layout is the caller's (no packing, whole
+def _output_work(call: ForwardCall | BackwardCall, out: Any,
+                 layout: _Layout) -> tuple[Any, bool]:
+    """The chunked work buffer (B, H, N, C, D) of the output ``out`` (B, H, S, D), and whether
+    it is ``out`` itself: a view of it where the work layout is the caller's (no packing, whole
     chunks) in the accumulation dtype with each head's rows one contiguous matrix, else a new
-    buffer. The products then write ``o`` directly: measured at B1 H8 S8192 D64 (in-process
-    alternation), the forward about 5 % faster in float32 and float64, its peak extra memory
-    0.57 instead of 0.63 x bytes(q, k, v, o) in float32. The backward keeps its gradients in
-    work buffers: written straight into dq, dk and dv, its products made a forward +
-    backward 2-3 % slower."""
-    p, o = call.p, call.o
-    item = o.itemsize
-    rows = o.strides[3] == item and o.strides[2] == o.shape[3] * item
-    if not call.packed and layout.n == p.S and o.dtype == p.acc and rows:
-        return _chunks(o, layout.chunk), True
-    return _chunked(p, layout, layout.chunk, p.Dv), False
+    buffer. The products then write the output directly, and the backward's epilogues finish
+    its gradients in place. Measured at B1 H8 S8192 D64 (in-process alternation): the forward
+    about 5 % faster in float32 and float64, its peak extra memory 0.57 instead of 0.63 x
+    bytes(q, k, v, o) in float32; the backward's gradients, forward + backward's peak extra
+    memory 1.35 instead of 1.51 in float32 and 1.29 instead of 1.47 in float64."""
+    p = call.p
+    item = out.itemsize
+    rows = out.strides[3] == item and out.strides[2] == out.shape[3] * item
+    if not call.packed and layout.n == p.S and out.dtype == p.acc and rows:
+        return _chunks(out, layout.chunk), True
+    return _chunked(p, layout, layout.chunk, out.shape[3]), False
 
 
 def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, *, out: Any = None,
@@ -421,7 +423,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     if not p.causal:
         x = _normalised_inputs(call, layout)
         qh, kh, vt = (_unchunk(a) for a in (x.qh, x.kh, x.vt))
-        out, direct = _output_work(call, layout)
+        out, direct = _output_work(call, call.o, layout)
         for i in range(len(layout.segments)):
             tokens = layout.tokens(i)
             if kv0 is None:  # the sequence's own sum
@@ -435,7 +437,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     x = _normalised_inputs(call, layout, k_rows=False, transposed=True)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
     _lower(scores, x.qh, x.kt)
-    out, direct = _output_work(call, layout)
+    out, direct = _output_work(call, call.o, layout)
     np.matmul(scores, x.vt, out=out)
     del scores
     carry = _carry(call.N, p, p.Dk, p.Dv, None if kv0 is None else kv0.swapaxes(-1, -2))
@@ -628,6 +630,41 @@ def backward(call: BackwardCall) -> tuple[Any, Any]:
     return dm, dkv0
 
 
+@dataclass
+class _Gradient:
+    """One gradient of the backward: the caller's array, its chunked work buffer (a view of it
+    when :func:`_output_work` allows) and where the epilogue writes it."""
+
+    out: Any  # (B, H, S, D)
+    work: Any  # (B, H, N, C, D)
+    direct: bool  # work is a view of out
+
+    @classmethod
+    def of(cls, call: BackwardCall, out: Any, layout: _Layout) -> _Gradient:
+        return cls(out, *_output_work(call, out, layout))
+
+    @property
+    def cast(self) -> bool:
+        return self.out.dtype != self.work.dtype
+
+    def target(self) -> tuple[Any, bool]:
+        """The epilogue's ``out, at_work``: the work buffer itself, at work positions, when it
+        is the output or the output takes a cast; else the output, at the caller's positions."""
+        if self.direct or self.cast:
+            return _unchunk(self.work), True
+        return self.out, False
+
+    def settle(self, call: BackwardCall, mask: Any, pieces: Any) -> None:
+        """After the epilogues, a cast output receives its rows, moved to the caller's positions
+        first when packed (in place: each row moves to an earlier or the same position)."""
+        if not self.cast:
+            return
+        rows = _unchunk(self.work)[:, :, : call.p.S]
+        if call.packed:
+            _cpu_kernels.rows_out(self.work, mask, rows, pieces)
+        _cast_into(self.out, rows)
+
+
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     p, kv0, dkv = call.p, call.kv0, call.dkv
     if p.S == 0:
@@ -636,32 +673,38 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             return dm, None
         return dm, np.zeros_like(kv0) if dkv is None else dkv.astype(kv0.dtype)
     layout = _layout(call)
-    mask, C = _no_mask(call.mask), layout.chunk
+    mask, C, pieces = _no_mask(call.mask), layout.chunk, layout.pieces(p.S)
+    terms = np.zeros((p.B, p.H), p.acc)
     if p.causal:
         # Three causal products of the forward's shape share two score matrices and two running
         # sums: dq^ meets earlier tokens through (do . v~) and the sum of v~ k^^T before its
         # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
         # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
-        # transposed, and that sum transposed.
+        # transposed, and that sum transposed. Each gradient is finished block by block in the
+        # sweep that makes its last product, which the epilogue adds as it reads the block.
         # The order keeps the live buffers few: each operand goes as soon as its last
         # product is done.
         x = _normalised_inputs(call, layout, transposed=True)
         dof = _as_work(call, call.do, layout)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
-        dvt = scores.swapaxes(-1, -2) @ dof
+        dv = _Gradient.of(call, call.dv, layout)
+        np.matmul(scores.swapaxes(-1, -2), dof, out=dv.work)
         x.kt = None
         dov, scores = scores, None  # its buffer again, for (i, j): do_i . v~_j
         _lower(dov, dof, x.vt_t)
-        dqh = dov @ x.kh
-        dkh = dov.swapaxes(-1, -2) @ x.qh
+        dq, dk = (_Gradient.of(call, out, layout) for out in (call.dq, call.dk))
+        np.matmul(dov, x.kh, out=dq.work)
+        np.matmul(dov.swapaxes(-1, -2), x.qh, out=dk.work)
         dov = None
         carry = _carry(call.N, p, p.Dv, p.Dk, kv0)
         for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=False):
             before = x.vt_t[:, :, n] @ x.kh[:, :, n]  # v~^T k^ of each chunk, then the sum before
             _scan(before, table, carry, reverse=False)
-            dqh[:, :, n] += dof[:, :, n] @ before
-        x.vt_t = None
+            _cpu_kernels.unit_rows_backward(dq.work, dof[:, :, n] @ before, x.qh, x.q_inv, mask,
+                                            p.eps, *dq.target(), pieces, n.start, n.stop)
+        x.vt_t = x.q_inv = None
+        w, log_c = _value_weights(call, x)
         copies = _copies_transposed(p.acc)
         carry = _carry(call.N, p, p.Dv, p.Dk, dkv)
         for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=True):
@@ -669,14 +712,17 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             later_t = (np.empty(later.swapaxes(-1, -2).shape, p.acc) if copies
                        else _transposed(later))
             _scan(later, table, carry, reverse=True, out_t=later_t if copies else None)
-            dkh[:, :, n] += x.vt[:, :, n] @ later
-            dvt[:, :, n] += x.kh[:, :, n] @ later_t
+            _cpu_kernels.unit_rows_backward(dk.work, x.vt[:, :, n] @ later, x.kh, x.k_inv, mask,
+                                            p.eps, *dk.target(), pieces, n.start, n.stop)
+            _cpu_kernels.values_backward(dv.work, x.kh[:, :, n] @ later_t, x.vt, w, log_c, mask,
+                                         terms, *dv.target(), pieces, n.start, n.stop)
         dkv0 = carry
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         x = _normalised_inputs(call, layout)
+        w, log_c = _value_weights(call, x)
         dof = _as_work(call, call.do, layout)
         qh, kh, vt, do = (_unchunk(a) for a in (x.qh, x.kh, x.vt, dof))
-        dqh, dkh, dvt = (_chunked(p, layout, C, D) for D in (p.Dk, p.Dk, p.Dv))
+        dq, dk, dv = (_Gradient.of(call, out, layout) for out in (call.dq, call.dk, call.dv))
         for i in range(len(layout.segments)):
             t = layout.tokens(i)
             if kv0 is None:
@@ -685,23 +731,20 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             else:  # total= (never packed, so one segment)
                 rows = layout.rows(i)
                 kv, g = (a[rows].astype(p.acc, copy=False) for a in (kv0, dkv))
-            _unchunk(dqh)[:, :, t] = do[:, :, t] @ kv
-            _unchunk(dkh)[:, :, t] = vt[:, :, t] @ g
-            _unchunk(dvt)[:, :, t] = kh[:, :, t] @ g.swapaxes(-1, -2)
+            np.matmul(do[:, :, t], kv, out=_unchunk(dq.work)[:, :, t])
+            np.matmul(vt[:, :, t], g, out=_unchunk(dk.work)[:, :, t])
+            np.matmul(kh[:, :, t], g.swapaxes(-1, -2), out=_unchunk(dv.work)[:, :, t])
+        N = layout.n // C
+        _cpu_kernels.unit_rows_backward(dq.work, _NO_EXTRA, x.qh, x.q_inv, mask, p.eps,
+                                        *dq.target(), pieces, 0, N)
+        _cpu_kernels.unit_rows_backward(dk.work, _NO_EXTRA, x.kh, x.k_inv, mask, p.eps,
+                                        *dk.target(), pieces, 0, N)
+        _cpu_kernels.values_backward(dv.work, _NO_EXTRA, x.vt, w, log_c, mask, terms,
+                                     *dv.target(), pieces, 0, N)
         dkv0 = None
     # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
-    if call.m is None:
-        w, log_c = np.empty((0, 0, 0), p.acc), np.empty((0, 0), p.acc)
-    else:
-        w, log_c = x.w, np.log(np.maximum(1, x.c)).astype(p.acc)
-    pieces = layout.pieces(p.S)
-    terms = np.empty((p.B, p.H), p.acc)
-    _into(call.dq, _unchunk(dqh), _cpu_kernels.unit_rows_backward, dqh, x.qh, x.q_inv, mask,
-          p.eps, pieces)
-    _into(call.dk, _unchunk(dkh), _cpu_kernels.unit_rows_backward, dkh, x.kh, x.k_inv, mask,
-          p.eps, pieces)
-    _into(call.dv, _unchunk(dvt), _cpu_kernels.values_backward, dvt, x.vt, w, log_c, mask,
-          terms, pieces)
+    for grad in (dq, dk, dv):
+        grad.settle(call, mask, pieces)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
@@ -709,6 +752,14 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
     if kv0 is None or not p.causal:
         return dm, None
     return dm, dkv0.astype(kv0.dtype)
+
+
+def _value_weights(call: BackwardCall, x: _Normalised) -> tuple[Any, Any]:
+    """``w`` (B, H, S) and ``ln max(1, c)`` (B, S) for :func:`._cpu_kernels.values_backward`,
+    both empty without ``m``."""
+    if call.m is None:
+        return np.empty((0, 0, 0), call.p.acc), np.empty((0, 0), call.p.acc)
+    return x.w, np.log(np.maximum(1, x.c)).astype(call.p.acc)
 
 
 def step(call: StepCall) -> None:
@@ -730,6 +781,7 @@ def step(call: StepCall) -> None:
 
 
 _NONE = np.empty(0, np.float32)  # no stabiliser
+_NO_EXTRA = np.empty((0,) * 5, np.float32)  # nothing for an epilogue to add
 _ALL_REAL = np.empty((0, 0), np.bool_)  # no mask, as the CPU kernels take it
 _ALL_REAL_ROWS = np.empty(0, np.bool_)  # no step mask; every row from its state
 _NO_SLOTS = np.empty(0, np.int64)  # row b is state b
