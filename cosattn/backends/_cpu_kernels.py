@@ -177,8 +177,8 @@ def _rows(out: np.ndarray, tile: np.ndarray, b: int, h: int,
 @numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
 def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
                chunk: int) -> None:  # pragma: no cover (compiled)
-    """Copy the rows (C, D) of one chunk (or its state), transposed, into ``out_t`` (B, H, N,
-    D, C) when it is not empty."""
+    """Copy the rows (C, D) of one chunk, transposed, into ``out_t`` (B, H, N, D, C) when it is
+    not empty."""
     if out_t.size:  # written row by row: contiguous stores, gathered loads (from cache)
         target = out_t[b, h, chunk]
         for d in range(rows.shape[1]):
@@ -236,16 +236,15 @@ def rows_in(x: np.ndarray, mask: np.ndarray, eps: float, w: np.ndarray, out: np.
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, carry: np.ndarray,
-               out_t: np.ndarray) -> None:  # pragma: no cover (compiled)
+def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool,
+               carry: np.ndarray) -> None:  # pragma: no cover (compiled)
     """Exclusive running sums over the chunks of each segment, in place: ``sums`` (B, H, N, X,
     Y) holds one term per chunk; entry n becomes the segment's carried value plus the terms of
     its chunks before n (after n with ``reverse``). ``segments`` (K, 3) int64 holds rows (first
     chunk, end chunk, state row), the state row -1 for "the batch row b". ``carry`` (R, H, X,
     Y) holds by state row the value a segment starts from, and receives the value it ends with
     (its start plus every term), so that a sweep cut into blocks of chunks carries its sums
-    from block to block. ``out_t`` (B, H, N, Y, X), when not empty, receives the results
-    transposed."""
+    from block to block."""
     B, H, _, X, Y = sums.shape
     acc = np.empty((X, Y), sums.dtype)
     for b in range(B):
@@ -261,7 +260,6 @@ def chunk_scan(sums: np.ndarray, segments: np.ndarray, reverse: bool, carry: np.
                             t = term[x, y]
                             term[x, y] = acc[x, y]
                             acc[x, y] += t
-                    _transpose(term, out_t, b, h, n)
                 carry[r, h] = acc
 
 
@@ -291,6 +289,19 @@ def _gradient_row(g: np.ndarray, extra: np.ndarray, b: int, h: int, n: int, i: i
     if extra.size:
         for d in range(row.shape[0]):
             row[d] = g[b, h, n, i, d] + extra[b, h, n - first, i, d]
+    else:
+        for d in range(row.shape[0]):
+            row[d] = g[b, h, n, i, d]
+
+
+@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
+def _gradient_row_t(g: np.ndarray, extra_t: np.ndarray, b: int, h: int, n: int, i: int,
+                    first: int, row: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``row = g[b, h, n, i] + extra_t[b, h, n - first, :, i]``: the extra product transposed
+    chunk by chunk (empty: nothing added)."""
+    if extra_t.size:
+        for d in range(row.shape[0]):
+            row[d] = g[b, h, n, i, d] + extra_t[b, h, n - first, d, i]
     else:
         for d in range(row.shape[0]):
             row[d] = g[b, h, n, i, d]
@@ -337,13 +348,15 @@ def unit_rows_backward(g: np.ndarray, extra: np.ndarray, xh: np.ndarray, inv: np
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def values_backward(g: np.ndarray, extra: np.ndarray, vt: np.ndarray, w: np.ndarray,
+def values_backward(g: np.ndarray, extra_t: np.ndarray, vt: np.ndarray, w: np.ndarray,
                     log_c: np.ndarray, mask: np.ndarray, dm_terms: np.ndarray, out: np.ndarray,
                     at_work: bool, pieces: np.ndarray, first: int,
                     end: int) -> None:  # pragma: no cover (compiled)
     """``out = w_p dṽ_q`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] +=
     Σ (dṽ_q · ṽ_q) ln max(1, c_p)`` (``w`` (B, H, S) and ``log_c`` (B, S) at the caller's
-    positions, ``vt`` at work positions, cut into chunks)."""
+    positions, ``vt`` at work positions, cut into chunks). The extra product comes transposed
+    chunk by chunk, ``extra_t`` (B, H, end - first, D, C): the reverse sweep makes it from the
+    running sum as it stands, which saves transposing the sum."""
     B, H, _, C, D = g.shape
     row = np.empty(D, g.dtype)
     for b in range(B):
@@ -357,7 +370,7 @@ def values_backward(g: np.ndarray, extra: np.ndarray, vt: np.ndarray, w: np.ndar
                         out[b, h, t] = 0.0
                         continue
                     n, i = divmod(q, C)
-                    _gradient_row(g, extra, b, h, n, i, first, row)
+                    _gradient_row_t(g, extra_t, b, h, n, i, first, row)
                     if w.size == 0:
                         for d in range(D):
                             out[b, h, t, d] = row[d]

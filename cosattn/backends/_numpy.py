@@ -367,14 +367,12 @@ def _carry(rows: int, p: Problem, X: int, Y: int, init: Any) -> Any:
     return np.array(init, dtype=p.acc)
 
 
-def _scan(terms: Any, table: Any, carry: Any, *, reverse: bool, out_t: Any = None) -> None:
+def _scan(terms: Any, table: Any, carry: Any, *, reverse: bool) -> None:
     """Exclusive running sums of the per-chunk ``terms`` (B, H, n, X, Y) of one block, in
     place (:func:`._cpu_kernels.chunk_scan`): entry n becomes its segment's carried value plus
     the terms before n (after n with ``reverse``), so each chunk meets the chunks before (after)
-    it, and the incoming state, in one product; ``carry`` goes on to the next block. ``out_t``
-    receives the results transposed."""
-    _cpu_kernels.chunk_scan(terms, table, reverse, carry,
-                            np.empty((0,) * 5, terms.dtype) if out_t is None else out_t)
+    it, and the incoming state, in one product; ``carry`` goes on to the next block."""
+    _cpu_kernels.chunk_scan(terms, table, reverse, carry)
 
 
 def _unchunk(x: Any) -> Any:
@@ -680,42 +678,43 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # sums: dq^ meets earlier tokens through (do . v~) and the sum of v~ k^^T before its
         # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
         # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
-        # transposed, and that sum transposed. Each gradient is finished block by block in the
-        # sweep that makes its last product, which the epilogue adds as it reads the block.
-        # The order keeps the live buffers few: each operand goes as soon as its last
-        # product is done.
+        # transposed, and that sum (made transposed chunk by chunk, as its sum times k^^T).
+        # Each gradient is finished block by block in the sweep that makes its last product,
+        # which the epilogue adds as it reads the block. The order keeps the live buffers few:
+        # each operand goes as soon as its last product is done. Padded rows of q^, k^, v~
+        # and do are zero, so dq^, dk^ and dv~ are zero there too.
         x = _normalised_inputs(call, layout, transposed=True)
         dof = _as_work(call, call.do, layout)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
         dv = _Gradient.of(call, call.dv, layout)
         np.matmul(scores.swapaxes(-1, -2), dof, out=dv.work)
-        x.kt = None
         dov, scores = scores, None  # its buffer again, for (i, j): do_i . v~_j
         _lower(dov, dof, x.vt_t)
+        x.vt_t = None
         dq, dk = (_Gradient.of(call, out, layout) for out in (call.dq, call.dk))
         np.matmul(dov, x.kh, out=dq.work)
         np.matmul(dov.swapaxes(-1, -2), x.qh, out=dk.work)
         dov = None
         carry = _carry(call.N, p, p.Dv, p.Dk, kv0)
         for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=False):
-            before = x.vt_t[:, :, n] @ x.kh[:, :, n]  # v~^T k^ of each chunk, then the sum before
+            before = x.vt[:, :, n].swapaxes(-1, -2) @ x.kh[:, :, n]  # v~^T k^, then the sum
             _scan(before, table, carry, reverse=False)
             _cpu_kernels.unit_rows_backward(dq.work, dof[:, :, n] @ before, x.qh, x.q_inv, mask,
                                             p.eps, *dq.target(), pieces, n.start, n.stop)
-        x.vt_t = x.q_inv = None
+        dq.settle(call, mask, pieces)  # its work buffer and q's norms can go
+        dq = x.q_inv = None
         w, log_c = _value_weights(call, x)
-        copies = _copies_transposed(p.acc)
         carry = _carry(call.N, p, p.Dv, p.Dk, dkv)
         for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=True):
             later = dof[:, :, n].swapaxes(-1, -2) @ x.qh[:, :, n]  # do^T q^', then the sum after
-            later_t = (np.empty(later.swapaxes(-1, -2).shape, p.acc) if copies
-                       else _transposed(later))
-            _scan(later, table, carry, reverse=True, out_t=later_t if copies else None)
+            _scan(later, table, carry, reverse=True)
             _cpu_kernels.unit_rows_backward(dk.work, x.vt[:, :, n] @ later, x.kh, x.k_inv, mask,
                                             p.eps, *dk.target(), pieces, n.start, n.stop)
-            _cpu_kernels.values_backward(dv.work, x.kh[:, :, n] @ later_t, x.vt, w, log_c, mask,
+            _cpu_kernels.values_backward(dv.work, later @ x.kt[:, :, n], x.vt, w, log_c, mask,
                                          terms, *dv.target(), pieces, n.start, n.stop)
+        dk.settle(call, mask, pieces)
+        dv.settle(call, mask, pieces)
         dkv0 = carry
     else:  # each sequence's own sums, or the whole sequence's and their gradient (total=)
         x = _normalised_inputs(call, layout)
@@ -741,10 +740,9 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
                                         *dk.target(), pieces, 0, N)
         _cpu_kernels.values_backward(dv.work, _NO_EXTRA, x.vt, w, log_c, mask, terms,
                                      *dv.target(), pieces, 0, N)
+        for grad in (dq, dk, dv):
+            grad.settle(call, mask, pieces)
         dkv0 = None
-    # Padded rows of q^, k^, v~ and do are zero, so dq^, dk^ and dv~ are zero there too.
-    for grad in (dq, dk, dv):
-        grad.settle(call, mask, pieces)
     dm = None
     if call.m is not None:
         sig = _sigmoid(call.m)
