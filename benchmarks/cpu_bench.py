@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import sys
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -228,6 +229,36 @@ def _alternated(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, flo
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+class _TrainingStep:
+    """cosattn's forward then backward on ``inputs``, as a training step runs them; keeps the
+    seconds and the page faults (minor faults, ``getrusage``) of each half of every call."""
+
+    def __init__(self, inputs: dict[str, Any]) -> None:
+        self.fwd, self.bwd = _forward("cosattn"), _backward("cosattn")
+        self.inputs = inputs
+        self.halves: dict[str, list[tuple[float, int]]] = {"fwd": [], "bwd": []}
+
+    def _timed(self, half: str, fn: Callable[[], Any]) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        seconds = hx.wall_time(fn)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        self.halves[half].append((seconds, faults))
+
+    def __call__(self) -> None:
+        q, k, v, m, do = (self.inputs[n] for n in ("q", "k", "v", "m", "do"))
+        self._timed("fwd", lambda: self.fwd(q, k, v, m))
+        self._timed("bwd", lambda: self.bwd(do, q, k, v, m))
+
+    def medians(self) -> dict[str, float]:
+        """Each half's median seconds and page faults; the first call, a warm-up, left out."""
+        out = {}
+        for half, samples in self.halves.items():
+            seconds, faults = np.array(samples[1:]).T
+            out[f"{half}_s"], out[f"{half}_faults"] = float(np.median(seconds)), float(
+                np.median(faults))
+        return out
+
+
 def _per_call(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
     def many() -> None:
         for _ in range(calls):
@@ -236,13 +267,24 @@ def _per_call(fn: Callable[[], Any], calls: int) -> Callable[[], Any]:
 
 
 def margin(rounds: int) -> dict[str, Any]:
-    """The margin rows: dtypes at S = 8192, the step against a bare update and a copy."""
-    dtype_fns = {}
+    """The margin rows: dtypes at S = 8192, the step against a bare update and a copy.
+
+    The backward is compared with the forward of the same training steps, each half timed on
+    its own: a lone forward's time depends on what the calls before it freed (whether glibc
+    hands its output pages it keeps mapped or fresh ones). Each half's page faults are kept
+    too: in a step the forward's output reuses mapped pages, while the backward's three
+    gradients, freed together with the output when the step is over, go past glibc's trim
+    threshold and are returned to the kernel, which faults them in and zeroes them again in
+    the next step."""
+    dtype_fns: dict[str, Callable[[], Any]] = {}
+    steps = {}
     for name, dtype in MARGIN_DTYPES.items():
         x = make_inputs(1, 8, TARGET_S, 64, 64, np.dtype(dtype))
+        steps[name] = _TrainingStep(x)
         dtype_fns[f"{name} fwd"] = case("cosattn", "fwd", x)
-        dtype_fns[f"{name} fwdbwd"] = case("cosattn", "fwdbwd", x)
+        dtype_fns[f"{name} fwdbwd"] = steps[name]
     times = _alternated(dtype_fns, rounds)
+    halves = {name: step.medians() for name, step in steps.items()}
     rng = np.random.default_rng(0)
     step = {}
     for B, calls in ((1, 200), (64, 3)):
@@ -271,7 +313,8 @@ def margin(rounds: int) -> dict[str, Any]:
             "step_share_of_copy_bandwidth": seconds["copy"] / seconds["step"]}
     f32 = times["float32 fwd"], times["float32 fwdbwd"]
     measured = {
-        "fwd_s": f32[0], "fwdbwd_s": f32[1], "bwd_over_fwd": (f32[1] - f32[0]) / f32[0],
+        "fwd_s": f32[0], "fwdbwd_s": f32[1],
+        "bwd_over_fwd": halves["float32"]["bwd_s"] / halves["float32"]["fwd_s"],
         **{f"{n}_over_float32": times[f"{n} fwdbwd"] / f32[1] for n in MARGIN_DTYPES
            if n != "float32"},
         "step_over_bare_update": step["B1 H16 D128"]["step_over_bare_update"],
@@ -282,18 +325,28 @@ def margin(rounds: int) -> dict[str, Any]:
                "kind": "at most" if k in at_most else "at least",
                "met": measured[k] <= limit if k in at_most else measured[k] >= limit}
               for k, limit in MARGIN_TARGETS.items()]
-    return {"rounds": rounds, "dtype_seconds": times, "step": step, "checks": checks}
+    return {"rounds": rounds, "dtype_seconds": times, "training_step_halves": halves,
+            "step": step, "checks": checks}
 
 
 def margin_markdown(data: dict[str, Any]) -> list[str]:
     mg = data["margin"]
     lines = ["", f"## Margin rows (medians of {mg['rounds']} alternated rounds)", "",
              "B=1, H=8, S=8192, D=64, m given:", ""]
-    rows = [[name, hx.fmt_ms(mg["dtype_seconds"][f"{name} fwd"]),
-             hx.fmt_ms(mg["dtype_seconds"][f"{name} fwdbwd"]),
-             f"{mg['dtype_seconds'][f'{name} fwdbwd'] / mg['dtype_seconds']['float32 fwdbwd']:.2f}"]
+    seconds, halves = mg["dtype_seconds"], mg["training_step_halves"]
+    rows = [[name, hx.fmt_ms(seconds[f"{name} fwd"]), hx.fmt_ms(seconds[f"{name} fwdbwd"]),
+             f"{seconds[f'{name} fwdbwd'] / seconds['float32 fwdbwd']:.2f}",
+             hx.fmt_ms(halves[name]["fwd_s"]), hx.fmt_ms(halves[name]["bwd_s"]),
+             f"{halves[name]['bwd_s'] / halves[name]['fwd_s']:.2f}",
+             f"{halves[name]['fwd_faults']:.0f} / {halves[name]['bwd_faults']:.0f}"]
             for name in MARGIN_DTYPES]
-    lines.append(hx.markdown_table(["dtype", "fwd ms", "fwd+bwd ms", "x float32"], rows))
+    lines.append(hx.markdown_table(["dtype", "fwd ms", "fwd+bwd ms", "x float32",
+                                    "step's fwd ms", "step's bwd ms", "bwd / fwd",
+                                    "page faults fwd / bwd"], rows))
+    lines += ["", "fwd is a lone forward; fwd+bwd a training step (forward, then backward), "
+              "whose halves are also timed on their own: bwd / fwd compares those. Page faults "
+              "are the median minor faults of each half (fresh pages the kernel maps and "
+              "zeroes)."]
     lines += ["", "Recurrent step, float32, `m` given, validation included:", ""]
     rows = [[shape, f"{r['seconds']['step'] * 1e6:.1f}", f"{r['seconds']['bare update'] * 1e6:.1f}",
              f"{r['step_over_bare_update']:.2f}", f"{r['step_GBps']:.1f}", f"{r['copy_GBps']:.1f}"]

@@ -137,6 +137,10 @@ def test_cpu_bench_quick_writes_its_results(tmp_path):
     assert all(c["value"] > 0 for c in margin["checks"])
     assert set(margin["dtype_seconds"]) == {f"{d} {m}" for d in cpu_bench.MARGIN_DTYPES
                                             for m in ("fwd", "fwdbwd")}
+    for name, halves in margin["training_step_halves"].items():  # the halves fit in the step
+        assert 0 < halves["fwd_s"] + halves["bwd_s"] <= 1.5 * margin["dtype_seconds"][
+            f"{name} fwdbwd"]
+        assert halves["fwd_faults"] >= 0 and halves["bwd_faults"] >= 0
     md = (tmp_path / "cpu_bench_quick.md").read_text()
     assert data["command"] in md and "## forward + backward" in md and "## Margin rows" in md
     assert (tmp_path / "cpu_bench_quick.png").stat().st_size > 0
