@@ -121,6 +121,10 @@ def cpu_header(title: str, data: dict[str, Any]) -> list[str]:
         f"{', '.join(f'{x:.2f}' for x in data['load_average_end'] or [])}  ",
         f"Python {mach['python']}, NumPy {mach['numpy']} ({blas.get('name', '?')} "
         f"{blas.get('version', '')}), {mach['platform']}  ",
+        "Thread pools (threadpoolctl): " + ("; ".join(
+            f"{pool['internal_api']} {pool['version']}, {pool['architecture']} kernels, "
+            f"{pool['num_threads']} threads" for pool in mach.get("thread_pools") or ())
+            or "none found") + "  ",
     ]
 
 
