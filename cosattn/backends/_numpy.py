@@ -258,19 +258,20 @@ def _transposed(x: Any) -> Any:
 
 
 def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
-                       k_rows: bool = True, transposed: bool = False) -> _Normalised:
-    """The inputs of the chunked products; with ``transposed``, kt and vt_t too (copies or
-    views, :func:`_copies_transposed`), and without ``k_rows`` no k^ by rows where it is not
+                       k_rows: bool = True, k_t: bool = False,
+                       v_t: bool = False) -> _Normalised:
+    """The inputs of the chunked products; with ``k_t`` and ``v_t``, kt and vt_t too (copies
+    or views, :func:`_copies_transposed`), and without ``k_rows`` no k^ by rows where it is not
     needed for them."""
     p, mask, C = call.p, _no_mask(call.mask), layout.chunk
-    copies = transposed and _copies_transposed(p.acc)
-    kh = _chunked(p, layout, C, p.Dk) if k_rows or not copies else None
-    kt = _chunked(p, layout, p.Dk, C) if copies else None
+    copies = _copies_transposed(p.acc)
+    kh = _chunked(p, layout, C, p.Dk) if k_rows or not (k_t and copies) else None
+    kt = _chunked(p, layout, p.Dk, C) if k_t and copies else None
     vt = _chunked(p, layout, C, p.Dv)
-    vt_t = _chunked(p, layout, p.Dv, C) if copies else None
+    vt_t = _chunked(p, layout, p.Dv, C) if v_t and copies else None
     k_inv = np.empty((p.B, p.H, layout.n), p.acc)
     _rows_in(call.k, p, layout, mask, out=kh, out_t=kt, inv=k_inv)
-    if transposed and not copies:
+    if k_t and not copies:
         kt = _transposed(kh)
     qh = q_inv = None
     if call.q is not None:
@@ -283,7 +284,7 @@ def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
         c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
     _rows_in(call.v, p, layout, mask, out=vt, out_t=vt_t, w=w)
-    if transposed and not copies:
+    if v_t and not copies:
         vt_t = _transposed(vt)
     return _Normalised(qh, kh if k_rows else None, kt, vt, vt_t, q_inv, k_inv, c, w)
 
@@ -433,7 +434,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
         if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
             _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
         return None
-    x = _normalised_inputs(call, layout, k_rows=False, transposed=True)
+    x = _normalised_inputs(call, layout, k_rows=False, k_t=True)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
     _lower(scores, x.qh, x.kt)
     out, direct = _output_work(call, call.o, layout)
@@ -684,7 +685,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # which the epilogue adds as it reads the block. The order keeps the live buffers few:
         # each operand goes as soon as its last product is done. Padded rows of q^, k^, v~
         # and do are zero, so dq^, dk^ and dv~ are zero there too.
-        x = _normalised_inputs(call, layout, transposed=True)
+        x = _normalised_inputs(call, layout, k_t=True, v_t=True)
         dof = _as_work(call, call.do, layout)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
