@@ -64,13 +64,17 @@ def chunk_size(acc: np.dtype, D: int) -> int:
 
     A chunk costs C x C x D products inside it and D x D x C ones between chunks; smaller
     chunks do fewer operations inside but multiply smaller matrices, which BLAS does less
-    efficiently, and the best size moves with the dtype and D. Measured (one thread, S = 8192
-    with m, forward + backward, against the neighbouring sizes): float32 D16-D128 best at 32
-    (D64: 16 within 1 %, 64 about 25 % slower); float64 D16-D64 best at 16 (D64: 32 about 5 %,
-    64 about 25 % slower), D128 at 64 (32 about 10 % slower). Larger D than measured keeps 64.
+    efficiently, and the best size moves with the dtype and D. Measured (two threads, B1 H8
+    S8192 with m, forward and backward each timed in alternation against the neighbouring
+    sizes): float32, 16 against 32, forward x0.91-0.99 and backward x0.93-0.98 for D 16-64,
+    x1.02 and x1.00 at D96, x1.04 and x1.01 at D128 (64 there: x1.19 and x1.22); float64
+    D16-D64 best at 16 (D64: 32 about 5 %, 64 about 25 % slower), D128 at 64 (32 about 10 %
+    slower). Larger D than measured keeps 64.
     """
+    if D <= 64:
+        return 16
     if acc == np.float64:
-        return 16 if D <= 64 else 64
+        return 64
     return 32 if D <= 128 else 64
 
 
