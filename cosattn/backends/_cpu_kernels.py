@@ -166,49 +166,24 @@ def float_to_half(x: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover (
 # output is +0.
 
 
-@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
-def _rows(out: np.ndarray, tile: np.ndarray, b: int, h: int,
-          chunk: int) -> np.ndarray:  # pragma: no cover (compiled)
-    """Where a pass writes the rows of one chunk: ``out[b, h, chunk]`` (C, D) when ``out`` is
-    not empty, else ``tile``."""
-    return out[b, h, chunk] if out.size else tile
-
-
-@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
-def _transpose(rows: np.ndarray, out_t: np.ndarray, b: int, h: int,
-               chunk: int) -> None:  # pragma: no cover (compiled)
-    """Copy the rows (C, D) of one chunk, transposed, into ``out_t`` (B, H, N, D, C) when it is
-    not empty."""
-    if out_t.size:  # written row by row: contiguous stores, gathered loads (from cache)
-        target = out_t[b, h, chunk]
-        for d in range(rows.shape[1]):
-            for r in range(rows.shape[0]):
-                target[d, r] = rows[r, d]
-
-
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
 def rows_in(x: np.ndarray, mask: np.ndarray, eps: float, w: np.ndarray, out: np.ndarray,
-            out_t: np.ndarray, inv: np.ndarray,
-            pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
+            inv: np.ndarray, pieces: np.ndarray) -> None:  # pragma: no cover (compiled)
     """The prologue: each token's row of ``x`` from caller position p into the chunked work
-    buffers at its work position q, zero where padded and past a piece's tokens. ``out`` takes
-    the rows (B, H, N, C, D), ``out_t`` the rows of each chunk transposed (B, H, N, D, C);
-    either may be empty (then it is not written).
+    buffer ``out`` (B, H, N, C, D) at its work position q, zero where padded and past a piece's
+    tokens.
 
     With ``inv`` (B, H, n) not empty, the row is normalised: ``x_p / max(|x_p|, eps)``, and
     ``inv[.., q] = 1 / max(|x_p|, eps)`` (1/eps where padded, as for a zero row). Otherwise it
     is scaled by ``w[.., p]`` (``w`` (B, H, S) at the caller's positions; empty for 1)."""
     B, H = x.shape[:2]
-    D = x.shape[3]
-    C = max(out.shape[3], out_t.shape[4])
-    tile = np.empty((C, D), x.dtype)  # the rows of a chunk when ``out`` is empty
+    C, D = out.shape[3], x.shape[3]
     norm = np.empty(1, x.dtype)  # the norm in the outputs' dtype, so the division is too
     for b in range(B):
         for h in range(H):
             for src, dst, length, span in pieces:
                 for s0 in range(0, span, C):
-                    chunk = (dst + s0) // C
-                    rows = _rows(out, tile, b, h, chunk)
+                    rows = out[b, h, (dst + s0) // C]
                     for r in range(C):
                         s = s0 + r
                         p, q = src + s, dst + s
@@ -232,7 +207,6 @@ def rows_in(x: np.ndarray, mask: np.ndarray, eps: float, w: np.ndarray, out: np.
                         else:
                             for d in range(D):
                                 rows[r, d] = x[b, h, p, d]
-                    _transpose(rows, out_t, b, h, chunk)
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)

@@ -5,9 +5,8 @@ interaction is a small masked C x C product; across chunks it goes through per-c
 (Dk x Dv) whose exclusive running sums over the chunks (one fused pass,
 :func:`._cpu_kernels.chunk_scan`, which also adds the incoming state) each chunk meets in one
 product. Nothing of size S x S or S x D x D is ever built. Work buffers are cut into chunks,
-(B, H, N, C, D), and an operand that a product would take transposed is written transposed
-chunk by chunk (B, H, N, D, C) by the pass that makes it: OpenBLAS multiplies these small
-matrices by a transposed right operand at about half the speed. Accumulation is float32
+(B, H, N, C, D); a product that takes one transposed takes a view (:func:`_transposed`).
+Accumulation is float32
 (float64 for float64 inputs) whatever the input dtype. The products are NumPy's (BLAS); the
 elementwise work around them (normalisation, scaling, the output copy) runs as one fused pass
 per array in :mod:`._cpu_kernels`, as does the recurrent step. The backward finishes each
@@ -144,19 +143,25 @@ def _layout(call: ForwardCall | BackwardCall) -> _Layout:
 @dataclass
 class _Normalised:
     """Normalised, scaled inputs in the work layout cut into chunks, (B, H, N, C, D), zero where
-    no real token sits; some also transposed chunk by chunk, (B, H, N, D, C), to be the right
-    operand of a product that would otherwise take them transposed (copies or views,
-    :func:`_copies_transposed`); per-token quantities at the caller's positions."""
+    no real token sits; per-token quantities at the caller's positions."""
 
     qh: Any  # q_i / max(|q_i|, eps); None when the call has no q
-    kh: Any  # k_j / max(|k_j|, eps); None when not asked for
-    kt: Any  # k^ transposed chunk by chunk; None when not asked for
+    kh: Any  # k_j / max(|k_j|, eps)
     vt: Any  # w_j * v_j
-    vt_t: Any  # v~ transposed chunk by chunk; None when not asked for
     q_inv: Any  # 1 / max(|q_i|, eps), (B, H, n) (at the tokens' work positions); None without q
     k_inv: Any
     c: Any  # token counts (B, S), int64
     w: Any  # the stabiliser w_j, (B, H, S), or None without m
+
+    @property
+    def kt(self) -> Any:
+        """k^ transposed chunk by chunk (B, H, N, Dk, C), a view."""
+        return _transposed(self.kh)
+
+    @property
+    def vt_t(self) -> Any:
+        """v~ transposed chunk by chunk (B, H, N, Dv, C), a view."""
+        return _transposed(self.vt)
 
 
 def _readable(x: Any, acc: np.dtype) -> Any:
@@ -248,49 +253,35 @@ def _chunked(p: Problem, layout: _Layout, *shape: int) -> Any:
     return np.empty((p.B, p.H, layout.n // layout.chunk, *shape), p.acc)
 
 
-def _copies_transposed(acc: np.dtype) -> bool:
-    """Whether an operand a product takes transposed is better copied transposed first: for
-    float32, where OpenBLAS's products with a transposed right operand take about twice as long
-    as plain ones (a transposed copy costs about two thirds of a plain product); not for
-    float64, where they take about 10 % longer and the copy costs a third of a product."""
-    return acc == np.float32
-
-
 def _transposed(x: Any) -> Any:
-    """A chunked buffer (B, H, N, C, D) transposed chunk by chunk, as a view."""
+    """A chunked buffer (B, H, N, C, D) transposed chunk by chunk, as a view. Products take
+    such views as they are: measured with two threads at B1 H8 S8192, copying k^ and v~
+    transposed first (a plain right operand multiplies faster in OpenBLAS) gained nothing in
+    float32 at D32-D64 (forward and backward within 3 %) and lost about 2 % at D128, while the
+    copies cost the backward 0.06 x bytes(q, k, v, o) of peak memory; float64 lost 2-3 % with
+    them."""
     return x.swapaxes(-1, -2)
 
 
-def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout, *,
-                       k_rows: bool = True, k_t: bool = False,
-                       v_t: bool = False) -> _Normalised:
-    """The inputs of the chunked products; with ``k_t`` and ``v_t``, kt and vt_t too (copies
-    or views, :func:`_copies_transposed`), and without ``k_rows`` no k^ by rows where it is not
-    needed for them."""
+def _normalised_inputs(call: ForwardCall | BackwardCall, layout: _Layout) -> _Normalised:
+    """The inputs of the chunked products."""
     p, mask, C = call.p, _no_mask(call.mask), layout.chunk
-    copies = _copies_transposed(p.acc)
-    kh = _chunked(p, layout, C, p.Dk) if k_rows or not (k_t and copies) else None
-    kt = _chunked(p, layout, p.Dk, C) if k_t and copies else None
+    kh = _chunked(p, layout, C, p.Dk)
     vt = _chunked(p, layout, C, p.Dv)
-    vt_t = _chunked(p, layout, p.Dv, C) if v_t and copies else None
     k_inv = np.empty((p.B, p.H, layout.n), p.acc)
-    _rows_in(call.k, p, layout, mask, out=kh, out_t=kt, inv=k_inv)
-    if k_t and not copies:
-        kt = _transposed(kh)
+    _rows_in(call.k, p, layout, mask, kh, inv=k_inv)
     qh = q_inv = None
     if call.q is not None:
         qh = _chunked(p, layout, C, p.Dk)
         q_inv = np.empty((p.B, p.H, layout.n), p.acc)
-        _rows_in(call.q, p, layout, mask, out=qh, inv=q_inv)
+        _rows_in(call.q, p, layout, mask, qh, inv=q_inv)
     if call.packed:
         c = _packed_counts(p, call.cu_seqlens, call.mask, call.count0)
     else:
         c = _counts(p, call.mask, call.count0)
     w = None if call.m is None else _weights(call.m, c)
-    _rows_in(call.v, p, layout, mask, out=vt, out_t=vt_t, w=w)
-    if v_t and not copies:
-        vt_t = _transposed(vt)
-    return _Normalised(qh, kh if k_rows else None, kt, vt, vt_t, q_inv, k_inv, c, w)
+    _rows_in(call.v, p, layout, mask, vt, w=w)
+    return _Normalised(qh, kh, vt, q_inv, k_inv, c, w)
 
 
 def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
@@ -301,7 +292,7 @@ def _as_work(call: BackwardCall, x: Any, layout: _Layout) -> Any:
     if not call.packed and call.mask is None and layout.n == p.S and x.dtype == p.acc:
         return _chunks(x, layout.chunk)
     out = _chunked(p, layout, layout.chunk, x.shape[3])
-    _rows_in(x, p, layout, _no_mask(call.mask), out=out)
+    _rows_in(x, p, layout, _no_mask(call.mask), out)
     return out
 
 
@@ -324,17 +315,14 @@ def _output_work(call: ForwardCall | BackwardCall, out: Any,
     return _chunked(p, layout, layout.chunk, out.shape[3]), False
 
 
-def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, *, out: Any = None,
-             out_t: Any = None, inv: Any = None, w: Any = None) -> None:
+def _rows_in(x: Any, p: Problem, layout: _Layout, mask: Any, out: Any, *, inv: Any = None,
+             w: Any = None) -> None:
     """The prologue pass (:func:`._cpu_kernels.rows_in`) of one input (B, H, S, D) into the
-    chunked work buffers ``out`` and ``out_t`` (by rows and transposed; None: not written):
-    normalised when ``inv`` is given, else scaled by ``w`` (None: 1)."""
-    none = np.empty((0,) * 5, p.acc)
-    _cpu_kernels.rows_in(_readable(x, p.acc), mask, p.eps,
-                         none.reshape(0, 0, 0) if w is None else w,
-                         none if out is None else out, none if out_t is None else out_t,
-                         none.reshape(0, 0, 0) if inv is None else inv,
-                         layout.pieces(x.shape[2]))
+    chunked work buffer ``out``: normalised when ``inv`` is given, else scaled by ``w`` (None:
+    1)."""
+    none = np.empty((0, 0, 0), p.acc)
+    _cpu_kernels.rows_in(_readable(x, p.acc), mask, p.eps, none if w is None else w, out,
+                         none if inv is None else inv, layout.pieces(x.shape[2]))
 
 
 def _chunks(x: Any, C: int) -> Any:
@@ -438,7 +426,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
         if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
             _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
         return None
-    x = _normalised_inputs(call, layout, k_rows=False, k_t=True)
+    x = _normalised_inputs(call, layout)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
     _lower(scores, x.qh, x.kt)
     out, direct = _output_work(call, call.o, layout)
@@ -689,7 +677,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # which the epilogue adds as it reads the block. The order keeps the live buffers few:
         # each operand goes as soon as its last product is done. Padded rows of q^, k^, v~
         # and do are zero, so dq^, dk^ and dv~ are zero there too.
-        x = _normalised_inputs(call, layout, k_t=True, v_t=True)
+        x = _normalised_inputs(call, layout)
         dof = _as_work(call, call.do, layout)
         scores = _chunked(p, layout, C, C)
         _lower(scores, x.qh, x.kt)
@@ -697,7 +685,6 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         np.matmul(scores.swapaxes(-1, -2), dof, out=dv.work)
         dov, scores = scores, None  # its buffer again, for (i, j): do_i . v~_j
         _lower(dov, dof, x.vt_t)
-        x.vt_t = None
         dq, dk = (_Gradient.of(call, out, layout) for out in (call.dq, call.dk))
         np.matmul(dov, x.kh, out=dq.work)
         np.matmul(dov.swapaxes(-1, -2), x.qh, out=dk.work)
