@@ -268,19 +268,6 @@ def _gradient_row(g: np.ndarray, extra: np.ndarray, b: int, h: int, n: int, i: i
             row[d] = g[b, h, n, i, d]
 
 
-@numba.njit(inline="always", fastmath=_FAST, nogil=True, boundscheck=False)
-def _gradient_row_t(g: np.ndarray, extra_t: np.ndarray, b: int, h: int, n: int, i: int,
-                    first: int, row: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """``row = g[b, h, n, i] + extra_t[b, h, n - first, :, i]``: the extra product transposed
-    chunk by chunk (empty: nothing added)."""
-    if extra_t.size:
-        for d in range(row.shape[0]):
-            row[d] = g[b, h, n, i, d] + extra_t[b, h, n - first, d, i]
-    else:
-        for d in range(row.shape[0]):
-            row[d] = g[b, h, n, i, d]
-
-
 # The gradients' epilogues finish the tokens of the chunks ``first`` .. ``end`` - 1 (a sweep's
 # block, or all of them): the gradient at work position q is ``g`` (B, H, N, C, D) plus
 # ``extra`` (B, H, end - first, C, D), the block's last product, added here instead of in a pass
@@ -322,15 +309,13 @@ def unit_rows_backward(g: np.ndarray, extra: np.ndarray, xh: np.ndarray, inv: np
 
 
 @numba.njit(cache=True, fastmath=_FAST, nogil=True, boundscheck=False)
-def values_backward(g: np.ndarray, extra_t: np.ndarray, vt: np.ndarray, w: np.ndarray,
+def values_backward(g: np.ndarray, extra: np.ndarray, vt: np.ndarray, w: np.ndarray,
                     log_c: np.ndarray, mask: np.ndarray, dm_terms: np.ndarray, out: np.ndarray,
                     at_work: bool, pieces: np.ndarray, first: int,
                     end: int) -> None:  # pragma: no cover (compiled)
     """``out = w_p dṽ_q`` (+0 where padded) and, when ``w`` is given, ``dm_terms[b, h] +=
     Σ (dṽ_q · ṽ_q) ln max(1, c_p)`` (``w`` (B, H, S) and ``log_c`` (B, S) at the caller's
-    positions, ``vt`` at work positions, cut into chunks). The extra product comes transposed
-    chunk by chunk, ``extra_t`` (B, H, end - first, D, C): the reverse sweep makes it from the
-    running sum as it stands, which saves transposing the sum."""
+    positions, ``vt`` at work positions, cut into chunks)."""
     B, H, _, C, D = g.shape
     row = np.empty(D, g.dtype)
     for b in range(B):
@@ -344,7 +329,7 @@ def values_backward(g: np.ndarray, extra_t: np.ndarray, vt: np.ndarray, w: np.nd
                         out[b, h, t] = 0.0
                         continue
                     n, i = divmod(q, C)
-                    _gradient_row_t(g, extra_t, b, h, n, i, first, row)
+                    _gradient_row(g, extra, b, h, n, i, first, row)
                     if w.size == 0:
                         for d in range(D):
                             out[b, h, t, d] = row[d]

@@ -672,7 +672,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         # sums: dq^ meets earlier tokens through (do . v~) and the sum of v~ k^^T before its
         # chunk, dk^ later ones through the same scores transposed and the sum of do q^'^T
         # after its chunk, and dv~ later ones through (q^' . k^), the forward's scores
-        # transposed, and that sum (made transposed chunk by chunk, as its sum times k^^T).
+        # transposed, and that sum transposed.
         # Each gradient is finished block by block in the sweep that makes its last product,
         # which the epilogue adds as it reads the block. The order keeps the live buffers few:
         # each operand goes as soon as its last product is done. Padded rows of q^, k^, v~
@@ -704,8 +704,9 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
             _scan(later, table, carry, reverse=True)
             _cpu_kernels.unit_rows_backward(dk.work, x.vt[:, :, n] @ later, x.kh, x.k_inv, mask,
                                             p.eps, *dk.target(), pieces, n.start, n.stop)
-            _cpu_kernels.values_backward(dv.work, later @ x.kt[:, :, n], x.vt, w, log_c, mask,
-                                         terms, *dv.target(), pieces, n.start, n.stop)
+            _cpu_kernels.values_backward(dv.work, x.kh[:, :, n] @ _transposed(later), x.vt, w,
+                                         log_c, mask, terms, *dv.target(), pieces, n.start,
+                                         n.stop)
         dk.settle(call, mask, pieces)
         dv.settle(call, mask, pieces)
         dkv0 = carry
