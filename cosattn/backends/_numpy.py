@@ -6,12 +6,11 @@ interaction is a small masked C x C product; across chunks it goes through per-c
 :func:`._cpu_kernels.chunk_scan`, which also adds the incoming state) each chunk meets in one
 product. Nothing of size S x S or S x D x D is ever built. Work buffers are cut into chunks,
 (B, H, N, C, D); a product that takes one transposed takes a view (:func:`_transposed`).
-Accumulation is float32
-(float64 for float64 inputs) whatever the input dtype. The products are NumPy's (BLAS); the
-elementwise work around them (normalisation, scaling, the output copy) runs as one fused pass
-per array in :mod:`._cpu_kernels`, as does the recurrent step. The backward finishes each
-gradient (the normalisation backward, ``dm``'s terms) block by block in the sweep that makes
-its last product, adding that product as it reads the block.
+Accumulation is float32 (float64 for float64 inputs) whatever the input dtype. The products
+are NumPy's (BLAS); the elementwise work around them (normalisation, scaling, the output copy)
+runs as one fused pass per array in :mod:`._cpu_kernels`, as does the recurrent step. The
+backward finishes each gradient (the normalisation backward, ``dm``'s terms) block by block in
+the sweep that makes its last product, adding that product as it reads the block.
 
 Padding holds anything (docs/spec.md, "Bad input"): padded rows of q, k, v and do are selected
 to zero as they are copied in, so nothing there reaches a sum, and padded outputs are written
@@ -691,7 +690,7 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         dov = None
         carry = _carry(call.N, p, p.Dv, p.Dk, kv0)
         for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=False):
-            before = x.vt[:, :, n].swapaxes(-1, -2) @ x.kh[:, :, n]  # v~^T k^, then the sum
+            before = x.vt_t[:, :, n] @ x.kh[:, :, n]  # v~^T k^ of each chunk, then the sum before
             _scan(before, table, carry, reverse=False)
             _cpu_kernels.unit_rows_backward(dq.work, dof[:, :, n] @ before, x.qh, x.q_inv, mask,
                                             p.eps, *dq.target(), pieces, n.start, n.stop)
