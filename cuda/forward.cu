@@ -7,12 +7,12 @@
 // cluster that shares the q and k tiles (common.cuh, "clusters"): G is 1, 2, 4 or 8, chosen by
 // the cupy backend (_cupy.cluster), which launches a whole number of clusters. A sequence is a
 // batch row, or one span of a packed row (cu_seqlens, read here: Span); its state is its row of
-// kv0 and kv_out or the pool slot it names. Causal: one sweep over the segment's chunks from its incoming state, the
-// outgoing state written to kv_out when it is given. Bidirectional: the global sweep (State =
-// K̂'ᵀ Ṽ over the sequence, then o = Q̂' Stateᵀ), or, given kv0 (total=: the whole sequence's
-// sum, count0 every token's count), o = Q̂' kv0ᵀ without a sum of its own. Padded rows of o are
-// +0, and so are the rows of a pool's padding entry (state_indices -1), whose blocks read and
-// write no state. With o null, only the state (cosattn.absorb): kv0 (or zero) + K̂'ᵀ Ṽ into
+// kv0 and kv_out or the pool slot it names. Causal: one sweep over the segment's chunks from
+// its incoming state, the outgoing state written to kv_out when it is given. Bidirectional: the
+// global sweep (State = K̂'ᵀ Ṽ over the sequence, then o = Q̂' Stateᵀ), or, given kv0 (total=:
+// the whole sequence's sum, count0 every token's count), o = Q̂' kv0ᵀ without a sum of its own.
+// Padded rows of o are +0, and so are the rows of a pool's padding entry (state_indices -1),
+// whose blocks read and write no state. With o null, only the state (cosattn.absorb): kv0 (or zero) + K̂'ᵀ Ṽ into
 // kv_out, with the causal counts (from count0) or the global ones (count0, or the row's own), and
 // q is not read. count_kernel writes the outgoing counts afterwards: a pool's count0 and
 // count_out are one array, which the sweeps read.
