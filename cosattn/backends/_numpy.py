@@ -190,17 +190,16 @@ def _no_mask(mask: Any) -> Any:
     return _ALL_REAL if mask is None else mask
 
 
-def _into(out: Any, buf: Any, kernel: Any, *args: Any) -> None:
-    """Run an epilogue ``kernel(*args[:-1], target, pieces)`` writing ``out`` (B, H, S, D):
-    straight into it when it has the accumulation dtype, else into the first S rows of the
-    work buffer ``buf`` (in place: the kernels read each row before they write over it), then
-    cast into ``out``."""
-    *head, pieces = args
-    if out.dtype == buf.dtype:
-        kernel(*head, out, pieces)
+def _rows_out(out: Any, work: Any, mask: Any, pieces: Any) -> None:
+    """``out`` (B, H, S, D) receives the rows of the chunked work buffer ``work`` at the
+    caller's positions, +0 where padded (:func:`._cpu_kernels.rows_out`): straight into it when
+    it has the accumulation dtype, else into the first S rows of ``work`` (in place: each row
+    moves to an earlier or the same position), then cast into ``out``."""
+    if out.dtype == work.dtype:
+        _cpu_kernels.rows_out(work, mask, out, pieces)
     else:
-        rows = buf[:, :, : out.shape[2]]
-        kernel(*head, rows, pieces)
+        rows = _unchunk(work)[:, :, : out.shape[2]]
+        _cpu_kernels.rows_out(work, mask, rows, pieces)
         _cast_into(out, rows)
 
 
@@ -423,7 +422,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
                 kv = kv0[layout.rows(i)].astype(p.acc, copy=False)
             np.matmul(qh[:, :, tokens], kv.swapaxes(-1, -2), out=_unchunk(out)[:, :, tokens])
         if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
-            _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
+            _rows_out(call.o, out, mask, pieces)
         return None
     x = _normalised_inputs(call, layout)
     scores = _chunked(p, layout, layout.chunk, layout.chunk)
@@ -437,7 +436,7 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
         _scan(states, table, carry, reverse=False)
         out[:, :, n] += x.qh[:, :, n] @ states
     if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
-        _into(call.o, _unchunk(out), _cpu_kernels.rows_out, out, mask, pieces)
+        _rows_out(call.o, out, mask, pieces)
     if not call.want_state:
         return None
     return carry.swapaxes(-1, -2).astype(p.state_dtype), count
@@ -646,14 +645,14 @@ class _Gradient:
         return self.out, False
 
     def settle(self, call: BackwardCall, mask: Any, pieces: Any) -> None:
-        """After the epilogues, a cast output receives its rows, moved to the caller's positions
-        first when packed (in place: each row moves to an earlier or the same position)."""
+        """After the epilogues, a cast output receives its rows: moved to the caller's positions
+        first when packed (:func:`_rows_out`); unpacked, they are there already."""
         if not self.cast:
             return
-        rows = _unchunk(self.work)[:, :, : call.p.S]
         if call.packed:
-            _cpu_kernels.rows_out(self.work, mask, rows, pieces)
-        _cast_into(self.out, rows)
+            _rows_out(self.out, self.work, mask, pieces)
+        else:
+            _cast_into(self.out, _unchunk(self.work)[:, :, : call.p.S])
 
 
 def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
