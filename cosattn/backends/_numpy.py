@@ -336,19 +336,34 @@ def _lower(out: Any, a: Any, b_t: Any) -> None:
     out *= np.tri(out.shape[-1], dtype=out.dtype)
 
 
-def _blocks(layout: _Layout, per_chunk: int, *,
-            reverse: bool) -> Iterator[tuple[slice, Any]]:
-    """The chunks cut into blocks whose per-chunk states (``per_chunk`` numbers a chunk) hold
-    about ``STATE_BLOCK_ELEMENTS`` numbers, in the order of a sweep (last to first with
-    ``reverse``), each with its segments for :func:`._cpu_kernels.chunk_scan`. A sweep forms the
-    states of one block, scans them and multiplies them in, so they stay cache-sized instead
-    of S / C states a head."""
-    N = layout.n // layout.chunk
-    step = max(1, STATE_BLOCK_ELEMENTS // max(per_chunk, 1))
-    starts = range(0, N, step)
+def _block_chunks(layout: _Layout, per_chunk: int) -> int:
+    """The chunks of a sweep's block: as many as hold about ``STATE_BLOCK_ELEMENTS`` numbers of
+    per-chunk states (``per_chunk`` numbers a chunk), at most all of them."""
+    return max(1, min(layout.n // layout.chunk, STATE_BLOCK_ELEMENTS // max(per_chunk, 1)))
+
+
+def _blocks(layout: _Layout, step: int, *, reverse: bool) -> Iterator[tuple[slice, Any]]:
+    """The chunks cut into blocks of ``step`` (:func:`_block_chunks`), in the order of a sweep
+    (last to first with ``reverse``), each with its segments for
+    :func:`._cpu_kernels.chunk_scan`. A sweep forms the states of one block, scans them and
+    multiplies them in, so they stay cache-sized instead of S / C states a head."""
+    starts = range(0, layout.n // layout.chunk, step)
     for n0 in reversed(starts) if reverse else starts:
-        n1 = min(n0 + step, N)
+        n1 = min(n0 + step, layout.n // layout.chunk)
         yield slice(n0, n1), layout.scan_table(n0, n1)
+
+
+def _block_buffer(p: Problem, step: int, *shape: int) -> Any:
+    """A buffer (B, H, step, *shape) for a product of a sweep's blocks: every block writes the
+    same one (:func:`_of_block`), made once a call. A fresh array a block would be one
+    allocation of up to a few MB per block, which glibc maps and unmaps each time while its
+    mmap threshold is low (a fresh process), the pages faulted in and zeroed again."""
+    return np.empty((p.B, p.H, step, *shape), p.acc)
+
+
+def _of_block(buffer: Any, n: slice) -> Any:
+    """The part of a :func:`_block_buffer` that block ``n`` uses."""
+    return buffer[:, :, : n.stop - n.start]
 
 
 def _carry(rows: int, p: Problem, X: int, Y: int, init: Any) -> Any:
@@ -431,10 +446,14 @@ def _forward_part(call: ForwardCall) -> tuple[Any, Any] | None:
     np.matmul(scores, x.vt, out=out)
     del scores
     carry = _carry(call.N, p, p.Dk, p.Dv, None if kv0 is None else kv0.swapaxes(-1, -2))
-    for n, table in _blocks(layout, p.B * p.H * p.Dk * p.Dv, reverse=False):
-        states = x.kt[:, :, n] @ x.vt[:, :, n]  # k^^T v~ of each chunk, then the state before
+    step = _block_chunks(layout, p.B * p.H * p.Dk * p.Dv)
+    states_buffer = _block_buffer(p, step, p.Dk, p.Dv)
+    inter_buffer = _block_buffer(p, step, layout.chunk, p.Dv)
+    for n, table in _blocks(layout, step, reverse=False):
+        # k^^T v~ of each chunk, then the state before it
+        states = np.matmul(x.kt[:, :, n], x.vt[:, :, n], out=_of_block(states_buffer, n))
         _scan(states, table, carry, reverse=False)
-        out[:, :, n] += x.qh[:, :, n] @ states
+        out[:, :, n] += np.matmul(x.qh[:, :, n], states, out=_of_block(inter_buffer, n))
     if not direct or call.mask is not None:  # padded rows of a direct output may hold -0
         _rows_out(call.o, out, mask, pieces)
     if not call.want_state:
@@ -687,24 +706,32 @@ def _backward_part(call: BackwardCall) -> tuple[Any, Any]:
         np.matmul(dov, x.kh, out=dq.work)
         np.matmul(dov.swapaxes(-1, -2), x.qh, out=dk.work)
         dov = None
+        step = _block_chunks(layout, p.B * p.H * p.Dv * p.Dk)
+        sums = _block_buffer(p, step, p.Dv, p.Dk)  # a block's running sums, either sweep
+        extra = _block_buffer(p, step, C, max(p.Dk, p.Dv))  # a block's last products
         carry = _carry(call.N, p, p.Dv, p.Dk, kv0)
-        for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=False):
-            before = x.vt_t[:, :, n] @ x.kh[:, :, n]  # v~^T k^ of each chunk, then the sum before
+        for n, table in _blocks(layout, step, reverse=False):
+            # v~^T k^ of each chunk, then the sum before it
+            before = np.matmul(x.vt_t[:, :, n], x.kh[:, :, n], out=_of_block(sums, n))
             _scan(before, table, carry, reverse=False)
-            _cpu_kernels.unit_rows_backward(dq.work, dof[:, :, n] @ before, x.qh, x.q_inv, mask,
-                                            p.eps, *dq.target(), pieces, n.start, n.stop)
+            product = np.matmul(dof[:, :, n], before, out=_of_block(extra[..., : p.Dk], n))
+            _cpu_kernels.unit_rows_backward(dq.work, product, x.qh, x.q_inv, mask, p.eps,
+                                            *dq.target(), pieces, n.start, n.stop)
         dq.settle(call, mask, pieces)  # its work buffer and q's norms can go
         dq = x.q_inv = None
         w, log_c = _value_weights(call, x)
         carry = _carry(call.N, p, p.Dv, p.Dk, dkv)
-        for n, table in _blocks(layout, p.B * p.H * p.Dv * p.Dk, reverse=True):
-            later = dof[:, :, n].swapaxes(-1, -2) @ x.qh[:, :, n]  # do^T q^', then the sum after
+        for n, table in _blocks(layout, step, reverse=True):
+            # do^T q^' of each chunk, then the sum after it
+            later = np.matmul(_transposed(dof[:, :, n]), x.qh[:, :, n], out=_of_block(sums, n))
             _scan(later, table, carry, reverse=True)
-            _cpu_kernels.unit_rows_backward(dk.work, x.vt[:, :, n] @ later, x.kh, x.k_inv, mask,
-                                            p.eps, *dk.target(), pieces, n.start, n.stop)
-            _cpu_kernels.values_backward(dv.work, x.kh[:, :, n] @ _transposed(later), x.vt, w,
-                                         log_c, mask, terms, *dv.target(), pieces, n.start,
-                                         n.stop)
+            product = np.matmul(x.vt[:, :, n], later, out=_of_block(extra[..., : p.Dk], n))
+            _cpu_kernels.unit_rows_backward(dk.work, product, x.kh, x.k_inv, mask, p.eps,
+                                            *dk.target(), pieces, n.start, n.stop)
+            product = np.matmul(x.kh[:, :, n], _transposed(later),
+                                out=_of_block(extra[..., : p.Dv], n))
+            _cpu_kernels.values_backward(dv.work, product, x.vt, w, log_c, mask, terms,
+                                         *dv.target(), pieces, n.start, n.stop)
         dk.settle(call, mask, pieces)
         dv.settle(call, mask, pieces)
         dkv0 = carry
