@@ -308,15 +308,83 @@ class Inputs:
     def bhsd(self, name: str, layout: str) -> Any:
         return to_bhsd(self.arrays[name], layout, self.xp)
 
-    def output(self, like: str, layout: str) -> tuple[Any, Any]:
-        """A new output shaped like input ``like`` in the caller's layout, and its bhsd view."""
-        out = self.xp.empty(self.arrays[like].shape, dtype=self.p.dtype)
+    def output(self, like: str, layout: str, given: Any = None) -> tuple[Any, Any]:
+        """An output shaped like input ``like`` in the caller's layout: ``given`` (an ``out=``
+        array :func:`check_outputs` passed), else a new one; and its bhsd view."""
+        out = self.xp.empty(self.arrays[like].shape, dtype=self.p.dtype) if given is None else given
         return out, to_bhsd(out, layout, self.xp)
 
     @property
     def N(self) -> int:
         """The number of sequences."""
         return self.p.B if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
+
+
+def _address_and_strides(x: Any) -> tuple[int, tuple[int, ...]]:
+    """Where an array's first element lies and its strides in bytes, from its array interface
+    (``__cuda_array_interface__`` on a device, ``__array_interface__`` on the host)."""
+    face = getattr(x, "__cuda_array_interface__", None) or x.__array_interface__
+    strides = face.get("strides")
+    if strides is None:  # C-contiguous
+        item = np.dtype(x.dtype).itemsize
+        strides = tuple(item * int(np.prod(x.shape[i + 1:], dtype=np.int64))
+                        for i in range(len(x.shape)))
+    return face["data"][0], tuple(strides)
+
+
+def _byte_span(x: Any) -> tuple[int, int]:
+    """The bytes ``[first, end)`` between an array's lowest and highest element (empty for no
+    elements): what :func:`numpy.may_share_memory` compares."""
+    if int(np.prod(x.shape, dtype=np.int64)) == 0:
+        return 0, 0
+    address, strides = _address_and_strides(x)
+    low = address + sum(min(0, s * (n - 1)) for s, n in zip(strides, x.shape, strict=True))
+    high = address + sum(max(0, s * (n - 1)) for s, n in zip(strides, x.shape, strict=True))
+    return low, high + np.dtype(x.dtype).itemsize
+
+
+def _c_contiguous(x: Any) -> bool:
+    item = np.dtype(x.dtype).itemsize
+    _, strides = _address_and_strides(x)
+    expected = item
+    for n, s in zip(reversed(x.shape), reversed(strides), strict=True):
+        if n > 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def check_outputs(imported: dict[str, Imported], x: Inputs,
+                  like: dict[str, str]) -> dict[str, Any]:
+    """The caller's ``out=`` arrays among ``imported``, by name (``like`` names the input each
+    is shaped like), checked: the input's shape and dtype, C-contiguous and writable, and no
+    memory shared with any other array of the call (bounds compared, as
+    :func:`numpy.may_share_memory` does), so that the call reads none of what it writes."""
+    given = {n: imported[n].array for n in like if n in imported}
+    if given and x.framework == "jax":
+        raise ValueError("out= cannot be written for JAX arrays, which are immutable")
+    for n, a in given.items():
+        shape = tuple(x.arrays[like[n]].shape)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{n} must have the shape of {like[n]}, {shape}, got {tuple(a.shape)}")
+        if np.dtype(a.dtype) != x.p.dtype:
+            raise TypeError(f"{n} must have the dtype of {like[n]}, {x.p.dtype}, got {a.dtype}")
+        if not _c_contiguous(a):
+            raise ValueError(
+                f"{n} must be C-contiguous (as empty_like({like[n]}) makes it), got strides "
+                f"{_address_and_strides(a)[1]} (bytes) for shape {shape}"
+            )
+        _writable(a, n)
+    for n, a in given.items():
+        first, end = _byte_span(a)
+        for other, i in imported.items():
+            o_first, o_end = _byte_span(i.array)
+            if other != n and first < o_end and o_first < end:
+                raise ValueError(
+                    f"{n} shares memory with {other}: an output may not overlap an input or "
+                    "another output"
+                )
+    return given
 
 
 def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
@@ -411,13 +479,14 @@ def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | No
 def forward_call(q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                  state: tuple[Any, Any] | None, return_state: Any, eps: Any, layout: Any,
                  backend: Any, validate: Any, cu_seqlens: Any = None,
-                 total: tuple[Any, Any] | None = None) -> Prepared[ForwardCall]:
+                 total: tuple[Any, Any] | None = None, out: Any = None) -> Prepared[ForwardCall]:
     if check_flag(return_state, "return_state") and not check_flag(causal, "causal"):
         raise ValueError("return_state=True needs the causal form (causal=False given)")
-    x, _ = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
-                  validate, cu_seqlens=cu_seqlens, total=total)
+    x, imported = inputs({"q": q, "k": k, "v": v}, m, mask, state, causal, eps, layout, backend,
+                         validate, cu_seqlens=cu_seqlens, total=total, extra={"out": out})
+    given = check_outputs(imported, x, {"out": "v"})
     with on_device(x.p.device):
-        o, o_bhsd = x.output("v", layout)
+        o, o_bhsd = x.output("v", layout, given.get("out"))
     call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                        v=x.bhsd("v", layout), m=x.m, mask=x.mask, kv0=x.kv0, count0=x.count0,
                        cu_seqlens=x.cu_seqlens, o=o_bhsd, want_state=bool(return_state))
@@ -438,12 +507,19 @@ def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
 def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                   state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
                   validate: Any, cu_seqlens: Any = None,
-                  total: tuple[Any, Any] | None = None) -> Prepared[BackwardCall]:
+                  total: tuple[Any, Any] | None = None,
+                  out: Any = None) -> Prepared[BackwardCall]:
     if dstate is not None and total is None and not check_flag(causal, "causal"):
         raise ValueError("dstate needs the causal form, or total= (causal=False given)")
+    if out is not None and (not isinstance(out, tuple | list) or len(out) != 3):
+        raise TypeError(
+            f"out must be a tuple (dq, dk, dv) of three arrays or None, got {type(out).__name__}"
+        )
+    named_out = {} if out is None else {f"out[{i}]": a for i, a in enumerate(out)}
     x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
                          layout, backend, validate, cu_seqlens=cu_seqlens,
-                         extra={"dstate": dstate}, total=total)
+                         extra={"dstate": dstate, **named_out}, total=total)
+    given = check_outputs(imported, x, {"out[0]": "q", "out[1]": "k", "out[2]": "v"})
     p = x.p
     dkv = None
     if dstate is not None:
@@ -453,7 +529,8 @@ def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask:
     with on_device(p.device):
         if total is not None and dkv is None:  # no gradient reaches total.kv
             dkv = x.xp.zeros((p.B, p.H, p.Dv, p.Dk), dtype=p.state_dtype)
-        (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (x.output(n, layout) for n in "qkv")
+        (dq, dq_bhsd), (dk, dk_bhsd), (dv, dv_bhsd) = (
+            x.output(n, layout, given.get(f"out[{i}]")) for i, n in enumerate("qkv"))
     call = BackwardCall(p=p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                         v=x.bhsd("v", layout), m=x.m, mask=x.mask, do=x.bhsd("do", layout),
                         kv0=x.kv0, count0=x.count0, cu_seqlens=x.cu_seqlens, dkv=dkv,

@@ -22,7 +22,8 @@ def _state_arrays(state: Any, name: str = "state") -> tuple[Any, Any] | None:
 def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask: Any = None,
             state: RecurrentState | None = None, return_state: bool = False,
             cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
-            layout: str = "bhsd", backend: str | None = None, validate: bool = False) -> Any:
+            layout: str = "bhsd", backend: str | None = None, validate: bool = False,
+            out: Any = None) -> Any:
     """Cottention forward: cosine attention with the learned length stabiliser.
 
     Parameters
@@ -64,10 +65,14 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     validate : bool
         Also check values that need a device→host copy on CUDA (a state's counts); host
         arrays are always checked. ``COSATTN_VALIDATE=1`` turns it on everywhere.
+    out : array like v, optional
+        Where to write ``o``, so that a training loop reuses one buffer instead of fresh memory
+        each step: v's shape (in ``layout``) and dtype, C-contiguous, writable, sharing no
+        memory with any other argument. Not for JAX arrays, which are immutable.
 
     Returns
     -------
-    o : array like v, in the dtype and framework of the inputs
+    o : array like v, in the dtype and framework of the inputs (``out`` when given)
         ``(o, state)`` with ``return_state=True``.
 
     Examples
@@ -84,10 +89,10 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
     prepared = val.forward_call(q, k, v, m, causal=causal, mask=mask, state=_state_arrays(state),
                                 total=_state_arrays(total, "total"), return_state=return_state,
                                 eps=eps, layout=layout, backend=backend, validate=validate,
-                                cu_seqlens=cu_seqlens)
+                                cu_seqlens=cu_seqlens, out=out)
     with on_device(prepared.call.p.device):
         new_state = prepared.backend.forward(prepared.call)
-    o = export_array(prepared.results["o"], prepared.framework)
+    o = out if out is not None else export_array(prepared.results["o"], prepared.framework)
     if new_state is None:
         return o
     kv, count = (export_array(x, prepared.framework) for x in new_state)
@@ -98,7 +103,7 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
              mask: Any = None, state: RecurrentState | None = None, dstate: Any = None,
              cu_seqlens: Any = None, total: RecurrentState | None = None, eps: float = 1e-12,
              layout: str = "bhsd", backend: str | None = None,
-             validate: bool = False) -> tuple:
+             validate: bool = False, out: Any = None) -> tuple:
     """Gradients of :func:`forward` with respect to q, k, v, m (and the incoming state).
 
     Parameters
@@ -112,13 +117,18 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
         sequences. With ``total``, the gradient arriving at ``total.kv`` from the whole
         sequence's outputs; k and v receive their gradient through it alone (zero when it is
         not given).
+    out : tuple (dq, dk, dv), optional
+        Where to write the three gradients, each as :func:`forward`'s ``out`` is to v (shaped
+        like q, k, v; C-contiguous, writable, no shared memory); a None entry gets a new
+        array.
 
     Returns
     -------
-    (dq, dk, dv, dm) : dq, dk, dv like q, k, v; ``dm`` (H,) in float32 (float64 for float64
-        inputs), None when ``m`` is None. With ``state`` given, a fifth item ``dkv0``, the gradient
-        of the incoming state's ``kv``, in the state's dtype. Packed, dq, dk, dv are packed like
-        q, k, v, ``dkv0`` has N rows and ``dm`` sums over every sequence.
+    (dq, dk, dv, dm) : dq, dk, dv like q, k, v (the ``out`` arrays when given); ``dm`` (H,) in
+        float32 (float64 for float64 inputs), None when ``m`` is None. With ``state`` given, a
+        fifth item ``dkv0``, the gradient of the incoming state's ``kv``, in the state's dtype.
+        Packed, dq, dk, dv are packed like q, k, v, ``dkv0`` has N rows and ``dm`` sums over
+        every sequence.
 
     Examples
     --------
@@ -127,10 +137,12 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     prepared = val.backward_call(do, q, k, v, m, causal=causal, mask=mask,
                                  state=_state_arrays(state), total=_state_arrays(total, "total"),
                                  dstate=dstate, eps=eps, layout=layout, backend=backend,
-                                 validate=validate, cu_seqlens=cu_seqlens)
+                                 validate=validate, cu_seqlens=cu_seqlens, out=out)
     with on_device(prepared.call.p.device):
         dm, dkv0 = prepared.backend.backward(prepared.call)
-    grads = [export_array(prepared.results[n], prepared.framework) for n in ("dq", "dk", "dv")]
+    given = (None,) * 3 if out is None else out
+    grads = [g if g is not None else export_array(prepared.results[n], prepared.framework)
+             for g, n in zip(given, ("dq", "dk", "dv"), strict=True)]
     grads.append(None if dm is None else export_array(dm, prepared.framework))
     if state is not None:
         grads.append(export_array(dkv0, prepared.framework))

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -164,9 +165,15 @@ def from_layout(x, layout):
     return x if layout == "bhsd" else x.transpose(0, 2, 1, 3)
 
 
+def _buffer_like(x: np.ndarray, to_native) -> Any:
+    """An out= buffer shaped and typed like ``x``, holding NaN (so unwritten entries show)."""
+    return to_native(np.full(x.shape, np.nan, x.dtype))
+
+
 def check_forward(case: Case, *, causal: bool, layout: str = "bhsd", backend=None,
-                  to_native=np.asarray, to_host=np.asarray) -> None:
-    """cosattn.forward (with states when given and causal) against the reference."""
+                  to_native=np.asarray, to_host=np.asarray, out: bool = False) -> None:
+    """cosattn.forward (with states when given and causal) against the reference; with
+    ``out``, into a given buffer, which the call returns."""
     import cosattn
 
     ref_o, ref_kv, ref_count = reference_forward(case, causal)
@@ -176,9 +183,11 @@ def check_forward(case: Case, *, causal: bool, layout: str = "bhsd", backend=Non
     state = None
     if causal and case.kv0 is not None:
         state = cosattn.RecurrentState(to_native(case.kv0), to_native(case.count0))
+    given = _buffer_like(to_layout(case.v, layout), to_native) if out else None
     result = cosattn.forward(*args, m, causal=causal, mask=mask, state=state,
-                             return_state=causal, layout=layout, backend=backend)
+                             return_state=causal, layout=layout, backend=backend, out=given)
     o, out_state = result if causal else (result, None)
+    assert not out or o is given
     o = to_host(o)
     assert o.dtype == case.dtype
     assert_close(from_layout(o, layout), ref_o, case.dtype, "o")
@@ -191,8 +200,9 @@ def check_forward(case: Case, *, causal: bool, layout: str = "bhsd", backend=Non
 
 
 def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=None,
-                   to_native=np.asarray, to_host=np.asarray) -> None:
-    """cosattn.backward (dstate and dkv0 when given and causal) against the reference."""
+                   to_native=np.asarray, to_host=np.asarray, out: bool = False) -> None:
+    """cosattn.backward (dstate and dkv0 when given and causal) against the reference; with
+    ``out``, into given buffers, which the call returns."""
     import cosattn
 
     ref = reference_backward(case, causal)
@@ -204,9 +214,14 @@ def check_backward(case: Case, *, causal: bool, layout: str = "bhsd", backend=No
         state = cosattn.RecurrentState(to_native(case.kv0), to_native(case.count0))
     if causal and case.dkv is not None:
         dstate = to_native(case.dkv)
+    given = None
+    if out:
+        given = tuple(_buffer_like(to_layout(a, layout), to_native)
+                      for a in (case.q, case.k, case.v))
     grads = cosattn.backward(*args, m, causal=causal, mask=mask, state=state, dstate=dstate,
-                             layout=layout, backend=backend)
+                             layout=layout, backend=backend, out=given)
     assert len(grads) == (5 if state is not None else 4)
+    assert not out or all(g is b for g, b in zip(grads, given, strict=False))
     for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref[:3], strict=True):
         g = to_host(g)
         assert g.dtype == case.dtype, name

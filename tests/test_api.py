@@ -159,6 +159,79 @@ def test_step_errors():
     np.testing.assert_array_equal(state.count, 0)
 
 
+def test_out_errors_name_the_buffer(case):
+    good = np.empty_like(case.v)
+    with pytest.raises(ValueError, match=r"out must have the shape of v, \(2, 3, 10, 5\), got "
+                                         r"\(2, 3, 10, 4\)"):
+        cosattn.forward(*qkv(case), out=np.empty_like(case.q))
+    with pytest.raises(TypeError, match=r"out must have the dtype of v, float32, got float64"):
+        cosattn.forward(*qkv(case), out=good.astype(np.float64))
+    with pytest.raises(ValueError, match=r"out must be C-contiguous .*strides"):
+        cosattn.forward(*qkv(case), out=np.empty((2, 3, 5, 10), np.float32).swapaxes(2, 3))
+    bshd = [a.transpose(0, 2, 1, 3) for a in qkv(case)]
+    with pytest.raises(ValueError, match=r"out must be C-contiguous"):
+        cosattn.forward(*bshd, out=np.empty_like(case.v).transpose(0, 2, 1, 3), layout="bshd")
+    good.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out is read-only"):
+        cosattn.forward(*qkv(case), out=good)
+    with pytest.raises(TypeError, match=r"out must be a tuple \(dq, dk, dv\).*ndarray"):
+        cosattn.backward(case.do, *qkv(case), out=np.empty_like(case.q))
+    with pytest.raises(TypeError, match=r"out must be a tuple \(dq, dk, dv\).*tuple"):
+        cosattn.backward(case.do, *qkv(case), out=(np.empty_like(case.q),) * 2)
+    with pytest.raises(ValueError, match=r"out\[1\] must have the shape of k"):
+        cosattn.backward(case.do, *qkv(case), out=(None, np.empty_like(case.v), None))
+    with pytest.raises(TypeError, match=r"out must be an array .*got list"):
+        cosattn.forward(*qkv(case), out=[[0.0]])
+
+
+def test_out_may_not_share_memory_with_any_argument(case):
+    with pytest.raises(ValueError, match=r"out shares memory with v: an output may not overlap"):
+        cosattn.forward(*qkv(case), out=case.v)
+    memory = np.zeros(case.v.size + 1, np.float32)  # v, and out one element further on
+    v, out = memory[:-1].reshape(case.v.shape), memory[1:].reshape(case.v.shape)
+    with pytest.raises(ValueError, match=r"out shares memory with v"):
+        cosattn.forward(case.q, case.k, v, out=out)
+    dq = np.empty_like(case.q)
+    dstate = dq.reshape(-1)[: case.dkv.size].reshape(case.dkv.shape)
+    state = cosattn.RecurrentState(case.kv0, case.count0)
+    for outs, dkv, pattern in (((dq, dq, None), case.dkv, r"out\[0\] shares memory with out\[1\]"),
+                               ((None, None, case.do), case.dkv, r"out\[2\] shares memory with do"),
+                               ((dq, None, None), dstate, r"out\[0\] shares memory with dstate")):
+        with pytest.raises(ValueError, match=pattern):
+            cosattn.backward(case.do, *qkv(case), case.m, mask=case.mask, state=state,
+                             dstate=dkv, out=outs)
+
+
+def test_out_receives_the_result_and_is_returned(case):
+    """The same bits as a call that allocates, in the caller's buffers (NaN-filled first),
+    which the call returns; a None entry of backward's out gets a new array."""
+    state = cosattn.RecurrentState(case.kv0, case.count0)
+    kw = dict(mask=case.mask, state=state)
+    o, kv = cosattn.forward(*qkv(case), case.m, return_state=True, **kw)
+    buffer = np.full_like(case.v, np.nan)
+    given, kv_given = cosattn.forward(*qkv(case), case.m, return_state=True, out=buffer, **kw)
+    assert given is buffer
+    np.testing.assert_array_equal(buffer, o)
+    np.testing.assert_array_equal(kv_given.kv, kv.kv)
+    grads = cosattn.backward(case.do, *qkv(case), case.m, dstate=case.dkv, **kw)
+    outs = (np.full_like(case.q, np.nan), None, np.full_like(case.v, np.nan))
+    given = cosattn.backward(case.do, *qkv(case), case.m, dstate=case.dkv, out=outs, **kw)
+    assert given[0] is outs[0] and given[2] is outs[2]
+    for a, b in zip(given, grads, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_call_leaves_out_alone(case):
+    buffer = np.full_like(case.v, 7.0)
+    with pytest.raises(ValueError, match=r"m must have shape"):
+        cosattn.forward(*qkv(case), np.zeros(4), out=buffer)
+    outs = tuple(np.full_like(a, 7.0) for a in qkv(case))
+    with pytest.raises(ValueError, match=r"shares memory"):
+        cosattn.backward(case.do, *qkv(case), out=(*outs[:2], case.v))
+    for a in (buffer, *outs):
+        assert (a == 7.0).all()
+
+
 # --- ownership: nothing is modified in place but the stepped state ---------------------------
 
 def test_inputs_are_never_modified(case):
@@ -227,6 +300,12 @@ def test_torch_cpu_round_trip(dtype):
     for g, r in zip(grads, ref_grads, strict=True):
         assert isinstance(g, torch.Tensor)
         assert_close(to_numpy(g), r, dtype)
+    buffers = [torch.full_like(x, float("nan")) for x in (v, q, k, v)]
+    assert cosattn.forward(q, k, v, m, mask=mask, out=buffers[0]) is buffers[0]
+    assert torch.equal(buffers[0], o)
+    given = cosattn.backward(do, q, k, v, m, mask=mask, state=state, out=buffers[1:])
+    for g, b, fresh in zip(given, buffers[1:], grads, strict=False):
+        assert g is b and torch.equal(g, fresh)
     step_state = cosattn.RecurrentState.zeros(2, 2, 4, 3, like=q)
     assert isinstance(step_state.kv, torch.Tensor)
     kv_tensor = step_state.kv

@@ -136,7 +136,8 @@ def test_cpu_bench_quick_writes_its_results(tmp_path):
     assert {c["name"] for c in margin["checks"]} == set(cpu_bench.MARGIN_TARGETS)
     assert all(c["value"] > 0 for c in margin["checks"])
     assert set(margin["dtype_seconds"]) == {f"{d} {m}" for d in cpu_bench.MARGIN_DTYPES
-                                            for m in ("fwd", "fwdbwd")}
+                                            for m in ("fwd", "fwdbwd")} | {
+        f"{cpu_bench.REUSED} fwdbwd"}
     for name, halves in margin["training_step_halves"].items():  # the halves fit in the step
         assert 0 < halves["fwd_s"] + halves["bwd_s"] <= 1.5 * margin["dtype_seconds"][
             f"{name} fwdbwd"]

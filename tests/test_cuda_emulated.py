@@ -353,7 +353,7 @@ def test_forward_matches_the_reference(run, data, cupy_on_host):
     problem = data.draw(problems(instance), label="problem")
     with _cupy.variant(variant):
         check_forward(problem.case(), causal=problem.causal, layout=problem.layout,
-                      backend="cupy")
+                      backend="cupy", out=data.draw(st.booleans(), label="out"))
 
 
 @pytest.mark.parametrize("run", RUNS, ids=_run_id)
@@ -364,7 +364,7 @@ def test_backward_matches_the_reference(run, data, cupy_on_host):
     problem = data.draw(problems(instance), label="problem")
     with _cupy.variant(variant):
         check_backward(problem.case(), causal=problem.causal, layout=problem.layout,
-                       backend="cupy")
+                       backend="cupy", out=data.draw(st.booleans(), label="out"))
 
 
 @pytest.mark.parametrize("instance", INSTANCES, ids=_instance_id)

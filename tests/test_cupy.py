@@ -153,7 +153,8 @@ def problems(draw, dtype, band):
 def test_forward_matches_the_reference(variant, dtype, band, data):
     problem = data.draw(problems(dtype, band), label="problem")
     with variants()[variant]():
-        check_forward(problem.case(), causal=problem.causal, layout=problem.layout, **ON_DEVICE)
+        check_forward(problem.case(), causal=problem.causal, layout=problem.layout,
+                      out=data.draw(st.booleans(), label="out"), **ON_DEVICE)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -164,7 +165,7 @@ def test_backward_matches_the_reference(variant, dtype, band, data):
     problem = data.draw(problems(dtype, band), label="problem")
     with variants()[variant]():
         check_backward(problem.case(), causal=problem.causal, layout=problem.layout,
-                       **ON_DEVICE)
+                       out=data.draw(st.booleans(), label="out"), **ON_DEVICE)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)

@@ -45,16 +45,16 @@ def cases(draw):
     return case, causal, draw(st.sampled_from(["bhsd", "bshd"]))
 
 
-@given(cases())
-def test_forward_matches_reference(drawn):
+@given(cases(), st.booleans())
+def test_forward_matches_reference(drawn, out):
     case, causal, layout = drawn
-    check_forward(case, causal=causal, layout=layout, backend="numpy")
+    check_forward(case, causal=causal, layout=layout, backend="numpy", out=out)
 
 
-@given(cases())
-def test_backward_matches_reference(drawn):
+@given(cases(), st.booleans())
+def test_backward_matches_reference(drawn, out):
     case, causal, layout = drawn
-    check_backward(case, causal=causal, layout=layout, backend="numpy")
+    check_backward(case, causal=causal, layout=layout, backend="numpy", out=out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,8 +65,8 @@ def test_awkward_shapes_every_dtype(shape, dtype):
                      dstate=True)
     check_forward(case, causal=True)
     check_backward(case, causal=True)
-    check_forward(case, causal=False)
-    check_backward(case, causal=False)
+    check_forward(case, causal=False, out=True)
+    check_backward(case, causal=False, out=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

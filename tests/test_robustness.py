@@ -174,11 +174,16 @@ def test_junk_arguments_raise_only_documented_errors(data):
               if isinstance(x, np.ndarray)]
     before = [(x.copy(), x.dtype) for x in arrays]
     backward_options = {k: v for k, v in options.items() if k != "return_state"}
+    # out= junk, or an input itself, which the call must refuse to write into
+    entry = _JUNK_VALUES | st.sampled_from(["q", "k", "v", "do"]).map(args.get)
+    out = data.draw(entry)
+    outs = data.draw(entry | st.tuples(entry, entry, entry))
     for run in (
         lambda: cosattn.forward(args["q"], args["k"], args["v"], args["m"], mask=args["mask"],
-                                **options),
+                                out=out, **options),
         lambda: cosattn.backward(args["do"], args["q"], args["k"], args["v"], args["m"],
-                                 mask=args["mask"], dstate=args["dstate"], **backward_options),
+                                 mask=args["mask"], dstate=args["dstate"], out=outs,
+                                 **backward_options),
     ):
         try:
             run()

@@ -50,9 +50,9 @@ def to_host(x):
     return x.copy_to_host()
 
 
-def check(case, *, causal, layout="bhsd"):
+def check(case, *, causal, layout="bhsd", out=False):
     kw = dict(causal=causal, layout=layout, backend="numba", to_native=to_device,
-              to_host=to_host)
+              to_host=to_host, out=out)
     check_forward(case, **kw)
     check_backward(case, **kw)
 
@@ -130,10 +130,10 @@ def cases(draw):
 
 
 @settings(max_examples=12 if SIMULATED else 60)
-@given(cases())
-def test_matches_reference_drawn(drawn):
+@given(cases(), st.booleans())
+def test_matches_reference_drawn(drawn, out):
     case, causal, layout = drawn
-    check(case, causal=causal, layout=layout)
+    check(case, causal=causal, layout=layout, out=out)
 
 
 @pytest.mark.parametrize("config", ["GPU", "SIMULATOR"])
