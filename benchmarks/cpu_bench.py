@@ -61,6 +61,8 @@ MARGIN_TARGETS = {"fwdbwd_s": 0.070, "fwd_s": 0.022, "bwd_over_fwd": 2.5,
                   "step_share_of_copy_bandwidth": 0.5}
 MARGIN_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16,
                  "float64": np.float64}
+# The margin's float32 training step whose outputs go into the same buffers each time (out=).
+REUSED = "float32, out= buffers"
 
 
 def _forward(impl: str) -> Callable[..., Any]:
@@ -231,10 +233,16 @@ def _alternated(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, flo
 
 class _TrainingStep:
     """cosattn's forward then backward on ``inputs``, as a training step runs them; keeps the
-    seconds and the page faults (minor faults, ``getrusage``) of each half of every call."""
+    seconds and the page faults (minor faults, ``getrusage``) of each half of every call. With
+    ``reuse``, every step writes o, dq, dk and dv into the same buffers (``out=``)."""
 
-    def __init__(self, inputs: dict[str, Any]) -> None:
+    def __init__(self, inputs: dict[str, Any], *, reuse: bool = False) -> None:
         self.fwd, self.bwd = _forward("cosattn"), _backward("cosattn")
+        if reuse:
+            o, dq, dk, dv = (np.empty_like(inputs[n]) for n in ("v", "q", "k", "v"))
+            self.fwd = lambda q, k, v, m: cosattn.forward(q, k, v, m, backend="numpy", out=o)
+            self.bwd = lambda do, q, k, v, m: cosattn.backward(do, q, k, v, m, backend="numpy",
+                                                               out=(dq, dk, dv))
         self.inputs = inputs
         self.halves: dict[str, list[tuple[float, int]]] = {"fwd": [], "bwd": []}
 
@@ -275,7 +283,8 @@ def margin(rounds: int) -> dict[str, Any]:
     too: in a step the forward's output reuses mapped pages, while the backward's three
     gradients, freed together with the output when the step is over, go past glibc's trim
     threshold and are returned to the kernel, which faults them in and zeroes them again in
-    the next step."""
+    the next step. A float32 step that writes into the same buffers each time (``out=``) is
+    timed beside them: the same work without fresh pages."""
     dtype_fns: dict[str, Callable[[], Any]] = {}
     steps = {}
     for name, dtype in MARGIN_DTYPES.items():
@@ -283,6 +292,9 @@ def margin(rounds: int) -> dict[str, Any]:
         steps[name] = _TrainingStep(x)
         dtype_fns[f"{name} fwd"] = case("cosattn", "fwd", x)
         dtype_fns[f"{name} fwdbwd"] = steps[name]
+        if name == "float32":
+            steps[REUSED] = _TrainingStep(x, reuse=True)
+            dtype_fns[f"{REUSED} fwdbwd"] = steps[REUSED]
     times = _alternated(dtype_fns, rounds)
     halves = {name: step.medians() for name, step in steps.items()}
     rng = np.random.default_rng(0)
@@ -334,19 +346,21 @@ def margin_markdown(data: dict[str, Any]) -> list[str]:
     lines = ["", f"## Margin rows (medians of {mg['rounds']} alternated rounds)", "",
              "B=1, H=8, S=8192, D=64, m given:", ""]
     seconds, halves = mg["dtype_seconds"], mg["training_step_halves"]
-    rows = [[name, hx.fmt_ms(seconds[f"{name} fwd"]), hx.fmt_ms(seconds[f"{name} fwdbwd"]),
+    rows = [[name, hx.fmt_ms(seconds[f"{name} fwd"]) if f"{name} fwd" in seconds else "-",
+             hx.fmt_ms(seconds[f"{name} fwdbwd"]),
              f"{seconds[f'{name} fwdbwd'] / seconds['float32 fwdbwd']:.2f}",
              hx.fmt_ms(halves[name]["fwd_s"]), hx.fmt_ms(halves[name]["bwd_s"]),
              f"{halves[name]['bwd_s'] / halves[name]['fwd_s']:.2f}",
              f"{halves[name]['fwd_faults']:.0f} / {halves[name]['bwd_faults']:.0f}"]
-            for name in MARGIN_DTYPES]
+            for name in (*MARGIN_DTYPES, REUSED) if name in halves]
     lines.append(hx.markdown_table(["dtype", "fwd ms", "fwd+bwd ms", "x float32",
                                     "step's fwd ms", "step's bwd ms", "bwd / fwd",
                                     "page faults fwd / bwd"], rows))
     lines += ["", "fwd is a lone forward; fwd+bwd a training step (forward, then backward), "
               "whose halves are also timed on their own: bwd / fwd compares those. Page faults "
               "are the median minor faults of each half (fresh pages the kernel maps and "
-              "zeroes)."]
+              f"zeroes). {REUSED!r} is the float32 step writing o, dq, dk and dv into the same "
+              "buffers every time (`out=`): the same work without fresh pages."]
     lines += ["", "Recurrent step, float32, `m` given, validation included:", ""]
     rows = [[shape, f"{r['seconds']['step'] * 1e6:.1f}", f"{r['seconds']['bare update'] * 1e6:.1f}",
              f"{r['step_over_bare_update']:.2f}", f"{r['step_GBps']:.1f}", f"{r['copy_GBps']:.1f}"]
