@@ -237,12 +237,13 @@ class _TrainingStep:
     ``reuse``, every step writes o, dq, dk and dv into the same buffers (``out=``)."""
 
     def __init__(self, inputs: dict[str, Any], *, reuse: bool = False) -> None:
-        self.fwd, self.bwd = _forward("cosattn"), _backward("cosattn")
         if reuse:
             o, dq, dk, dv = (np.empty_like(inputs[n]) for n in ("v", "q", "k", "v"))
             self.fwd = lambda q, k, v, m: cosattn.forward(q, k, v, m, backend="numpy", out=o)
             self.bwd = lambda do, q, k, v, m: cosattn.backward(do, q, k, v, m, backend="numpy",
                                                                out=(dq, dk, dv))
+        else:
+            self.fwd, self.bwd = _forward("cosattn"), _backward("cosattn")
         self.inputs = inputs
         self.halves: dict[str, list[tuple[float, int]]] = {"fwd": [], "bwd": []}
 

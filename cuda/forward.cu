@@ -12,10 +12,10 @@
 // global sweep (State = K̂'ᵀ Ṽ over the sequence, then o = Q̂' Stateᵀ), or, given kv0 (total=:
 // the whole sequence's sum, count0 every token's count), o = Q̂' kv0ᵀ without a sum of its own.
 // Padded rows of o are +0, and so are the rows of a pool's padding entry (state_indices -1),
-// whose blocks read and write no state. With o null, only the state (cosattn.absorb): kv0 (or zero) + K̂'ᵀ Ṽ into
-// kv_out, with the causal counts (from count0) or the global ones (count0, or the row's own), and
-// q is not read. count_kernel writes the outgoing counts afterwards: a pool's count0 and
-// count_out are one array, which the sweeps read.
+// whose blocks read and write no state. With o null, only the state (cosattn.absorb): kv0 (or
+// zero) + K̂'ᵀ Ṽ into kv_out, with the causal counts (from count0) or the global ones (count0,
+// or the row's own), and q is not read. count_kernel writes the outgoing counts afterwards: a
+// pool's count0 and count_out are one array, which the sweeps read.
 //
 // The sequence split (docs/design.md, "GPU kernels: what makes them fast"): when N * H * slices
 // is too small to fill the GPU, each sequence is cut into segments of segment_chunks chunks,

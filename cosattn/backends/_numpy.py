@@ -347,9 +347,10 @@ def _blocks(layout: _Layout, step: int, *, reverse: bool) -> Iterator[tuple[slic
     (last to first with ``reverse``), each with its segments for
     :func:`._cpu_kernels.chunk_scan`. A sweep forms the states of one block, scans them and
     multiplies them in, so they stay cache-sized instead of S / C states a head."""
-    starts = range(0, layout.n // layout.chunk, step)
+    N = layout.n // layout.chunk
+    starts = range(0, N, step)
     for n0 in reversed(starts) if reverse else starts:
-        n1 = min(n0 + step, layout.n // layout.chunk)
+        n1 = min(n0 + step, N)
         yield slice(n0, n1), layout.scan_table(n0, n1)
 
 
