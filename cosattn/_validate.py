@@ -556,7 +556,7 @@ def _slots(imported: dict[str, Imported], N: int, of: str, P: int, checked: bool
 
 def prefill_call(kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, *, cu_seqlens: Any,
                  state_indices: Any, has_initial_state: Any, mask: Any, eps: Any, layout: Any,
-                 backend: Any, validate: Any) -> Prepared[ForwardCall]:
+                 backend: Any, validate: Any, out: Any = None) -> Prepared[ForwardCall]:
     """Check a pool's prefill: the packed causal forward from the named slots of the pool
     ``(kv, count)``, whose outgoing states the backend writes back into those slots."""
     if cu_seqlens is None:
@@ -566,12 +566,13 @@ def prefill_call(kv: Any, count: Any, q: Any, k: Any, v: Any, m: Any, *, cu_seql
     x, imported = inputs({"q": q, "k": k, "v": v}, m, mask, (kv, count), True, eps, layout,
                          backend, validate, cu_seqlens=cu_seqlens, pool=True,
                          extra={"state_indices": state_indices,
-                                "has_initial_state": has_initial_state})
+                                "has_initial_state": has_initial_state, "out": out})
     check_writable_state(x.kv0, x.count0, "pool")
+    given = check_outputs(imported, x, {"out": "v"})
     with on_device(x.p.device):
         indices, initial = _slots(imported, x.N, "sequences of cu_seqlens", x.kv0.shape[0],
                                   x.checked, x.xp)
-        o, o_bhsd = x.output("v", layout)
+        o, o_bhsd = x.output("v", layout, given.get("out"))
     call = ForwardCall(p=x.p, q=x.bhsd("q", layout), k=x.bhsd("k", layout),
                        v=x.bhsd("v", layout), m=x.m, mask=x.mask, kv0=x.kv0, count0=x.count0,
                        cu_seqlens=x.cu_seqlens, o=o_bhsd, state_indices=indices,

@@ -91,8 +91,8 @@ class StatePool:
 
     def prefill(self, q: Any, k: Any, v: Any, m: Any = None, *, cu_seqlens: Any,
                 state_indices: Any, has_initial_state: Any = None, mask: Any = None,
-                eps: float = 1e-12, layout: str = "bhsd", backend: str | None = None,
-                validate: bool = False) -> Any:
+                eps: float = 1e-12, layout: str = "bhsd", out: Any = None,
+                backend: str | None = None, validate: bool = False) -> Any:
         """Run N packed prompts through the causal forward from their slots, and leave each
         one's outgoing state in its slot.
 
@@ -112,17 +112,20 @@ class StatePool:
             False: sequence n starts from a zero state, not from its slot (default: all True).
         mask : bool array (1, T), optional
             Padding inside sequences.
-        eps, layout, backend, validate
-            As given to :func:`cosattn.forward`.
+        eps, layout, out, backend, validate
+            As given to :func:`cosattn.forward`: ``out``, an array like v (C-contiguous,
+            sharing no memory with the inputs or the pool) that receives the outputs, so that
+            a serving loop reuses one buffer per prompt size.
 
         Returns
         -------
-        o : array like v, in the dtype and framework of the inputs (+0 at padding entries).
+        o : array like v, in the dtype and framework of the inputs (+0 at padding entries;
+            ``out`` when given).
         """
         prepared = val.prefill_call(self.kv, self.count, q, k, v, m, cu_seqlens=cu_seqlens,
                                     state_indices=state_indices,
                                     has_initial_state=has_initial_state, mask=mask, eps=eps,
-                                    layout=layout, backend=backend, validate=validate)
+                                    layout=layout, backend=backend, validate=validate, out=out)
         with on_device(prepared.call.p.device):
             prepared.backend.forward(prepared.call)
         return export_array(prepared.results["o"], prepared.framework)

@@ -543,9 +543,10 @@ def check_pool(pool, before: Slots, ref_kv, ref_count, dtype, to_host) -> None:
 
 
 def check_prefill(pc: PackedCase, slots: Slots, *, layout: str = "bhsd", backend=None,
-                  to_native=np.asarray, to_host=np.asarray) -> None:
+                  to_native=np.asarray, to_host=np.asarray, out: bool = False) -> None:
     """StatePool.prefill against the reference: the outputs (+0 for -1 entries and padding),
-    the named slots, and the other slots unchanged."""
+    the named slots, and the other slots unchanged; with ``out``, the outputs into a given
+    buffer, which the call returns."""
     import cosattn
 
     f = pc.f64
@@ -555,12 +556,14 @@ def check_prefill(pc: PackedCase, slots: Slots, *, layout: str = "bhsd", backend
         has_initial_state=slots.initial, mask=pc.mask)
     pool = cosattn.StatePool(to_native(slots.kv.copy()), to_native(slots.count.copy()))
     args = [to_native(to_layout(a, layout)) for a in (pc.q, pc.k, pc.v)]
+    given = _buffer_like(to_layout(pc.v, layout), to_native) if out else None
     o = pool.prefill(*args, None if pc.m is None else to_native(pc.m),
                      cu_seqlens=to_native(pc.cu_seqlens),
                      state_indices=to_native(slots.indices),
                      has_initial_state=None if slots.initial is None else to_native(slots.initial),
                      mask=None if pc.mask is None else to_native(pc.mask), layout=layout,
-                     backend=backend)
+                     out=given, backend=backend)
+    assert not out or o is given
     o = from_layout(to_host(o), layout)
     assert o.dtype == pc.dtype
     assert_close(o, ref_o, pc.dtype, "o")

@@ -232,6 +232,28 @@ def test_a_failing_call_leaves_out_alone(case):
         assert (a == 7.0).all()
 
 
+
+def test_a_pool_prefill_writes_out_and_checks_it():
+    """StatePool.prefill(out=): the same bits as a call that allocates, in the caller's buffer,
+    which it returns; an out that overlaps the pool is refused before anything is written."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 3, 9, 4), dtype=np.float32) for _ in range(3))
+    slots = dict(cu_seqlens=np.array([0, 4, 9]), state_indices=np.array([3, 0]))
+    pool = cosattn.StatePool.zeros(4, 3, 4, 4)
+    o = pool.prefill(q, k, v, **slots)
+    given_pool = cosattn.StatePool.zeros(4, 3, 4, 4)
+    buffer = np.full_like(v, np.nan)
+    assert given_pool.prefill(q, k, v, out=buffer, **slots) is buffer
+    np.testing.assert_array_equal(buffer, o)
+    np.testing.assert_array_equal(given_pool.kv, pool.kv)
+    inside = given_pool.kv.reshape(-1)[: v.size].reshape(v.shape)
+    kv_before = given_pool.kv.copy()
+    with pytest.raises(ValueError, match=r"out shares memory with pool.kv"):
+        given_pool.prefill(q, k, v, out=inside, **slots)
+    np.testing.assert_array_equal(given_pool.kv, kv_before)
+    with pytest.raises(ValueError, match=r"out must have the shape of v, \(1, 3, 9, 4\)"):
+        given_pool.prefill(q, k, v, out=np.empty_like(q[..., :3]), **slots)
+
 # --- ownership: nothing is modified in place but the stepped state ---------------------------
 
 def test_inputs_are_never_modified(case):

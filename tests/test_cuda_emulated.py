@@ -691,7 +691,8 @@ def test_prefill_matches_the_reference(dtype, data, cupy_on_host):
     pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,)),
                                   label="prefill")
     with split_sequences(data.draw(st.booleans(), label="split")):
-        check_prefill(pc, slots, layout=layout, backend="cupy")
+        check_prefill(pc, slots, layout=layout, backend="cupy",
+                      out=data.draw(st.booleans(), label="out"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -217,7 +217,8 @@ def test_prefill_matches_the_reference(dtype, data):
     pc, slots, layout = data.draw(prefills(PACKED_LENGTHS, PACKED_HEADS, (dtype,), 6),
                                   label="prefill")
     with split_sequences(data.draw(st.booleans(), label="split")):
-        check_prefill(pc, slots, layout=layout, **ON_DEVICE)
+        check_prefill(pc, slots, layout=layout, out=data.draw(st.booleans(), label="out"),
+                      **ON_DEVICE)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)

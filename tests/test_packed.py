@@ -145,10 +145,11 @@ def test_reference_packed_equals_calls_one_sequence_at_a_time():
 
 # --- pools ------------------------------------------------------------------------------------
 
-@given(prefills(LENGTHS, st.tuples(st.sampled_from([1, 4, 16]), st.sampled_from([3, 16]))))
-def test_prefill_matches_reference(drawn):
+@given(prefills(LENGTHS, st.tuples(st.sampled_from([1, 4, 16]), st.sampled_from([3, 16]))),
+       st.booleans())
+def test_prefill_matches_reference(drawn, out):
     pc, slots, layout = drawn
-    check_prefill(pc, slots, layout=layout, backend="numpy")
+    check_prefill(pc, slots, layout=layout, backend="numpy", out=out)
 
 
 @given(pool_steps(st.tuples(st.sampled_from([1, 5, 16]), st.just(4))))

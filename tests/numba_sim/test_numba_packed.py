@@ -79,8 +79,9 @@ def test_packed_matches_reference_drawn(data):
     check_packed_backward(pc, causal=causal, **ON_DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
-def test_prefill_into_named_slots(dtype):
+@pytest.mark.parametrize(("dtype", "out"), [(np.float32, False), (np.float64, True)],
+                         ids=["float32", "float64-out"])
+def test_prefill_into_named_slots(dtype, out):
     rng = np.random.default_rng(3)
     lengths = [17, 0, 5, 16, 3, 0]
     pc = make_packed_case(rng, lengths, 2, 4, 3, dtype, mask=True, junk=np.inf)
@@ -93,7 +94,7 @@ def test_prefill_into_named_slots(dtype):
     slots.indices[4:] = [4, 5]
     slots.initial[4:] = True
     slots.kv[4:6] = -0.0
-    check_prefill(pc, slots, **ON_DEVICE)
+    check_prefill(pc, slots, out=out, **ON_DEVICE)
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
