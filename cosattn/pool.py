@@ -128,7 +128,8 @@ class StatePool:
                                     layout=layout, backend=backend, validate=validate, out=out)
         with on_device(prepared.call.p.device):
             prepared.backend.forward(prepared.call)
-        return export_array(prepared.results["o"], prepared.framework)
+        return out if out is not None else export_array(prepared.results["o"],
+                                                        prepared.framework)
 
     def step(self, q_t: Any, k_t: Any, v_t: Any, m: Any = None, *, state_indices: Any,
              has_initial_state: Any = None, mask: Any = None, eps: float = 1e-12,

@@ -336,6 +336,13 @@ def test_torch_cpu_round_trip(dtype):
     step_state.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], m)
     assert step_state.kv is kv_tensor and int(step_state.count[0]) == 1
     assert kv_tensor.abs().sum() > 0
+    pool, again = (cosattn.StatePool.zeros(3, 2, 4, 3, like=q) for _ in range(2))
+    packed = [x[:1] for x in (q, k, v)]  # two sequences: tokens 0-3 and 4-8 of row 0
+    slots = dict(cu_seqlens=torch.tensor([0, 4, 9]), state_indices=torch.tensor([2, 0]))
+    fresh = pool.prefill(*packed, m, **slots)
+    buffer = torch.full_like(packed[2], float("nan"))
+    assert again.prefill(*packed, m, out=buffer, **slots) is buffer
+    assert torch.equal(buffer, fresh) and torch.equal(again.kv, pool.kv)
 
 
 def test_torch_requires_grad_is_refused_with_advice():
