@@ -232,7 +232,6 @@ def test_a_failing_call_leaves_out_alone(case):
         assert (a == 7.0).all()
 
 
-
 def test_a_pool_prefill_writes_out_and_checks_it():
     """StatePool.prefill(out=): the same bits as a call that allocates, in the caller's buffer,
     which it returns; an out that overlaps the pool is refused before anything is written."""
@@ -253,6 +252,7 @@ def test_a_pool_prefill_writes_out_and_checks_it():
     np.testing.assert_array_equal(given_pool.kv, kv_before)
     with pytest.raises(ValueError, match=r"out must have the shape of v, \(1, 3, 9, 4\)"):
         given_pool.prefill(q, k, v, out=np.empty_like(q[..., :3]), **slots)
+
 
 # --- ownership: nothing is modified in place but the stepped state ---------------------------
 
