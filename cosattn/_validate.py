@@ -504,6 +504,22 @@ def absorb_call(k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
     return Prepared(call, x.backend, x.framework, {})
 
 
+# The entries of backward's out= by name, and the input each is shaped like.
+BACKWARD_OUTPUTS = {"out[0]": "q", "out[1]": "k", "out[2]": "v"}
+
+
+def backward_outputs(out: Any) -> dict[str, Any]:
+    """Backward's ``out=`` (None, or a tuple (dq, dk, dv)) by name (``out[0]`` ..): the
+    entries :func:`check_outputs` checks once they are imported."""
+    if out is None:
+        return {}
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise TypeError(
+            f"out must be a tuple (dq, dk, dv) of three arrays or None, got {type(out).__name__}"
+        )
+    return dict(zip(BACKWARD_OUTPUTS, out, strict=True))
+
+
 def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask: Any,
                   state: tuple[Any, Any] | None, dstate: Any, eps: Any, layout: Any, backend: Any,
                   validate: Any, cu_seqlens: Any = None,
@@ -511,15 +527,10 @@ def backward_call(do: Any, q: Any, k: Any, v: Any, m: Any, *, causal: Any, mask:
                   out: Any = None) -> Prepared[BackwardCall]:
     if dstate is not None and total is None and not check_flag(causal, "causal"):
         raise ValueError("dstate needs the causal form, or total= (causal=False given)")
-    if out is not None and (not isinstance(out, tuple | list) or len(out) != 3):
-        raise TypeError(
-            f"out must be a tuple (dq, dk, dv) of three arrays or None, got {type(out).__name__}"
-        )
-    named_out = {} if out is None else {f"out[{i}]": a for i, a in enumerate(out)}
     x, imported = inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, state, causal, eps,
                          layout, backend, validate, cu_seqlens=cu_seqlens,
-                         extra={"dstate": dstate, **named_out}, total=total)
-    given = check_outputs(imported, x, {"out[0]": "q", "out[1]": "k", "out[2]": "v"})
+                         extra={"dstate": dstate, **backward_outputs(out)}, total=total)
+    given = check_outputs(imported, x, BACKWARD_OUTPUTS)
     p = x.p
     dkv = None
     if dstate is not None:

@@ -317,8 +317,8 @@ def _real_tokens(space: _Space, mask: Any, B: int, S: int) -> Any:
 
 def forward(q: Any, k: Any, v: Any, m: Any = None, *, comm: Any, causal: bool = True,
             mask: Any = None, state: RecurrentState | None = None, eps: float = 1e-12,
-            layout: str = "bhsd", backend: str | None = None,
-            validate: bool = False) -> tuple[Any, Context]:
+            layout: str = "bhsd", backend: str | None = None, validate: bool = False,
+            out: Any = None) -> tuple[Any, Context]:
     """Cottention forward of a sequence sharded along S over the ranks of ``comm``.
 
     Call it on every rank, each with its own shard (rank order is sequence order).
@@ -339,13 +339,14 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, comm: Any, causal: bool = 
         This shard's part of the mask.
     state : RecurrentState, optional
         The incoming state, on rank 0 only (causal).
-    eps, layout, backend, validate
-        As for :func:`cosattn.forward` (eps the same on every rank).
+    eps, layout, backend, validate, out
+        As for :func:`cosattn.forward` (eps the same on every rank; ``out`` like this rank's
+        v, checked with the other arguments, before any rank exchanges data).
 
     Returns
     -------
     o : array like v
-        This rank's shard of the whole sequence's output.
+        This rank's shard of the whole sequence's output (``out`` when given).
     context : Context
         For :func:`backward`; ``context.state`` is the outgoing state of the whole sequence on
         every rank (causal).
@@ -367,8 +368,9 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, comm: Any, causal: bool = 
     found: dict[str, Any] = {}
 
     def check() -> list[Any]:
-        x, _ = val.inputs({"q": q, "k": k, "v": v}, m, mask, _state_arrays(state), causal, eps,
-                          layout, backend, validate)
+        x, imported = val.inputs({"q": q, "k": k, "v": v}, m, mask, _state_arrays(state),
+                                 causal, eps, layout, backend, validate, extra={"out": out})
+        val.check_outputs(imported, x, {"out": "v"})
         found["x"] = x
         p = x.p
         state_dtype = STATE_DTYPES.index(p.state_dtype) if state is not None else -1
@@ -389,13 +391,13 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, comm: Any, causal: bool = 
     exchange.xp = xp
     with on_device(p.device):
         return _forward_shards(exchange, space, p, q, k, v, m, mask, state, had_state,
-                               sum_dtype, layout, backend, validate)
+                               sum_dtype, layout, backend, validate, out)
 
 
 def _forward_shards(exchange: _Exchange, space: _Space, p: Problem, q: Any, k: Any, v: Any,
                     m: Any, mask: Any, state: RecurrentState | None, had_state: bool,
-                    sum_dtype: np.dtype, layout: str, backend: str | None,
-                    validate: bool) -> tuple[Any, Context]:
+                    sum_dtype: np.dtype, layout: str, backend: str | None, validate: bool,
+                    out: Any) -> tuple[Any, Context]:
     xp, comm = space.xp, exchange.comm
     B, H, Dk, Dv = p.B, p.H, p.Dk, p.Dv
     counts_layout = [(np.dtype(np.int64), (B,))]
@@ -442,10 +444,10 @@ def _forward_shards(exchange: _Exchange, space: _Space, p: Problem, q: Any, k: A
             incoming = space.state(before_sums[comm.rank], before_counts[comm.rank])
         else:
             incoming = state
-        o = _forward(q, k, v, m, mask=mask, state=incoming, **kw)
+        o = _forward(q, k, v, m, mask=mask, state=incoming, out=out, **kw)
     else:
         total = space.state(before_sums[-1], before_counts[-1])
-        o = _forward(q, k, v, m, causal=False, mask=mask, total=total, **kw)
+        o = _forward(q, k, v, m, causal=False, mask=mask, total=total, out=out, **kw)
     context = Context(out_state, p.causal, p.eps, layout, (B, H, p.S, Dk, Dv), p.dtype,
                       m is not None, had_state, sum_dtype, incoming, total)
     return o, context
@@ -456,7 +458,7 @@ def _forward_shards(exchange: _Exchange, space: _Space, p: Problem, q: Any, k: A
 
 def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, context: Context, comm: Any,
              mask: Any = None, dstate: Any = None, backend: str | None = None,
-             validate: bool = False) -> tuple:
+             validate: bool = False, out: Any = None) -> tuple:
     """Gradients of :func:`forward`, on every rank for its shard.
 
     Parameters
@@ -472,12 +474,15 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, context: Context
     dstate : array (B, H, Dv, Dk), optional
         The gradient at the outgoing state's ``kv`` (causal): the same on every rank, given on
         every rank or on none.
+    out : tuple (dq, dk, dv), optional
+        As for :func:`cosattn.backward`, for this rank's shards (checked with the other
+        arguments, before any rank exchanges data).
 
     Returns
     -------
-    (dq, dk, dv, dm) : this rank's shard of dq, dk, dv; ``dm`` (H,) the whole sequence's, the
-        same on every rank (None without ``m``). When rank 0 was given a state, a fifth item:
-        ``dkv0`` on rank 0, None on the others.
+    (dq, dk, dv, dm) : this rank's shard of dq, dk, dv (``out``'s arrays where given); ``dm``
+        (H,) the whole sequence's, the same on every rank (None without ``m``). When rank 0 was
+        given a state, a fifth item: ``dkv0`` on rank 0, None on the others.
 
     Examples
     --------
@@ -495,7 +500,8 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, context: Context
     def check() -> list[Any]:
         x, imported = val.inputs({"q": q, "k": k, "v": v, "do": do}, m, mask, None,
                                  ctx.causal, ctx.eps, ctx.layout, backend, validate,
-                                 extra={"dstate": dstate})
+                                 extra={"dstate": dstate, **val.backward_outputs(out)})
+        val.check_outputs(imported, x, val.BACKWARD_OUTPUTS)
         p = x.p
         if (p.B, p.H, p.S, p.Dk, p.Dv) != ctx.shape or p.dtype != ctx.dtype:
             raise ValueError(
@@ -531,14 +537,14 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, context: Context
     x, space = found["x"], found["space"]
     with on_device(x.p.device):
         return _backward_shards(exchange, space, ctx, [g[1] for g in gathered], do, q, k, v, m,
-                                mask, dstate, backend, validate)
+                                mask, dstate, backend, validate, out)
 
 
 def _backward_shards(exchange: _Exchange, space: _Space, ctx: Context, grads: list[Any],
                      do: Any, q: Any, k: Any, v: Any, m: Any, mask: Any, dstate: Any,
-                     backend: str | None, validate: bool) -> tuple:
+                     backend: str | None, validate: bool, out: Any) -> tuple:
     comm = exchange.comm
-    kw = dict(eps=ctx.eps, layout=ctx.layout, backend=backend, validate=validate)
+    kw = dict(eps=ctx.eps, layout=ctx.layout, backend=backend, validate=validate, out=out)
     if ctx.causal:
         # The gradient at this rank's outgoing state: dstate plus the Σ do q̂'ᵀ of the ranks
         # after it, summed from the last rank down.

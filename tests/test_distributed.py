@@ -151,29 +151,37 @@ def _shard(x, lo, hi, layout):
     return np.ascontiguousarray(part if layout == "bhsd" else part.transpose(0, 2, 1, 3))
 
 
-def _run_sharded(case, causal, bounds, layout):
+def _run_sharded(case, causal, bounds, layout, out=False):
+    """Forward and backward of ``case`` split at ``bounds`` over ranks as threads; with ``out``,
+    into NaN-filled buffers of each rank's, which the calls must return."""
     state = None if case.kv0 is None else cosattn.RecurrentState(case.kv0, case.count0)
 
     def work(comm):
         lo, hi = bounds[comm.rank], bounds[comm.rank + 1]
         q, k, v, do = (_shard(x, lo, hi, layout) for x in (case.q, case.k, case.v, case.do))
         mask = None if case.mask is None else np.ascontiguousarray(case.mask[:, lo:hi])
+        buffers = [np.full_like(x, np.nan) for x in (v, q, k, v)] if out else [None] * 4
         o, ctx = distributed.forward(q, k, v, case.m, comm=comm, causal=causal, mask=mask,
-                                     state=state if comm.rank == 0 else None, layout=layout)
+                                     state=state if comm.rank == 0 else None, layout=layout,
+                                     out=buffers[0])
         grads = distributed.backward(do, q, k, v, case.m, context=ctx, comm=comm, mask=mask,
-                                     dstate=case.dkv)
+                                     dstate=case.dkv, out=tuple(buffers[1:]) if out else None)
+        if out:
+            assert o is buffers[0]
+            assert all(g is b for g, b in zip(grads[:3], buffers[1:], strict=True))
         return o, ctx, grads
 
     return ThreadRanks(len(bounds) - 1).run(work), state
 
 
 @settings(max_examples=30)
-@given(sharded())
-def test_shards_match_one_process(drawn):
+@given(sharded(), st.booleans())
+def test_shards_match_one_process(drawn, out):
     """Any split of a sequence over 1 to 4 ranks gives each rank its part of one process's
-    o, dq, dk, dv, and every rank the whole sequence's dm and outgoing state."""
+    o, dq, dk, dv (into its out= buffers, when drawn), and every rank the whole sequence's dm
+    and outgoing state."""
     case, causal, bounds, layout = drawn
-    results, state = _run_sharded(case, causal, bounds, layout)
+    results, state = _run_sharded(case, causal, bounds, layout, out)
     whole = cosattn.forward(case.q, case.k, case.v, case.m, causal=causal, mask=case.mask,
                             state=state, return_state=causal)
     grads = cosattn.backward(case.do, case.q, case.k, case.v, case.m, causal=causal,
@@ -244,6 +252,36 @@ def test_backward_must_get_the_forwards_shard():
     assert isinstance(results[1], ValueError)
     assert "backward's shard must be the forward's" in str(results[1])
     assert isinstance(results[0], ValueError) and "rank 1" in str(results[0])
+
+
+def test_a_bad_out_on_one_rank_fails_every_rank_before_any_writes():
+    """out= is checked with the other arguments: a rank whose out overlaps its inputs raises
+    that, the other ranks the same type naming it, and no rank's buffer is written."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2, 8, 4)).astype(np.float32)
+    buffers = [np.full_like(x[:, :, :4], 7.0) for _ in range(2)]
+
+    def work(comm):
+        part = x[:, :, 4 * comm.rank: 4 * comm.rank + 4].copy()
+        return distributed.forward(part, part, part, comm=comm,
+                                   out=part if comm.rank == 1 else buffers[comm.rank])
+
+    results = ThreadRanks(2).run(work)
+    assert isinstance(results[1], ValueError) and "out shares memory with q" in str(results[1])
+    assert isinstance(results[0], ValueError) and "rank 1" in str(results[0])
+    assert (buffers[0] == 7.0).all()
+
+    def backward_work(comm):
+        part = x[:, :, 4 * comm.rank: 4 * comm.rank + 4].copy()
+        _, ctx = distributed.forward(part, part, part, comm=comm)
+        outs = (buffers[0], None) if comm.rank == 0 else None  # two entries, not three
+        return distributed.backward(part, part, part, part, context=ctx, comm=comm, out=outs)
+
+    results = ThreadRanks(2).run(backward_work)
+    assert isinstance(results[0], TypeError) and "out must be a tuple (dq, dk, dv)" in str(
+        results[0])
+    assert isinstance(results[1], TypeError) and "rank 0" in str(results[1])
+    assert (buffers[0] == 7.0).all()
 
 
 def test_dstate_on_some_ranks_only_is_refused():
