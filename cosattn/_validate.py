@@ -9,6 +9,7 @@ the caller's arrays; a call that fails here changes nothing.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -326,20 +327,26 @@ def _address_and_strides(x: Any) -> tuple[int, tuple[int, ...]]:
     face = getattr(x, "__cuda_array_interface__", None) or x.__array_interface__
     strides = face.get("strides")
     if strides is None:  # C-contiguous
-        item = np.dtype(x.dtype).itemsize
-        strides = tuple(item * int(np.prod(x.shape[i + 1:], dtype=np.int64))
-                        for i in range(len(x.shape)))
+        step, reversed_strides = np.dtype(x.dtype).itemsize, []
+        for n in reversed(x.shape):
+            reversed_strides.append(step)
+            step *= n
+        strides = reversed_strides[::-1]
     return face["data"][0], tuple(strides)
 
 
 def _byte_span(x: Any) -> tuple[int, int]:
     """The bytes ``[first, end)`` between an array's lowest and highest element (empty for no
     elements): what :func:`numpy.may_share_memory` compares."""
-    if int(np.prod(x.shape, dtype=np.int64)) == 0:
+    if math.prod(x.shape) == 0:
         return 0, 0
-    address, strides = _address_and_strides(x)
-    low = address + sum(min(0, s * (n - 1)) for s, n in zip(strides, x.shape, strict=True))
-    high = address + sum(max(0, s * (n - 1)) for s, n in zip(strides, x.shape, strict=True))
+    low, strides = _address_and_strides(x)
+    high = low
+    for s, n in zip(strides, x.shape, strict=True):
+        if s < 0:
+            low += s * (n - 1)
+        else:
+            high += s * (n - 1)
     return low, high + np.dtype(x.dtype).itemsize
 
 
@@ -358,8 +365,7 @@ def check_outputs(imported: dict[str, Imported], x: Inputs,
                   like: dict[str, str]) -> dict[str, Any]:
     """The caller's ``out=`` arrays among ``imported``, by name (``like`` names the input each
     is shaped like), checked: the input's shape and dtype, C-contiguous and writable, and no
-    memory shared with any other array of the call (bounds compared, as
-    :func:`numpy.may_share_memory` does), so that the call reads none of what it writes."""
+    memory shared with any other array of the call (:func:`_check_no_overlap`)."""
     given = {n: imported[n].array for n in like if n in imported}
     if given and x.framework == "jax":
         raise ValueError("out= cannot be written for JAX arrays, which are immutable")
@@ -375,16 +381,34 @@ def check_outputs(imported: dict[str, Imported], x: Inputs,
                 f"{_address_and_strides(a)[1]} (bytes) for shape {shape}"
             )
         _writable(a, n)
-    for n, a in given.items():
-        first, end = _byte_span(a)
-        for other, i in imported.items():
-            o_first, o_end = _byte_span(i.array)
-            if other != n and first < o_end and o_first < end:
+    _check_no_overlap(given, imported)
+    return given
+
+
+def _check_no_overlap(given: dict[str, Any], imported: dict[str, Imported]) -> None:
+    """No output in ``given`` (by name, among ``imported``) shares memory with any other array
+    of the call, so that the call reads none of what it writes. Bounds are compared, as
+    :func:`numpy.may_share_memory` does: by NumPy itself for host arrays (a step with ``out=``
+    pays well under a microsecond a pair), else from each array's interface, once."""
+    if not given:
+        return
+    arrays = {n: i.array for n, i in imported.items()}
+    if all(isinstance(a, np.ndarray) for a in arrays.values()):
+        def shared(n: str, other: str) -> bool:
+            return bool(np.may_share_memory(arrays[n], arrays[other]))
+    else:
+        spans = {n: _byte_span(a) for n, a in arrays.items()}
+
+        def shared(n: str, other: str) -> bool:
+            (first, end), (o_first, o_end) = spans[n], spans[other]
+            return first < o_end and o_first < end
+    for n in given:
+        for other in arrays:
+            if other != n and shared(n, other):
                 raise ValueError(
                     f"{n} shares memory with {other}: an output may not overlap an input or "
                     "another output"
                 )
-    return given
 
 
 def inputs(named: dict[str, Any], m: Any, mask: Any, state: tuple[Any, Any] | None, causal: Any,
@@ -647,6 +671,7 @@ def step_call(kv: Any, count: Any, q_t: Any, k_t: Any, v_t: Any, m: Any, *, mask
         if native_out.dtype != dtype:
             raise TypeError(f"out must have the dtype of v_t, {dtype}, got {native_out.dtype}")
         _writable(native_out, "out")
+        _check_no_overlap({"out": native_out}, imported)
     chosen = select(backend, first.device)
     if pool:
         require_varlen(chosen, "state_indices")

@@ -232,6 +232,25 @@ def test_a_failing_call_leaves_out_alone(case):
         assert (a == 7.0).all()
 
 
+def test_a_step_out_may_not_share_memory_with_the_state():
+    """A step's out= that overlaps the state (or a pool) is refused before the state moves."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 3, 4), dtype=np.float32) for _ in range(3))
+    state = cosattn.RecurrentState.zeros(2, 3, 4, 4)
+    state.kv[...] = 1.0
+    inside = state.kv.reshape(-1)[: v.size].reshape(v.shape)
+    with pytest.raises(ValueError, match=r"out shares memory with state.kv"):
+        state.step(q, k, v, out=inside)
+    with pytest.raises(ValueError, match=r"out shares memory with k_t"):
+        state.step(q, k, v, out=k)
+    assert (state.kv == 1.0).all() and (state.count == 0).all()
+    pool = cosattn.StatePool.zeros(3, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"out shares memory with pool.kv"):
+        pool.step(q, k, v, state_indices=np.array([2, 0]),
+                  out=pool.kv.reshape(-1)[: v.size].reshape(v.shape))
+    assert (pool.kv == 0).all()
+
+
 def test_a_pool_prefill_writes_out_and_checks_it():
     """StatePool.prefill(out=): the same bits as a call that allocates, in the caller's buffer,
     which it returns; an out that overlaps the pool is refused before anything is written."""
