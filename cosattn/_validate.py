@@ -20,7 +20,7 @@ import numpy as np
 from ._call import BackwardCall, Call, ForwardCall, Problem, StepCall
 from ._device import Device, namespace, on_device
 from ._dtypes import INPUT_DTYPES, STATE_DTYPES, accumulation, is_float
-from ._interop import Imported, import_array
+from ._interop import Imported, export_array, import_array
 from .backends import Backend, select
 
 LAYOUTS = ("bhsd", "bshd")
@@ -38,6 +38,11 @@ class Prepared(Generic[C]):
     backend: Backend
     framework: str
     results: dict[str, Any]
+
+    def result(self, name: str, given: Any = None) -> Any:
+        """Output ``name`` as the caller receives it: ``given``, the caller's own ``out=``
+        object, when there is one, else the result exported to the caller's framework."""
+        return given if given is not None else export_array(self.results[name], self.framework)
 
 
 def _describe(arrays: dict[str, Any]) -> str:

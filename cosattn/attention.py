@@ -92,7 +92,7 @@ def forward(q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = True, mask:
                                 cu_seqlens=cu_seqlens, out=out)
     with on_device(prepared.call.p.device):
         new_state = prepared.backend.forward(prepared.call)
-    o = out if out is not None else export_array(prepared.results["o"], prepared.framework)
+    o = prepared.result("o", out)
     if new_state is None:
         return o
     kv, count = (export_array(x, prepared.framework) for x in new_state)
@@ -141,8 +141,7 @@ def backward(do: Any, q: Any, k: Any, v: Any, m: Any = None, *, causal: bool = T
     with on_device(prepared.call.p.device):
         dm, dkv0 = prepared.backend.backward(prepared.call)
     given = (None,) * 3 if out is None else out
-    grads = [g if g is not None else export_array(prepared.results[n], prepared.framework)
-             for g, n in zip(given, ("dq", "dk", "dv"), strict=True)]
+    grads = [prepared.result(n, g) for n, g in zip(("dq", "dk", "dv"), given, strict=True)]
     grads.append(None if dm is None else export_array(dm, prepared.framework))
     if state is not None:
         grads.append(export_array(dkv0, prepared.framework))

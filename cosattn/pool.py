@@ -13,7 +13,6 @@ from typing import Any
 from . import _validate as val
 from ._device import on_device
 from ._dtypes import FLOAT32
-from ._interop import export_array
 from .recurrent import zero_arrays
 
 
@@ -128,8 +127,7 @@ class StatePool:
                                     layout=layout, backend=backend, validate=validate, out=out)
         with on_device(prepared.call.p.device):
             prepared.backend.forward(prepared.call)
-        return out if out is not None else export_array(prepared.results["o"],
-                                                        prepared.framework)
+        return prepared.result("o", out)
 
     def step(self, q_t: Any, k_t: Any, v_t: Any, m: Any = None, *, state_indices: Any,
              has_initial_state: Any = None, mask: Any = None, eps: float = 1e-12,
@@ -162,5 +160,4 @@ class StatePool:
                                  has_initial_state=has_initial_state)
         with on_device(prepared.call.p.device):
             prepared.backend.step(prepared.call)
-        return out if out is not None else export_array(prepared.results["o"],
-                                                        prepared.framework)
+        return prepared.result("o", out)

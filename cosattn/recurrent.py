@@ -130,5 +130,4 @@ class RecurrentState:
         if prepared.framework == "jax":  # immutable arrays: the state is new arrays
             self.kv = export_array(call.kv, prepared.framework)
             self.count = export_array(call.count, prepared.framework)
-        return out if out is not None else export_array(prepared.results["o"],
-                                                        prepared.framework)
+        return prepared.result("o", out)
