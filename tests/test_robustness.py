@@ -255,9 +255,10 @@ def _flatten(x):
 @settings(max_examples=200)
 @given(st.data())
 def test_junk_packed_and_pool_arguments_raise_only_documented_errors(data):
-    """cu_seqlens, state_indices, has_initial_state and a prefill's out of any kind (the pool's
-    own memory among them): forward, backward and a pool's prefill and step raise only the
-    documented errors, and a pool call that raises leaves the pool bit for bit as it was."""
+    """cu_seqlens, state_indices, has_initial_state and a prefill's or step's out of any
+    kind (the pool's own memory among them): forward, backward and a pool's prefill and step
+    raise only the documented errors, and a pool call that raises leaves the pool bit for bit
+    as it was."""
     x = np.ones((1, 2, 3, 4), np.float32)
     good = {"cu_seqlens": np.array([0, 1, 3]), "state_indices": np.array([1, -1]),
             "has_initial_state": np.array([False, True])}
@@ -268,12 +269,14 @@ def test_junk_packed_and_pool_arguments_raise_only_documented_errors(data):
     out = data.draw(st.one_of(_JUNK_VALUES, st.just(np.empty_like(x)),
                               st.just(kv.reshape(-1)[: x.size].reshape(x.shape))))
     token = np.ones((2, 2, 4), np.float32)
+    step_out = data.draw(st.one_of(_JUNK_VALUES, st.just(np.empty_like(token)),
+                                   st.just(kv.reshape(-1)[: token.size].reshape(token.shape))))
     slots = {n: args[n] for n in ("state_indices", "has_initial_state")}
     calls = [
         (False, lambda: cosattn.forward(x, x, x, cu_seqlens=args["cu_seqlens"])),
         (False, lambda: cosattn.backward(x, x, x, x, cu_seqlens=args["cu_seqlens"])),
         (True, lambda: pool.prefill(x, x, x, cu_seqlens=args["cu_seqlens"], out=out, **slots)),
-        (True, lambda: pool.step(token, token, token, **slots)),
+        (True, lambda: pool.step(token, token, token, out=step_out, **slots)),
     ]
     for on_pool, run in calls:
         before = pool.kv.tobytes(), pool.count.tobytes()
